@@ -1,0 +1,63 @@
+"""Fed-ALoRA's rank-reconciling layer: DeltaW = s (B0 + B2 B1) M A.
+
+All clients share the intermediate dimension d_m, so the server can add every
+client's DeltaB = B2 B1 (d_out x d_m) into one B0 whatever the client's rank r.
+
+    matrix  shape        init              trained  lives
+    A       r x d_in     Kaiming-uniform   yes      client only
+    M       d_m x r      Kaiming-uniform   yes      client only
+    B1      r x d_m      Kaiming-uniform   yes      uploaded
+    B2      d_out x r    zeros             yes      uploaded
+    B0      d_out x d_m  zeros/from server frozen   shared (a buffer)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class DecomposedLoRALinear(nn.Module):
+    """Wraps a frozen ``nn.Linear`` W0: y = W0 x + s (B0 h + B2 (B1 h)), h = M A x."""
+
+    def __init__(self, base: nn.Linear, rank: int, intermediate_rank: int, scale: float,
+                 dropout: float = 0.0) -> None:
+        super().__init__()
+        self.base = base
+        self.rank, self.intermediate_rank, self.scale = rank, intermediate_rank, scale
+        d_out, d_in = base.weight.shape
+        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.A = nn.Parameter(torch.empty(rank, d_in, **factory))
+        self.M = nn.Parameter(torch.empty(intermediate_rank, rank, **factory))
+        self.B1 = nn.Parameter(torch.empty(rank, intermediate_rank, **factory))
+        self.B2 = nn.Parameter(torch.zeros(d_out, rank, **factory))
+        self.register_buffer("B0", torch.zeros(d_out, intermediate_rank, **factory))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.reset_private()
+
+    def reset_private(self) -> None:
+        """Kaiming-uniform A, M, B1 (PEFT's LoRA-A init); B2 back to zero."""
+        for weight in (self.A, self.M, self.B1):
+            nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+        self.reset_round()
+
+    def reset_round(self) -> None:
+        """B2 <- 0, so the round starts from exactly the shared B0."""
+        with torch.no_grad():
+            self.B2.zero_()
+
+    def up_projection(self) -> torch.Tensor:
+        """The effective d_out x r up-projection (B0 + B2 B1) M."""
+        return (self.B0 + self.B2 @ self.B1) @ self.M
+
+    def delta_weight(self) -> torch.Tensor:
+        """DeltaW = s (B0 + B2 B1) M A, d_out x d_in."""
+        return self.scale * self.up_projection() @ self.A
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = nn.functional.linear(nn.functional.linear(self.dropout(x), self.A), self.M)
+        update = nn.functional.linear(h, self.B0) + nn.functional.linear(
+            nn.functional.linear(h, self.B1), self.B2)
+        return self.base(x) + self.scale * update

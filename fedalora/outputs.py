@@ -1,0 +1,68 @@
+"""The files a run writes under ``<output-dir>/<run-name>/`` (JSON, JSONL, safetensors)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import save_file
+
+CONFIG, METRICS, ROUNDS, SUMMARY = "config.json", "metrics.jsonl", "rounds.jsonl", "summary.json"
+SHARED_STATE = "shared_state.safetensors"
+
+
+def client_dir(run_dir: str | Path, partition_id: int) -> Path:
+    """Where client ``partition_id`` writes its exported adapter (``<dir>/adapter``)."""
+    return Path(run_dir) / "clients" / str(partition_id)
+
+
+class RunRecorder:
+    """Appends per-client and per-round records and writes the final files."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        for name in (METRICS, ROUNDS, SUMMARY):
+            (self.run_dir / name).unlink(missing_ok=True)
+
+    def write_config(self, config: Mapping[str, Any]) -> None:
+        _write_json_atomic(self.run_dir / CONFIG, config)
+
+    def client_row(self, row: Mapping[str, Any]) -> None:
+        """One (round, client, phase) record to metrics.jsonl."""
+        self._append(METRICS, row)
+
+    def round_row(self, row: Mapping[str, Any]) -> None:
+        """One per-round server record to rounds.jsonl."""
+        self._append(ROUNDS, row)
+
+    def save_shared(self, arrays: Mapping[str, np.ndarray]) -> None:
+        """The shared state (never a client's private factors) as safetensors."""
+        tmp = self.run_dir / f".{SHARED_STATE}.tmp"
+        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp))
+        os.replace(tmp, self.run_dir / SHARED_STATE)
+
+    def finish(self, status: str, **figures: Any) -> None:
+        """summary.json, written last: ``status`` is 'completed' only for a finished run."""
+        _write_json_atomic(self.run_dir / SUMMARY, {"status": status, **figures})
+
+    def _append(self, name: str, row: Mapping[str, Any]) -> None:
+        with (self.run_dir / name).open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(row, sort_keys=False) + "\n")
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    with Path(path).open(encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp",
+                                     encoding="utf-8") as handle:
+        json.dump(obj, handle, indent=2)
+    os.replace(handle.name, path)

@@ -1,0 +1,142 @@
+"""Run the Flower app as a Ray simulation on this machine, end to end, cleanly.
+
+``flwr run .`` reuses whatever local SuperLink answers on its fixed port and leaves
+it running. This launcher instead starts its own SuperLink (simulation mode, a free
+port, a private FLWR_HOME, runtime dependency installs disabled for offline use),
+runs ``flwr run <app> <connection> --stream``, checks the run's ``summary.json``,
+and stops the SuperLink by its pid.
+
+    python -m fedalora.simulate --num-supernodes 8 --run-config "strategy='fedalora'"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+CONNECTION = "fedalora-sim"
+
+
+class SimulationFailed(RuntimeError):
+    """The run did not write a completed summary.json."""
+
+
+def run_simulation(app_dir: str | Path, run_name: str, *, num_supernodes: int = 8,
+                   run_config: str = "", output_dir: str | Path | None = None,
+                   num_cpus: float | None = None, num_gpus: float | None = None,
+                   flwr_home: str | Path | None = None, timeout: float = 3600,
+                   log_path: str | Path | None = None) -> Path:
+    """Simulate ``num_supernodes`` clients; return the run directory of a completed run.
+
+    ``run_config`` is extra ``--run-config`` text ("key=value key2='text'");
+    ``num_cpus``/``num_gpus`` are the Ray resources of each client.
+    """
+    app_dir = Path(app_dir).resolve()
+    output_dir = Path(output_dir or app_dir / "outputs").resolve()
+    flwr_home = Path(flwr_home or app_dir / ".flwr-home").resolve()
+    port = _free_port()
+    _write_connection(flwr_home, port)
+    env = {**os.environ, "FLWR_HOME": str(flwr_home),
+           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    bin_dir = Path(sys.executable).parent
+    superlink = subprocess.Popen(  # noqa: S603 - fixed argument list
+        [str(bin_dir / "flower-superlink"), "--insecure", "--simulation", "--isolation",
+         "subprocess", "--host", "127.0.0.1", "--port", str(port),
+         "--disable-runtime-dependency-installation"],
+        cwd=app_dir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True)
+    try:
+        _wait_healthy(port, superlink)
+        federation = [f"num-supernodes={num_supernodes}"]
+        if num_cpus is not None:
+            federation.append(f"client-resources-num-cpus={num_cpus}")
+        if num_gpus is not None:
+            federation.append(f"client-resources-num-gpus={num_gpus}")
+        command = [str(bin_dir / "flwr"), "run", str(app_dir), CONNECTION, "--stream",
+                   "--federation-config", " ".join(federation),
+                   "--run-config", f"run-name='{run_name}' output-dir='{output_dir}'"]
+        if run_config.strip():
+            command += ["--run-config", run_config]
+        with open(log_path or os.devnull, "w", encoding="utf-8") as log:
+            subprocess.run(command, cwd=app_dir, env=env, timeout=timeout, check=False,  # noqa: S603
+                           stdout=None if log_path is None else log, stderr=subprocess.STDOUT)
+    finally:
+        _stop(superlink)
+    run_dir = output_dir / run_name
+    summary = run_dir / "summary.json"
+    if not summary.exists():
+        raise SimulationFailed(f"run '{run_name}' wrote no summary.json (see the log above)")
+    status = json.loads(summary.read_text())
+    if status.get("status") != "completed":
+        raise SimulationFailed(f"run '{run_name}' {status.get('status')}: {status.get('error')}")
+    return run_dir
+
+
+def _write_connection(flwr_home: Path, port: int) -> None:
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n'
+        f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_healthy(port: int, process: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SimulationFailed(f"flower-superlink exited with code {process.returncode}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as reply:
+                if reply.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    raise SimulationFailed(f"flower-superlink did not become healthy within {timeout:.0f} s")
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """Stop the SuperLink and everything it started (its process group)."""
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--app", default=".", help="the Flower app directory")
+    parser.add_argument("--run-name", default=time.strftime("run-%Y%m%d-%H%M%S"))
+    parser.add_argument("--num-supernodes", type=int, default=8)
+    parser.add_argument("--run-config", default="", help='e.g. "strategy=\'fedalora\' ranks=\'8\'"')
+    parser.add_argument("--output-dir", default=None, help="default: <app>/outputs")
+    parser.add_argument("--num-cpus", type=float, default=None, help="Ray CPUs per client")
+    parser.add_argument("--num-gpus", type=float, default=None, help="Ray GPUs per client")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    run_dir = run_simulation(args.app, args.run_name, num_supernodes=args.num_supernodes,
+                             run_config=args.run_config, output_dir=args.output_dir,
+                             num_cpus=args.num_cpus, num_gpus=args.num_gpus)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    print(f"completed in {time.perf_counter() - started:.0f} s: {run_dir}")
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()

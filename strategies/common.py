@@ -1,0 +1,270 @@
+"""Shared helpers of the LoRA strategies: rank discovery, per-node messages, reply
+checks, communication accounting and run records. A strategy subclasses
+``LoRAStrategy`` and supplies its initial shared state, the shapes a client of a
+given rank uploads, and its aggregation rule (a pure function from ``fedalora``)."""
+
+from __future__ import annotations
+
+import time
+from abc import abstractmethod
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+
+import numpy as np
+from flwr.app import (Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord,
+                      RecordDict)
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from flwr.supercore import log
+
+from fedalora.config import ConfigError, FedConfig, validate_rank
+from fedalora.outputs import RunRecorder
+
+Arrays = dict[str, np.ndarray]
+Shapes = dict[str, tuple[int, ...]]
+#: Record keys of every message in both directions.
+ARRAYS, CONFIG, METRICS = "arrays", "config", "metrics"
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """What a node reported about itself in the discovery query."""
+
+    node_id: int
+    partition_id: int
+    rank: int
+    num_examples: int
+
+
+@dataclass
+class RoundTally:
+    """Communication and timing of the round in progress."""
+
+    started: float = field(default_factory=time.perf_counter)
+    bytes_up: int = 0
+    bytes_down: int = 0
+    aggregate_seconds: float = 0.0
+    sent: dict[int, int] = field(default_factory=dict)  # node id -> bytes of its last message
+
+
+def to_numpy(record: ArrayRecord) -> Arrays:
+    return {key: array.numpy() for key, array in record.items()}
+
+
+def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({key: Array(np.ascontiguousarray(value)) for key, value in arrays.items()})
+
+
+def payload_bytes(record: ArrayRecord) -> int:
+    """Bytes of array data in a record (element count x element size, no headers)."""
+    return int(sum(array.numpy().nbytes for array in record.values()))
+
+
+def update_problem(update: Mapping[str, np.ndarray], expected: Shapes) -> str | None:
+    """Why an uploaded update must not be aggregated, or None if it is well-formed."""
+    if set(update) != set(expected):
+        missing, extra = sorted(set(expected) - set(update)), sorted(set(update) - set(expected))
+        return f"keys differ from the expected upload (missing {missing[:2]}, extra {extra[:2]})"
+    for key, shape in expected.items():
+        if tuple(update[key].shape) != shape:
+            return f"'{key}' has shape {tuple(update[key].shape)}, expected {shape}"
+        if not np.all(np.isfinite(update[key])):
+            return f"'{key}' contains NaN or Inf"
+    return None
+
+
+class LoRAStrategy(Strategy):
+    """Per-node messages around a pure aggregation rule over the shared LoRA state."""
+
+    #: Whether the rule can combine clients of different ranks.
+    heterogeneous_ranks = False
+
+    def __init__(self, config: FedConfig, layer_shapes: Mapping[str, tuple[int, int]],
+                 recorder: RunRecorder | None = None) -> None:
+        self.config = config
+        self.layer_shapes = dict(layer_shapes)
+        self.recorder = recorder
+        self.nodes: dict[int, NodeInfo] = {}
+        self.shared: Arrays = {}
+        self._tally = RoundTally()
+
+    # ------------------------------------------------------------ per strategy
+    @abstractmethod
+    def initial_shared(self) -> Arrays:
+        """The shared state before round 1 (called once the nodes are known)."""
+
+    @abstractmethod
+    def upload_shapes(self, rank: int) -> Shapes:
+        """Array names and shapes that a client of ``rank`` uploads."""
+
+    @abstractmethod
+    def aggregate(self, updates: list[Arrays], nodes: list[NodeInfo]) -> Arrays:
+        """The new shared state from the accepted updates (sorted by partition id)."""
+
+    # ---------------------------------------------------------------- discovery
+    def discover(self, grid: Grid, timeout: float) -> dict[int, NodeInfo]:
+        """Ask every connected node for its partition, rank and example count.
+
+        Raises ConfigError before any training if a node fails or reports a rank the
+        model or the strategy cannot take.
+        """
+        node_ids = _wait_for_nodes(grid, self.config.min_nodes, timeout)
+        queries = [Message(RecordDict({CONFIG: ConfigRecord({"query": "node-info"})}),
+                           dst_node_id=node_id, message_type=MessageType.QUERY)
+                   for node_id in node_ids]
+        nodes: dict[int, NodeInfo] = {}
+        for reply in grid.send_and_receive(queries, timeout=timeout):
+            node_id = reply.metadata.src_node_id
+            if reply.has_error():
+                raise ConfigError("node", f"node {node_id} failed before training: "
+                                  f"{reply.error.reason}")
+            info = reply.content[CONFIG]
+            nodes[node_id] = NodeInfo(node_id, int(info["partition-id"]), int(info["rank"]),
+                                      int(info["num-examples"]))
+            validate_rank(f"lora-rank of node {node_id}", nodes[node_id].rank, self.layer_shapes)
+        ranks = sorted({n.rank for n in nodes.values()})
+        if len(ranks) > 1 and not self.heterogeneous_ranks:
+            raise ConfigError("ranks", f"strategy '{self.config.strategy}' needs one rank for "
+                              f"every client, but the nodes report ranks {ranks}; use "
+                              f"{', '.join(FedConfig.heterogeneous_strategies())}")
+        self.nodes = dict(sorted(nodes.items(), key=lambda item: item[1].partition_id))
+        self.shared = self.initial_shared()
+        return self.nodes
+
+    # -------------------------------------------------------------- train phase
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self._tally = RoundTally()
+        sampled = self._sample(server_round)
+        log(INFO, "configure_train: %d of %d nodes", len(sampled), len(self.nodes))
+        return self._messages(sampled, server_round, config, MessageType.TRAIN)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        accepted: list[tuple[NodeInfo, Arrays, MetricRecord]] = []
+        for reply, node in self._replies(replies, server_round, "train"):
+            update = to_numpy(reply.content[ARRAYS])
+            self._tally.bytes_up += payload_bytes(reply.content[ARRAYS])
+            problem = update_problem(update, self.upload_shapes(node.rank))
+            if problem:
+                log(WARNING, "round %d: rejected update of node %d (client %d): %s",
+                    server_round, node.node_id, node.partition_id, problem)
+                continue
+            accepted.append((node, update, reply.content[METRICS]))
+        if len(accepted) < self.config.min_nodes:
+            log(WARNING, "round %d: %d accepted updates, fewer than min-nodes=%d; the shared "
+                "state is kept", server_round, len(accepted), self.config.min_nodes)
+            return None, None
+        accepted.sort(key=lambda item: item[0].partition_id)
+        started = time.perf_counter()
+        self.shared = self.aggregate([u for _, u, _ in accepted], [n for n, _, _ in accepted])
+        self._tally.aggregate_seconds = time.perf_counter() - started
+        weights = np.array([m["num-examples"] for _, _, m in accepted], dtype=float)
+        mean_loss = float(np.average([m["loss"] for _, _, m in accepted], weights=weights))
+        return to_record(self.shared), MetricRecord({"train-loss": mean_loss})
+
+    # ----------------------------------------------------------- evaluate phase
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        config["export"] = server_round == self.config.num_server_rounds
+        return self._messages(list(self.nodes.values()), server_round, config,
+                              MessageType.EVALUATE)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
+                           ) -> MetricRecord | None:
+        scores = [float(reply.content[METRICS]["accuracy"])
+                  for reply, _ in self._replies(replies, server_round, "evaluate")]
+        tally = self._tally
+        row = {"round": server_round,
+               "mean_accuracy": float(np.mean(scores)) if scores else None,
+               "worst_accuracy": float(np.min(scores)) if scores else None,
+               "num_evaluated": len(scores), "bytes_up": tally.bytes_up,
+               "bytes_down": tally.bytes_down, "aggregate_seconds": tally.aggregate_seconds,
+               "seconds": time.perf_counter() - tally.started}
+        if self.recorder:
+            self.recorder.round_row(row)
+        log(INFO, "round %d/%d | mean acc %s | worst acc %s | up %.2f MB | down %.2f MB | "
+            "aggregate %.3f s | round %.1f s", server_round, self.config.num_server_rounds,
+            _fmt(row["mean_accuracy"]), _fmt(row["worst_accuracy"]), tally.bytes_up / 1e6,
+            tally.bytes_down / 1e6, tally.aggregate_seconds, row["seconds"])
+        if not scores:
+            return None
+        return MetricRecord({"mean-accuracy": row["mean_accuracy"],
+                             "worst-accuracy": row["worst_accuracy"]})
+
+    def summary(self) -> None:
+        log(INFO, "\t├──> %s: %d nodes, ranks %s, fraction-train %.2f, min-nodes %d",
+            self.config.strategy, len(self.nodes), [n.rank for n in self.nodes.values()],
+            self.config.fraction_train, self.config.min_nodes)
+
+    # ------------------------------------------------------------------ helpers
+    def download(self, node: NodeInfo) -> Arrays:
+        """What ``node`` receives; the same shared state for every node by default."""
+        return self.shared
+
+    def _sample(self, server_round: int) -> list[NodeInfo]:
+        """Seeded sample of max(fraction-train * N, min-nodes) nodes, capped at N."""
+        nodes = list(self.nodes.values())
+        count = min(len(nodes), max(int(len(nodes) * self.config.fraction_train),
+                                    self.config.min_nodes))
+        rng = np.random.default_rng([self.config.seed, server_round])
+        chosen = sorted(rng.choice(len(nodes), size=count, replace=False))
+        return [nodes[i] for i in chosen]
+
+    def _messages(self, nodes: list[NodeInfo], server_round: int, config: ConfigRecord,
+                  message_type: str) -> list[Message]:
+        config["server-round"] = server_round
+        messages = []
+        for node in nodes:
+            arrays = to_record(self.download(node))
+            self._tally.sent[node.node_id] = payload_bytes(arrays)
+            self._tally.bytes_down += self._tally.sent[node.node_id]
+            messages.append(Message(RecordDict({ARRAYS: arrays, CONFIG: config}),
+                                    dst_node_id=node.node_id, message_type=message_type))
+        return messages
+
+    def _replies(self, replies: Iterable[Message], server_round: int, phase: str
+                 ) -> list[tuple[Message, NodeInfo]]:
+        """Error-free replies from known nodes; records one metrics row per reply."""
+        good = []
+        for reply in replies:
+            node = self.nodes.get(reply.metadata.src_node_id)
+            if node is None:
+                log(WARNING, "round %d: ignored a reply from unknown node %d", server_round,
+                    reply.metadata.src_node_id)
+                continue
+            if reply.has_error():
+                log(WARNING, "round %d: %s failed on node %d (client %d): %s", server_round,
+                    phase, node.node_id, node.partition_id, reply.error.reason)
+                continue
+            good.append((reply, node))
+            if self.recorder:
+                self.recorder.client_row(self._client_row(reply, node, server_round, phase))
+        return good
+
+    def _client_row(self, reply: Message, node: NodeInfo, server_round: int,
+                    phase: str) -> dict:
+        metrics = reply.content[METRICS]
+        up = payload_bytes(reply.content[ARRAYS]) if ARRAYS in reply.content else 0
+        return {"round": server_round, "client": node.partition_id, "rank": node.rank,
+                "phase": phase, "num_examples": int(metrics["num-examples"]),
+                "loss": float(metrics["loss"]), "accuracy": float(metrics["accuracy"]),
+                "bytes_up": up, "bytes_down": self._tally.sent.get(node.node_id, 0),
+                "seconds": float(metrics["seconds"])}
+
+
+def _wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while len(node_ids := sorted(grid.get_node_ids())) < minimum:
+        if time.monotonic() > deadline:
+            raise ConfigError("min-nodes", f"only {len(node_ids)} nodes connected within "
+                              f"{timeout:.0f} s, min-nodes={minimum}; start more nodes or "
+                              "lower min-nodes")
+        log(INFO, "waiting for nodes: %d connected, min-nodes=%d", len(node_ids), minimum)
+        time.sleep(1.0)
+    return node_ids
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"

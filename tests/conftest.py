@@ -1,0 +1,31 @@
+"""Shared fixtures: a tiny real model (packaged MiniLM cut to 2 layers) on real data."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from fedalora.config import FedConfig
+
+TINY = {"num-hidden-layers": 2, "local-steps": 3, "batch-size": 8, "max-length": 32,
+        "dataset": "bbc-news", "intermediate-rank": 4, "lr": 0.001, "num-server-rounds": 2}
+
+
+def tiny_config(**overrides: object) -> FedConfig:
+    return FedConfig.from_run_config({**TINY, **{k.replace("_", "-"): v
+                                                 for k, v in overrides.items()}})
+
+
+@pytest.fixture
+def hetero_config() -> FedConfig:
+    return tiny_config(strategy="fedalora-hetero", ranks="8,4,2")
+
+
+@pytest.fixture
+def homo_config() -> FedConfig:
+    return tiny_config(strategy="fedalora", ranks="4")
+
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may reach a model hub in tests
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

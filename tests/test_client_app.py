@@ -1,0 +1,138 @@
+"""The ClientApp's handlers, called directly with real messages: what leaves the
+client, what stays, and what a failure leaves behind."""
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from clients import client_app
+from strategies.common import ARRAYS, CONFIG, to_numpy, to_record
+
+from .conftest import tiny_config
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    """Messages are created inside a task, as Flower's runtime sets it up."""
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 100
+
+
+def _context(config, partition_id=0, num_partitions=3, **node) -> Context:
+    return Context(run_id=1, node_id=100 + partition_id, state=RecordDict(),
+                   run_config=config.to_run_config(),
+                   node_config={"partition-id": partition_id, "num-partitions": num_partitions,
+                                **node})
+
+
+def _message(arrays, message_type=MessageType.TRAIN, **config) -> Message:
+    return Message(RecordDict({ARRAYS: to_record(arrays),
+                               CONFIG: ConfigRecord({"server-round": 1, **config})}),
+                   dst_node_id=1, message_type=message_type)
+
+
+def _b0(config, context) -> dict[str, np.ndarray]:
+    client = client_app._client(context)
+    return {f"{m}.B0": np.zeros((d_out, config.intermediate_rank), np.float32)
+            for m, (d_out, _) in client.base.layer_shapes().items()}
+
+
+def _private_arrays(context) -> dict[str, np.ndarray]:
+    return to_numpy(context.state[client_app.PRIVATE])
+
+
+def test_query_reports_rank_from_node_config_or_ranks(hetero_config):
+    for context, rank in [(_context(hetero_config, 1), 4),
+                          (_context(hetero_config, 1, **{"lora-rank": 6}), 6)]:
+        reply = client_app.query(Message(RecordDict(), dst_node_id=1,
+                                         message_type=MessageType.QUERY), context)
+        info = reply.content[CONFIG]
+        assert (info["partition-id"], info["rank"]) == (1, rank) and info["num-examples"] > 0
+
+
+def test_private_a_and_m_never_leave_the_client(hetero_config):
+    context = _context(hetero_config)
+    shared = _b0(hetero_config, context)
+    replies = []
+    for server_round in (1, 2):
+        replies.append(client_app.train(_message(shared, **{"server-round": server_round}),
+                                        context))
+        replies.append(client_app.evaluate(
+            _message(shared, MessageType.EVALUATE, **{"run-name": "t"}), context))
+    private = {k: v for k, v in _private_arrays(context).items()
+               if k.endswith((".A", ".M"))}
+    assert private, "the client keeps A and M in its node state"
+    for reply in replies:
+        for record in reply.content.array_records.values():
+            sent = to_numpy(record)
+            assert all(k.endswith((".B2", ".B1")) for k in sent)
+            for array in sent.values():
+                for secret in private.values():
+                    assert array.shape != secret.shape or not np.allclose(array, secret)
+
+
+def test_private_state_persists_across_rounds_and_resets_when_asked():
+    for persist in (True, False):
+        config = tiny_config(strategy="fedalora-hetero", ranks="8,4,2", persist_private=persist)
+        context = _context(config)
+        shared = _b0(config, context)
+        client_app.train(_message(shared), context)
+        trained = {k: torch.from_numpy(v) for k, v in _private_arrays(context).items()}
+        client = client_app._client(context)
+        start_of_round_2 = client.build_adapter(shared, trained).private_state()
+        initial = client.build_adapter(shared, None).private_state()  # A_0, M_0, B1_0
+        for key in trained:
+            expected = trained[key] if persist or key.startswith("head.") else initial[key]
+            torch.testing.assert_close(start_of_round_2[key], expected, rtol=0, atol=0)
+        a_key = next(k for k in trained if k.endswith(".A"))
+        assert not torch.equal(trained[a_key], initial[a_key])  # round 1 did train A
+
+
+def test_failed_round_leaves_private_state_untouched(hetero_config):
+    context = _context(hetero_config)
+    shared = _b0(hetero_config, context)
+    client_app.train(_message(shared), context)
+    before = _private_arrays(context)
+    broken = {k: np.zeros((3, 3), np.float32) for k in shared}  # wrong shapes
+    with pytest.raises(ValueError, match="does not fit"):
+        client_app.train(_message(broken, **{"server-round": 2}), context)
+    after = _private_arrays(context)
+    assert before.keys() == after.keys()
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_same_seed_same_upload(hetero_config):
+    uploads = []
+    for _ in range(2):
+        context = _context(hetero_config)
+        reply = client_app.train(_message(_b0(hetero_config, context)), context)
+        uploads.append(to_numpy(reply.content[ARRAYS]))
+    assert all(np.array_equal(uploads[0][k], uploads[1][k]) for k in uploads[0])
+
+
+@pytest.mark.parametrize("strategy, ranks", [("fedalora-hetero", "8,4,2"), ("fedalora", "4")])
+def test_exported_adapter_reproduces_client_outputs(tmp_path, strategy, ranks):
+    from fedalora.adapters import load_peft_adapter
+    from fedalora.client import FederatedClient
+    from fedalora.data import collate
+
+    config = tiny_config(strategy=strategy, ranks=ranks)
+    client = FederatedClient(config, 0, 3, config.rank_for(0))
+    rng = np.random.default_rng(0)
+    template = (f"{{}}.B0", config.intermediate_rank) if config.adapter == "decomposed" \
+        else ("{}.lora_B", client.rank)
+    shared = {template[0].format(m): rng.normal(0, 0.1, (d_out, template[1])).astype(np.float32)
+              for m, (d_out, _) in client.base.layer_shapes().items()}
+    _, private, _ = client.train(shared, None, server_round=1)
+    client.export(shared, private, tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+
+    peft_model = load_peft_adapter(client.base.model, tmp_path / "adapter").eval()
+    own_model = client.build_adapter(shared, private).model.eval()
+    batch = collate(client.data.test, list(range(4)), client.base.tokenizer, torch.device("cpu"))
+    with torch.no_grad():
+        ours, theirs = own_model(**batch).logits, peft_model(**batch).logits
+        base = client.base.model(**batch).logits
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(base, ours, atol=1e-3)  # the adapter does something

@@ -1,0 +1,68 @@
+import pytest
+
+from fedalora.config import ConfigError, FedConfig, validate_rank
+from fedalora.data import load_labelled_dataset
+from fedalora.models import adapted_layer_shapes
+
+
+def _error(**values: object) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        FedConfig.from_run_config(values)
+    return info.value
+
+
+@pytest.mark.parametrize("values, key, hint", [
+    ({"ranks": "8,0,4"}, "ranks", ">= 1"),
+    ({"ranks": "8,-2"}, "ranks", ">= 1"),
+    ({"ranks": "8;4"}, "ranks", "comma-separated"),
+    ({"ranks": "eight"}, "ranks", "comma-separated"),
+    ({"intermediate-rank": 0}, "intermediate-rank", "positive"),
+    ({"strategy": "fedprox"}, "strategy", "fedalora-hetero"),
+    ({"strategy": "fedalora", "ranks": "8,4"}, "ranks", "fedalora-hetero"),
+    ({"partitioning": "dirichlet"}, "partitioning", "dirichlet:<alpha>"),
+    ({"fraction-train": 1.5}, "fraction-train", "(0, 1]"),
+    ({"device": "tpu"}, "device", "cuda"),
+    ({"lr": "fast"}, "lr", "number"),
+    ({"persist-private": "maybe"}, "persist-private", "true or false"),
+    ({"num-rounds": 3}, "num-rounds", "unknown key"),
+])
+def test_bad_values_name_the_key_and_what_is_allowed(values, key, hint):
+    error = _error(**values)
+    assert error.key == key
+    assert f"run-config '{key}'" in str(error) and hint in str(error)
+
+
+def test_defaults_are_valid_and_round_trip():
+    config = FedConfig.from_run_config({})
+    assert config.rank_list == [64, 64, 32, 32, 16, 16, 8, 8]
+    assert FedConfig.from_run_config(config.to_run_config()) == config
+    assert config.rank_for(9) == 64  # cycled
+
+
+def test_single_integer_rank_from_toml_is_accepted():
+    assert FedConfig.from_run_config({"strategy": "fedalora", "ranks": 8}).rank_list == [8]
+
+
+def test_scaling_conventions():
+    assert FedConfig(scaling="constant", lora_alpha=2.0).scale(64) == 2.0
+    assert FedConfig(scaling="alpha-over-rank", lora_alpha=16.0).scale(8) == 2.0
+    assert FedConfig(scaling="rslora", lora_alpha=16.0).scale(16) == 4.0
+
+
+def test_rank_above_layer_size_is_rejected():
+    shapes = adapted_layer_shapes("minilm", num_hidden_layers=1)
+    assert set(shapes.values()) == {(384, 384)}
+    validate_rank("ranks", 384, shapes)
+    with pytest.raises(ConfigError, match="rank 385 exceeds .* <= 384"):
+        validate_rank("ranks", 385, shapes)
+
+
+def test_unknown_model_and_dataset_are_rejected():
+    with pytest.raises(ConfigError, match="run-config 'model'"):
+        adapted_layer_shapes("./no/such/model")
+    with pytest.raises(ConfigError, match="run-config 'dataset'.*20newsgroups"):
+        load_labelled_dataset("no-such-dataset")
+    with pytest.raises(ConfigError, match="run-config 'dataset'.*does not exist"):
+        load_labelled_dataset("/tmp/definitely-missing.csv")
+    with pytest.raises(ConfigError, match="run-config 'target-modules'"):
+        adapted_layer_shapes("minilm", targets_spec="q_proj", num_hidden_layers=1)
