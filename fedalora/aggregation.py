@@ -17,11 +17,13 @@ def data_weights(num_examples: Sequence[float]) -> np.ndarray:
     """p_i = n_i / sum(n); raises ValueError on negative counts or a zero total."""
     counts = np.asarray(num_examples, dtype=np.float64)
     if counts.size == 0 or np.any(counts < 0) or counts.sum() <= 0:
-        raise ValueError(f"example counts must be >= 0 with a positive total, got {counts.tolist()}")
+        raise ValueError("example counts must be >= 0 with a positive total, "
+                         f"got {counts.tolist()}")
     return counts / counts.sum()
 
 
-def weighted_average(updates: Sequence[Arrays], num_examples: Sequence[float]) -> dict[str, np.ndarray]:
+def weighted_average(updates: Sequence[Arrays],
+                     num_examples: Sequence[float]) -> dict[str, np.ndarray]:
     """Homogeneous Fed-ALoRA (and FedAvg): X <- sum_i p_i X_i for every key.
 
     All updates must carry the same keys with the same shapes.

@@ -48,14 +48,14 @@ class FedConfig:
     min_nodes: int = 2
     local_steps: int = 10
     batch_size: int = 16
-    lr: float = 5e-4
+    lr: float = 1e-3
     lora_alpha: float = 2.0
     scaling: str = "constant"
     lora_dropout: float = 0.05
     target_modules: str = "auto"
     model: str = "minilm"
     num_hidden_layers: int = 0
-    dataset: str = "20newsgroups"
+    dataset: str = "bbc-news"
     partitioning: str = "dirichlet:0.5"
     test_fraction: float = 0.2
     max_length: int = 64
@@ -92,9 +92,10 @@ class FedConfig:
                               f"choose one of: {', '.join(STRATEGY_ADAPTERS)}")
         ranks = self.rank_list  # parses and checks the ranks string
         if self.strategy in HOMOGENEOUS_ONLY and len(set(ranks)) > 1:
+            able = ", ".join(self.heterogeneous_strategies())
             raise ConfigError("ranks", f"strategy '{self.strategy}' needs one rank for every "
                               f"client, got '{self.ranks}'; use a single rank or a strategy "
-                              f"that reconciles ranks: {', '.join(self.heterogeneous_strategies())}")
+                              f"that reconciles ranks: {able}")
         _require(self.intermediate_rank > 0, "intermediate-rank", "must be a positive integer "
                  f"(the shared dimension d_m, e.g. 16), got {self.intermediate_rank}")
         _require(self.num_server_rounds > 0, "num-server-rounds", "must be >= 1")

@@ -12,8 +12,12 @@ from pathlib import Path
 
 import datasets
 import torch
-from flwr_datasets.partitioner import (DirichletPartitioner, IidPartitioner,
-                                       NaturalIdPartitioner, Partitioner)
+from flwr_datasets.partitioner import (
+    DirichletPartitioner,
+    IidPartitioner,
+    NaturalIdPartitioner,
+    Partitioner,
+)
 from transformers import PreTrainedTokenizerBase
 
 from .config import ConfigError

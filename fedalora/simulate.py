@@ -44,9 +44,9 @@ def run_simulation(app_dir: str | Path, run_name: str, *, num_supernodes: int = 
     flwr_home = Path(flwr_home or app_dir / ".flwr-home").resolve()
     port = _free_port()
     _write_connection(flwr_home, port)
-    env = {**os.environ, "FLWR_HOME": str(flwr_home),
-           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
-    bin_dir = Path(sys.executable).parent
+    bin_dir = Path(sys.executable).parent  # the SuperLink starts flower-superexec by name
+    env = {**os.environ, "FLWR_HOME": str(flwr_home), "PATH": f"{bin_dir}{os.pathsep}"
+           f"{os.environ.get('PATH', '')}", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
     superlink = subprocess.Popen(  # noqa: S603 - fixed argument list
         [str(bin_dir / "flower-superlink"), "--insecure", "--simulation", "--isolation",
          "subprocess", "--host", "127.0.0.1", "--port", str(port),

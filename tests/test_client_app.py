@@ -120,7 +120,7 @@ def test_exported_adapter_reproduces_client_outputs(tmp_path, strategy, ranks):
     config = tiny_config(strategy=strategy, ranks=ranks)
     client = FederatedClient(config, 0, 3, config.rank_for(0))
     rng = np.random.default_rng(0)
-    template = (f"{{}}.B0", config.intermediate_rank) if config.adapter == "decomposed" \
+    template = ("{}.B0", config.intermediate_rank) if config.adapter == "decomposed" \
         else ("{}.lora_B", client.rank)
     shared = {template[0].format(m): rng.normal(0, 0.1, (d_out, template[1])).astype(np.float32)
               for m, (d_out, _) in client.base.layer_shapes().items()}
@@ -136,3 +136,27 @@ def test_exported_adapter_reproduces_client_outputs(tmp_path, strategy, ranks):
         base = client.base.model(**batch).logits
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(base, ours, atol=1e-3)  # the adapter does something
+
+
+def test_base_model_is_loaded_once_per_process_and_shared(hetero_config):
+    first = client_app._client(_context(hetero_config, 0))
+    second = client_app._client(_context(hetero_config, 1))
+    assert first is not second and first.rank != second.rank
+    assert first.base is second.base  # one frozen base model serves every client
+    shared = _b0(hetero_config, _context(hetero_config, 0))
+    before = {k: v.clone() for k, v in first.base.model.state_dict().items()}
+    first.train(shared, None, server_round=1)
+    after = first.base.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # training never touches it
+
+
+def test_device_selection():
+    from fedalora.config import ConfigError
+    from fedalora.models import select_device
+
+    assert select_device("cpu").type == "cpu"
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert select_device("auto").type == expected
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="run-config 'device'.*'auto'"):
+            select_device("cuda")

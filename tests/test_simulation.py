@@ -91,7 +91,8 @@ def test_server_checkpoint_holds_only_shared_state(runs):
     base = load_base_model("minilm", 5, num_hidden_layers=2)
     shared = load_file(str(runs["hetero"] / "shared_state.safetensors"))
     for client in range(3):
-        adapter = load_peft_adapter(base.model, runs["hetero"] / "clients" / str(client) / "adapter")
+        path = runs["hetero"] / "clients" / str(client) / "adapter"
+        adapter = load_peft_adapter(base.model, path)
         for key, value in adapter.state_dict().items():
             if "lora_A" in key:
                 a = value.numpy()

@@ -60,7 +60,7 @@ class ClientAdapter(ABC):
     def peft_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Per target module, PEFT's (lora_A, lora_B) with the scale folded into B."""
 
-    def start_round(self) -> None:
+    def start_round(self) -> None:  # noqa: B027 - a hook; most adapters need no reset
         """Reset what must restart every round (nothing, unless overridden)."""
 
     # ------------------------------------------------------------------ shared
