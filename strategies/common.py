@@ -64,8 +64,10 @@ def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
 
 
 def payload_bytes(record: ArrayRecord) -> int:
-    """Bytes of array data in a record (element count x element size, no headers)."""
-    return int(sum(array.numpy().nbytes for array in record.values()))
+    """Bytes of array data in a record (element count x element size, no headers),
+    read from each Array's shape and dtype without deserialising the data."""
+    return int(sum(np.prod(array.shape, dtype=np.int64) * np.dtype(array.dtype).itemsize
+                   for array in record.values()))
 
 
 def update_problem(update: Mapping[str, np.ndarray], expected: Shapes) -> str | None:
