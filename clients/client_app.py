@@ -36,9 +36,11 @@ def query(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     """Train on local data from the broadcast shared state; upload the shared part only."""
     client = _client(context)
+    config = msg.content[CONFIG]
     upload, private, metrics = client.train(to_numpy(msg.content[ARRAYS]), _private(context),
-                                            int(msg.content[CONFIG]["server-round"]))
-    context.state[PRIVATE] = to_record({k: v.cpu().numpy() for k, v in private.items()})
+                                            int(config["server-round"]),
+                                            int(config["shared-round"]))
+    _store_private(context, private)
     return Message(RecordDict({ARRAYS: to_record(upload), METRICS: _metrics(metrics)}),
                    reply_to=msg)
 
@@ -47,12 +49,14 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Score the personalised model on the held-out split; export it after the last round."""
     client = _client(context)
-    shared, private = to_numpy(msg.content[ARRAYS]), _private(context)
-    metrics = client.evaluate(shared, private)
     config = msg.content[CONFIG]
+    shared, shared_round = to_numpy(msg.content[ARRAYS]), int(config["shared-round"])
+    metrics, private = client.evaluate(shared, _private(context), shared_round)
     if config.get("export", False):
         run_dir = Path(client.config.output_dir).expanduser().resolve() / str(config["run-name"])
-        client.export(shared, private, client_dir(run_dir, client.partition_id) / "adapter")
+        client.export(shared, private, client_dir(run_dir, client.partition_id) / "adapter",
+                      shared_round)
+    _store_private(context, private)
     return Message(RecordDict({METRICS: _metrics(metrics)}), reply_to=msg)
 
 
@@ -79,6 +83,10 @@ def _private(context: Context) -> dict[str, torch.Tensor] | None:
         return None
     record: ArrayRecord = context.state[PRIVATE]
     return {k: torch.from_numpy(v) for k, v in to_numpy(record).items()}
+
+
+def _store_private(context: Context, private: dict[str, torch.Tensor]) -> None:
+    context.state[PRIVATE] = to_record({k: v.detach().cpu().numpy() for k, v in private.items()})
 
 
 def _metrics(metrics: dict[str, float]) -> MetricRecord:

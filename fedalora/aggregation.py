@@ -1,7 +1,11 @@
 """Aggregation rules as pure functions over numpy arrays (no Flower, no model).
 
-Each update is a mapping from array name to array; weights are the clients' example
-counts and are normalised here to p_i = n_i / sum(n).
+An update maps array names to arrays: ``<module>.lora_A`` (r_i x d_in) and
+``<module>.lora_B`` (d_out x r_i) for the LoRA rules, ``<module>.B2``/``<module>.B1``
+for Fed-ALoRA's decomposition. Every rule is applied layer by layer. Weights are
+the clients' example counts, normalised here to p_i = n_i / sum(n); ``scales`` are
+the clients' LoRA scales s_i, so that DeltaW_i = s_i B_i A_i. Sums run in float64
+and results are float32.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 Arrays = Mapping[str, np.ndarray]
+LORA_A, LORA_B = ".lora_A", ".lora_B"
+STACK_A, STACK_B = ".stack_A", ".stack_B"
 
 
 def data_weights(num_examples: Sequence[float]) -> np.ndarray:
@@ -24,17 +30,15 @@ def data_weights(num_examples: Sequence[float]) -> np.ndarray:
 
 def weighted_average(updates: Sequence[Arrays],
                      num_examples: Sequence[float]) -> dict[str, np.ndarray]:
-    """Homogeneous Fed-ALoRA (and FedAvg): X <- sum_i p_i X_i for every key.
-
-    All updates must carry the same keys with the same shapes.
-    """
+    """FedAvg: X <- sum_i p_i X_i for every key (Fed-ALoRA's B, FedIT's A and B,
+    FedSA-LoRA's A). All updates must carry the same keys with the same shapes."""
     weights = data_weights(num_examples)
     keys = set(updates[0])
     for update in updates[1:]:
         if set(update) != keys:
             raise ValueError("updates carry different keys; cannot average")
-    return {key: sum(w * np.asarray(u[key], dtype=np.float64) for w, u in zip(weights, updates))
-            .astype(np.float32) for key in updates[0]}
+    return {key: _f32(sum(w * _f64(u[key]) for w, u in zip(weights, updates)))
+            for key in updates[0]}
 
 
 def accumulate_decomposed(b0: Arrays, updates: Sequence[Arrays],
@@ -49,10 +53,139 @@ def accumulate_decomposed(b0: Arrays, updates: Sequence[Arrays],
     result: dict[str, np.ndarray] = {}
     for key, current in b0.items():
         module = key[: -len(".B0")]
-        total = np.asarray(current, dtype=np.float64).copy()
+        total = _f64(current).copy()
         for w, update in zip(weights, updates):
-            b2 = np.asarray(update[f"{module}.B2"], dtype=np.float64)
-            b1 = np.asarray(update[f"{module}.B1"], dtype=np.float64)
-            total += w * (b2 @ b1)
-        result[key] = total.astype(np.float32)
+            total += w * (_f64(update[f"{module}.B2"]) @ _f64(update[f"{module}.B1"]))
+        result[key] = _f32(total)
     return result
+
+
+# ------------------------------------------------------------------ zero padding
+def pad_rank(factor: np.ndarray, key: str, rank: int) -> np.ndarray:
+    """Zero-pad a LoRA factor to ``rank``: rows of A (``key`` ends .lora_A), columns of B."""
+    current = _rank_of(factor, key)
+    if current > rank:
+        raise ValueError(f"'{key}' has rank {current}, above the padding rank {rank}")
+    if key.endswith(LORA_A):
+        return np.pad(_f64(factor), ((0, rank - current), (0, 0)))
+    return np.pad(_f64(factor), ((0, 0), (0, rank - current)))
+
+
+def truncate_rank(arrays: Arrays, rank: int, b_scale: float = 1.0) -> dict[str, np.ndarray]:
+    """A client's share of padded factors: the first ``rank`` rows of every A and columns
+    of every B (B multiplied by ``b_scale``)."""
+    out: dict[str, np.ndarray] = {}
+    for key, value in arrays.items():
+        if key.endswith(LORA_A):
+            out[key] = np.ascontiguousarray(value[:rank])
+        elif key.endswith(LORA_B):
+            out[key] = _f32(_f64(value[:, :rank]) * b_scale)
+        else:
+            raise ValueError(f"'{key}' is not a LoRA factor (.lora_A / .lora_B)")
+    return out
+
+
+def zero_pad_average(updates: Sequence[Arrays],
+                     weights: Sequence[float] | Mapping[str, Sequence[float]],
+                     rank: int, slots: str) -> dict[str, np.ndarray]:
+    """Average LoRA factors of different ranks, zero-padded to ``rank``.
+
+    ``slots="holders"``: rank slot j (row j of A, column j of B) is averaged over the
+    clients with r_i > j only, their weights renormalised over those clients.
+    ``slots="all"``: X <- sum_i w_i pad(X_i), slots a client lacks count as zeros.
+    ``weights`` (normalised here) is one vector, or one vector per module.
+    """
+    if slots not in ("holders", "all"):
+        raise ValueError(f"slots must be 'holders' or 'all', got {slots!r}")
+    result: dict[str, np.ndarray] = {}
+    for key in updates[0]:
+        module = key.rsplit(".", 1)[0]
+        raw = weights[module] if isinstance(weights, Mapping) else weights
+        w = data_weights(raw)
+        padded = [pad_rank(u[key], key, rank) for u in updates]
+        total = sum(wi * p for wi, p in zip(w, padded))
+        if slots == "holders":
+            held = np.array([[_rank_of(u[key], key) > j for j in range(rank)] for u in updates])
+            mass = w @ held  # per slot: the total weight of the clients that have it
+            per_slot = np.divide(1.0, mass, out=np.zeros(rank), where=mass > 0)
+            total = total * (per_slot[:, None] if key.endswith(LORA_A) else per_slot[None, :])
+        result[key] = _f32(total)
+    return result
+
+
+def product_norm(a: np.ndarray, b: np.ndarray, scale: float = 1.0) -> float:
+    """||s B A||_F from the r x r Gram matrices, without forming the d_out x d_in product."""
+    a, b = _f64(a), _f64(b)
+    return abs(scale) * float(np.sqrt(max(np.sum((b.T @ b) * (a @ a.T)), 0.0)))
+
+
+def hetlora_average(updates: Sequence[Arrays], scales: Sequence[float],
+                    rank: int) -> dict[str, np.ndarray]:
+    """HetLoRA: zero-padding over all clients with per-layer weights w_i proportional to
+    ||s_i B_i A_i||_F (equal weights for a layer where every update is zero)."""
+    weights: dict[str, list[float]] = {}
+    for module in modules_of(updates[0]):
+        norms = [product_norm(u[module + LORA_A], u[module + LORA_B], s)
+                 for u, s in zip(updates, scales)]
+        weights[module] = norms if sum(norms) > 0 else [1.0] * len(norms)
+    return zero_pad_average(updates, weights, rank, slots="all")
+
+
+# -------------------------------------------------------------- exact products
+def lora_product_sum(updates: Sequence[Arrays], num_examples: Sequence[float],
+                     scales: Sequence[float], module: str) -> np.ndarray:
+    """The exact aggregate DeltaW = sum_i p_i s_i B_i A_i of one layer (dense, float64)."""
+    weights = data_weights(num_examples)
+    return sum(w * s * (_f64(u[module + LORA_B]) @ _f64(u[module + LORA_A]))
+               for w, s, u in zip(weights, scales, updates))
+
+
+def flexlora_factors(updates: Sequence[Arrays], num_examples: Sequence[float],
+                     scales: Sequence[float], rank: int) -> dict[str, np.ndarray]:
+    """FlexLoRA: DeltaW = sum_i p_i s_i B_i A_i, SVD DeltaW = U S V^T, kept to ``rank``:
+    lora_B = U[:, :rank] S[:rank] (scale included), lora_A = V^T[:rank].
+
+    A client of rank r_i and scale s_i takes ``truncate_rank(result, r_i, 1 / s_i)``:
+    the best rank-r_i approximation of DeltaW (Eckart-Young).
+    """
+    result: dict[str, np.ndarray] = {}
+    for module in modules_of(updates[0]):
+        u, s, vt = np.linalg.svd(lora_product_sum(updates, num_examples, scales, module),
+                                 full_matrices=False)
+        result[module + LORA_A] = _f32(vt[:rank])
+        result[module + LORA_B] = _f32(u[:, :rank] * s[:rank])
+    return result
+
+
+def flora_stack(updates: Sequence[Arrays], num_examples: Sequence[float],
+                scales: Sequence[float]) -> dict[str, np.ndarray]:
+    """FLoRA: stack A = [A_1; ...; A_K] (sum r_i x d_in) and B = [p_1 s_1 B_1, ...,
+    p_K s_K B_K] (d_out x sum r_i), so that B A = sum_i p_i s_i B_i A_i exactly."""
+    weights = data_weights(num_examples)
+    result: dict[str, np.ndarray] = {}
+    for module in modules_of(updates[0]):
+        result[module + STACK_A] = _f32(np.concatenate([_f64(u[module + LORA_A])
+                                                        for u in updates]))
+        result[module + STACK_B] = _f32(np.concatenate(
+            [w * s * _f64(u[module + LORA_B]) for w, s, u in zip(weights, scales, updates)],
+            axis=1))
+    return result
+
+
+# ------------------------------------------------------------------- helpers
+def modules_of(update: Arrays) -> list[str]:
+    """The adapted modules named by an update's LoRA keys, in order."""
+    modules = [k.rsplit(".", 1)[0] for k in update if k.endswith((LORA_A, LORA_B))]
+    return list(dict.fromkeys(modules))
+
+
+def _rank_of(factor: np.ndarray, key: str) -> int:
+    return factor.shape[0] if key.endswith(LORA_A) else factor.shape[1]
+
+
+def _f64(value: np.ndarray) -> np.ndarray:
+    return np.asarray(value, dtype=np.float64)
+
+
+def _f32(value: np.ndarray) -> np.ndarray:
+    return np.asarray(value, dtype=np.float32)

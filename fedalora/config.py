@@ -14,14 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-#: Strategy name -> the client-side adapter it trains ("lora": PEFT LoRA, A private and
-#: B shared; "decomposed": Fed-ALoRA's rank-reconciling decomposition).
-STRATEGY_ADAPTERS: dict[str, str] = {
-    "fedalora": "lora",
-    "fedalora-hetero": "decomposed",
-}
-#: Strategies whose rule needs every client at the same rank.
-HOMOGENEOUS_ONLY = frozenset({"fedalora"})
+from .sharing import SHARING, SharingSpec
 
 SCALINGS = ("constant", "alpha-over-rank", "rslora")
 DEVICES = ("auto", "cpu", "cuda")
@@ -52,6 +45,8 @@ class FedConfig:
     lora_alpha: float = 2.0
     scaling: str = "constant"
     lora_dropout: float = 0.05
+    rank_decay: float = 1.0
+    rank_penalty: float = 0.0
     target_modules: str = "auto"
     model: str = "minilm"
     num_hidden_layers: int = 0
@@ -87,11 +82,11 @@ class FedConfig:
     # -------------------------------------------------------------- validation
     def validate(self) -> None:
         """Check every value that can be checked without a model or data."""
-        if self.strategy not in STRATEGY_ADAPTERS:
+        if self.strategy not in SHARING:
             raise ConfigError("strategy", f"unknown strategy '{self.strategy}'; "
-                              f"choose one of: {', '.join(STRATEGY_ADAPTERS)}")
+                              f"choose one of: {', '.join(SHARING)}")
         ranks = self.rank_list  # parses and checks the ranks string
-        if self.strategy in HOMOGENEOUS_ONLY and len(set(ranks)) > 1:
+        if not self.sharing.heterogeneous and len(set(ranks)) > 1:
             able = ", ".join(self.heterogeneous_strategies())
             raise ConfigError("ranks", f"strategy '{self.strategy}' needs one rank for every "
                               f"client, got '{self.ranks}'; use a single rank or a strategy "
@@ -107,6 +102,13 @@ class FedConfig:
         _require(self.lora_alpha > 0, "lora-alpha", "must be positive")
         _require(self.scaling in SCALINGS, "scaling", f"choose one of: {', '.join(SCALINGS)}")
         _require(0.0 <= self.lora_dropout < 1.0, "lora-dropout", "must be in [0, 1)")
+        _require(0.0 < self.rank_decay <= 1.0, "rank-decay",
+                 "must be in (0, 1]: HetLoRA's pruning factor gamma; 1 turns pruning off")
+        _require(self.rank_penalty >= 0.0, "rank-penalty", "must be >= 0 (0 turns it off)")
+        if self.rank_decay < 1.0 or self.rank_penalty > 0.0:
+            _require(self.strategy == "hetlora", "rank-decay",
+                     "rank self-pruning (rank-decay < 1, rank-penalty > 0) is HetLoRA's; "
+                     "use strategy='hetlora' or leave rank-decay=1 and rank-penalty=0")
         _require(bool(self.target_modules.strip()), "target-modules",
                  "give 'auto' or comma-separated module names such as 'query,value'")
         _require(bool(self.model.strip()), "model",
@@ -126,7 +128,7 @@ class FedConfig:
 
     @staticmethod
     def heterogeneous_strategies() -> list[str]:
-        return [name for name in STRATEGY_ADAPTERS if name not in HOMOGENEOUS_ONLY]
+        return [name for name, spec in SHARING.items() if spec.heterogeneous]
 
     # ------------------------------------------------------------ derived
     @property
@@ -148,12 +150,19 @@ class FedConfig:
         return ranks[partition_id % len(ranks)]
 
     @property
-    def adapter(self) -> str:
-        return STRATEGY_ADAPTERS[self.strategy]
+    def sharing(self) -> SharingSpec:
+        """What the strategy moves and what each client keeps."""
+        return SHARING[self.strategy]
 
     @property
     def dirichlet_alpha(self) -> float:
         return float(self.partitioning.split(":", 1)[1])
+
+    def peft_scaling(self, rank: int) -> dict[str, Any]:
+        """The LoraConfig fields that make PEFT apply ``scale(rank)``."""
+        if self.scaling == "constant":
+            return {"lora_alpha": self.lora_alpha * rank, "use_rslora": False}
+        return {"lora_alpha": self.lora_alpha, "use_rslora": self.scaling == "rslora"}
 
     def scale(self, rank: int) -> float:
         """The LoRA scale s of a client of this rank (same rule on client and server)."""

@@ -31,7 +31,7 @@ class SimulationFailed(RuntimeError):
 
 def run_simulation(app_dir: str | Path, run_name: str, *, num_supernodes: int = 8,
                    run_config: str = "", output_dir: str | Path | None = None,
-                   num_cpus: float | None = None, num_gpus: float | None = None,
+                   num_cpus: int | None = None, num_gpus: float | None = None,
                    flwr_home: str | Path | None = None, timeout: float = 3600,
                    log_path: str | Path | None = None) -> Path:
     """Simulate ``num_supernodes`` clients; return the run directory of a completed run.
@@ -57,7 +57,7 @@ def run_simulation(app_dir: str | Path, run_name: str, *, num_supernodes: int = 
         _wait_healthy(port, superlink)
         federation = [f"num-supernodes={num_supernodes}"]
         if num_cpus is not None:
-            federation.append(f"client-resources-num-cpus={num_cpus}")
+            federation.append(f"client-resources-num-cpus={int(num_cpus)}")
         if num_gpus is not None:
             federation.append(f"client-resources-num-gpus={num_gpus}")
         command = [str(bin_dir / "flwr"), "run", str(app_dir), CONNECTION, "--stream",
@@ -127,7 +127,7 @@ def main() -> None:
     parser.add_argument("--num-supernodes", type=int, default=8)
     parser.add_argument("--run-config", default="", help='e.g. "strategy=\'fedalora\' ranks=\'8\'"')
     parser.add_argument("--output-dir", default=None, help="default: <app>/outputs")
-    parser.add_argument("--num-cpus", type=float, default=None, help="Ray CPUs per client")
+    parser.add_argument("--num-cpus", type=int, default=None, help="Ray CPUs per client")
     parser.add_argument("--num-gpus", type=float, default=None, help="Ray GPUs per client")
     args = parser.parse_args()
     started = time.perf_counter()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
@@ -11,10 +13,12 @@ from .data import collate
 
 def train_steps(model: nn.Module, parameters: list[nn.Parameter], examples: dict,
                 tokenizer: PreTrainedTokenizerBase, *, steps: int, batch_size: int, lr: float,
-                device: torch.device, generator: torch.Generator) -> dict[str, float]:
-    """``steps`` AdamW steps on batches drawn without replacement (reshuffled per epoch).
+                device: torch.device, generator: torch.Generator,
+                penalty: Callable[[], torch.Tensor] | None = None) -> dict[str, float]:
+    """``steps`` AdamW steps on batches drawn without replacement (reshuffled per epoch),
+    minimising the task loss plus ``penalty()`` when given.
 
-    Returns the mean training loss and the accuracy on the batches seen.
+    Returns the mean task loss and the accuracy on the batches seen.
     """
     optimizer = torch.optim.AdamW(parameters, lr=lr)
     model.train()
@@ -28,7 +32,7 @@ def train_steps(model: nn.Module, parameters: list[nn.Parameter], examples: dict
         batch = collate(examples, indices, tokenizer, device)
         output = model(**batch)
         optimizer.zero_grad(set_to_none=True)
-        output.loss.backward()
+        (output.loss + penalty() if penalty else output.loss).backward()
         optimizer.step()
         total_loss += output.loss.item()
         correct += (output.logits.argmax(-1) == batch["labels"]).sum().item()

@@ -5,6 +5,7 @@ given rank uploads, and its aggregation rule (a pure function from ``fedalora``)
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from abc import abstractmethod
 from collections.abc import Iterable, Mapping
@@ -27,6 +28,7 @@ from flwr.supercore import log
 
 from fedalora.config import ConfigError, FedConfig, validate_rank
 from fedalora.outputs import RunRecorder
+from fedalora.sharing import A, B, seeded_lora_a
 
 Arrays = dict[str, np.ndarray]
 Shapes = dict[str, tuple[int, ...]]
@@ -70,6 +72,26 @@ def payload_bytes(record: ArrayRecord) -> int:
                    for array in record.values()))
 
 
+def lora_shapes(layer_shapes: Mapping[str, tuple[int, int]], rank: int,
+                factors: tuple[str, ...] = (A, B)) -> Shapes:
+    """Shapes of ``<module>.lora_A`` (rank x d_in) and/or ``<module>.lora_B`` (d_out x rank)."""
+    shapes: Shapes = {}
+    for m, (d_out, d_in) in layer_shapes.items():
+        if A in factors:
+            shapes[f"{m}.lora_A"] = (rank, d_in)
+        if B in factors:
+            shapes[f"{m}.lora_B"] = (d_out, rank)
+    return shapes
+
+
+def initial_lora(layer_shapes: Mapping[str, tuple[int, int]], rank: int, seed: int,
+                 factors: tuple[str, ...] = (A, B)) -> Arrays:
+    """The global LoRA init the server broadcasts: A = ``seeded_lora_a``, B = 0."""
+    return {key: (seeded_lora_a(seed, key.rsplit(".", 1)[0], *shape) if key.endswith("lora_A")
+                  else np.zeros(shape, np.float32))
+            for key, shape in lora_shapes(layer_shapes, rank, factors).items()}
+
+
 def update_problem(update: Mapping[str, np.ndarray], expected: Shapes) -> str | None:
     """Why an uploaded update must not be aggregated, or None if it is well-formed."""
     if set(update) != set(expected):
@@ -88,6 +110,8 @@ class LoRAStrategy(Strategy):
 
     #: Whether the rule can combine clients of different ranks.
     heterogeneous_ranks = False
+    #: Whether a client may upload at a lower rank than before (HetLoRA self-pruning).
+    ranks_can_shrink = False
 
     def __init__(self, config: FedConfig, layer_shapes: Mapping[str, tuple[int, int]],
                  recorder: RunRecorder | None = None) -> None:
@@ -96,6 +120,7 @@ class LoRAStrategy(Strategy):
         self.recorder = recorder
         self.nodes: dict[int, NodeInfo] = {}
         self.shared: Arrays = {}
+        self.shared_round = 0  # the round whose aggregation produced ``shared``
         self._tally = RoundTally()
 
     # ------------------------------------------------------------ per strategy
@@ -155,7 +180,13 @@ class LoRAStrategy(Strategy):
         for reply, node in self._replies(replies, server_round, "train"):
             update = to_numpy(reply.content[ARRAYS])
             self._tally.bytes_up += payload_bytes(reply.content[ARRAYS])
-            problem = update_problem(update, self.upload_shapes(node.rank))
+            rank = int(reply.content[METRICS].get("rank", node.rank))
+            problem = (self._rank_problem(node, rank)
+                       or update_problem(update, self.upload_shapes(rank)))
+            if not problem and rank != node.rank:
+                log(INFO, "round %d: client %d pruned its rank %d -> %d", server_round,
+                    node.partition_id, node.rank, rank)
+                node = self.nodes[node.node_id] = dataclasses.replace(node, rank=rank)
             if problem:
                 log(WARNING, "round %d: rejected update of node %d (client %d): %s",
                     server_round, node.node_id, node.partition_id, problem)
@@ -168,6 +199,7 @@ class LoRAStrategy(Strategy):
         accepted.sort(key=lambda item: item[0].partition_id)
         started = time.perf_counter()
         self.shared = self.aggregate([u for _, u, _ in accepted], [n for n, _, _ in accepted])
+        self.shared_round = server_round
         self._tally.aggregate_seconds = time.perf_counter() - started
         weights = np.array([m["num-examples"] for _, _, m in accepted], dtype=float)
         mean_loss = float(np.average([m["loss"] for _, _, m in accepted], weights=weights))
@@ -212,6 +244,20 @@ class LoRAStrategy(Strategy):
         """What ``node`` receives; the same shared state for every node by default."""
         return self.shared
 
+    @property
+    def max_rank(self) -> int:
+        """The largest rank among the discovered nodes."""
+        return max(n.rank for n in self.nodes.values())
+
+    def scales(self, nodes: list[NodeInfo]) -> list[float]:
+        """Each node's LoRA scale s_i, by the rule its client applies."""
+        return [self.config.scale(n.rank) for n in nodes]
+
+    def _rank_problem(self, node: NodeInfo, rank: int) -> str | None:
+        if rank == node.rank or (self.ranks_can_shrink and 1 <= rank < node.rank):
+            return None
+        return f"reports rank {rank} but has rank {node.rank}"
+
     def _sample(self, server_round: int) -> list[NodeInfo]:
         """Seeded sample of max(fraction-train * N, min-nodes) nodes, capped at N."""
         nodes = list(self.nodes.values())
@@ -224,6 +270,7 @@ class LoRAStrategy(Strategy):
     def _messages(self, nodes: list[NodeInfo], server_round: int, config: ConfigRecord,
                   message_type: str) -> list[Message]:
         config["server-round"] = server_round
+        config["shared-round"] = self.shared_round
         messages = []
         for node in nodes:
             arrays = to_record(self.download(node))
@@ -256,7 +303,8 @@ class LoRAStrategy(Strategy):
                     phase: str) -> dict:
         metrics = reply.content[METRICS]
         up = payload_bytes(reply.content[ARRAYS]) if ARRAYS in reply.content else 0
-        return {"round": server_round, "client": node.partition_id, "rank": node.rank,
+        return {"round": server_round, "client": node.partition_id,
+                "rank": int(metrics.get("rank", node.rank)),
                 "phase": phase, "num_examples": int(metrics["num-examples"]),
                 "loss": float(metrics["loss"]), "accuracy": float(metrics["accuracy"]),
                 "bytes_up": up, "bytes_down": self._tally.sent.get(node.node_id, 0),

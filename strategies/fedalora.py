@@ -15,20 +15,20 @@ from __future__ import annotations
 import numpy as np
 
 from fedalora.aggregation import weighted_average
+from fedalora.sharing import B
 
-from .common import Arrays, LoRAStrategy, NodeInfo, Shapes
+from .common import Arrays, LoRAStrategy, NodeInfo, Shapes, lora_shapes
 
 
 class FedALoRA(LoRAStrategy):
     """Homogeneous Fed-ALoRA: FedAvg over the shared B matrices only."""
 
     def initial_shared(self) -> Arrays:
-        rank = next(iter(self.nodes.values())).rank  # discovery checked they are equal
-        return {f"{m}.lora_B": np.zeros((d_out, rank), np.float32)
-                for m, (d_out, _) in self.layer_shapes.items()}
+        return {k: np.zeros(shape, np.float32)
+                for k, shape in lora_shapes(self.layer_shapes, self.max_rank, (B,)).items()}
 
     def upload_shapes(self, rank: int) -> Shapes:
-        return {f"{m}.lora_B": (d_out, rank) for m, (d_out, _) in self.layer_shapes.items()}
+        return lora_shapes(self.layer_shapes, rank, (B,))
 
     def aggregate(self, updates: list[Arrays], nodes: list[NodeInfo]) -> Arrays:
         return weighted_average(updates, [n.num_examples for n in nodes])

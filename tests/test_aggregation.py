@@ -1,7 +1,21 @@
+"""Aggregation rules on hand-computed cases and random matrices (no Flower, no model)."""
+
 import numpy as np
 import pytest
 
-from fedalora.aggregation import accumulate_decomposed, data_weights, weighted_average
+from fedalora.aggregation import (
+    accumulate_decomposed,
+    data_weights,
+    flexlora_factors,
+    flora_stack,
+    hetlora_average,
+    lora_product_sum,
+    product_norm,
+    truncate_rank,
+    weighted_average,
+    zero_pad_average,
+)
+from fedalora.sharing import seeded_lora_a
 
 
 def test_data_weights_normalise_counts():
@@ -43,3 +57,107 @@ def test_accumulate_decomposed_matches_definition_on_random_matrices():
     expected = b0["l.B0"] + sum(n / 100 * u["l.B2"] @ u["l.B1"] for n, u in zip(counts, updates))
     np.testing.assert_allclose(accumulate_decomposed(b0, updates, counts)["l.B0"], expected,
                                rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------- LoRA baselines
+D_OUT, D_IN = 7, 9
+
+
+def _lora_updates(ranks, seed=0, factors=("A", "B")):
+    rng = np.random.default_rng(seed)
+    return [{**({"l.lora_A": rng.normal(size=(r, D_IN))} if "A" in factors else {}),
+             **({"l.lora_B": rng.normal(size=(D_OUT, r))} if "B" in factors else {})}
+            for r in ranks]
+
+
+def _exact(updates, counts, scales):
+    p = np.asarray(counts, float) / sum(counts)
+    return sum(pi * s * u["l.lora_B"] @ u["l.lora_A"] for pi, s, u in zip(p, scales, updates))
+
+
+def test_flora_stack_aggregates_exactly():
+    ranks, counts, scales = [5, 3, 1], [10, 20, 70], [2.0, 0.5, 1.0]
+    updates = _lora_updates(ranks)
+    stack = flora_stack(updates, counts, scales)
+    assert stack["l.stack_A"].shape == (9, D_IN) and stack["l.stack_B"].shape == (D_OUT, 9)
+    np.testing.assert_allclose(stack["l.stack_B"].astype(float) @ stack["l.stack_A"],
+                               _exact(updates, counts, scales), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(lora_product_sum(updates, counts, scales, "l"),
+                               _exact(updates, counts, scales), rtol=1e-12)
+
+
+def test_seeded_a_is_nested_across_ranks_and_shared_by_seed():
+    big = seeded_lora_a(7, "l", 8, D_IN)
+    np.testing.assert_array_equal(seeded_lora_a(7, "l", 3, D_IN), big[:3])
+    assert not np.array_equal(seeded_lora_a(8, "l", 3, D_IN), big[:3])
+    assert not np.array_equal(seeded_lora_a(7, "other", 3, D_IN), big[:3])
+    assert np.abs(big).max() <= 1 / np.sqrt(D_IN)  # PEFT's kaiming-uniform(a=sqrt 5) bound
+
+
+def test_ffa_lora_aggregates_exactly_with_nested_frozen_a():
+    ranks, counts = [5, 3, 1], [10, 20, 70]
+    a_max = seeded_lora_a(0, "l", 5, D_IN).astype(float)
+    updates = _lora_updates(ranks, factors=("B",))
+    b = zero_pad_average(updates, counts, 5, slots="all")["l.lora_B"]
+    exact = sum(n / 100 * u["l.lora_B"] @ a_max[: u["l.lora_B"].shape[1]]
+                for n, u in zip(counts, updates))
+    np.testing.assert_allclose(b @ a_max, exact, rtol=1e-5, atol=1e-6)
+
+
+def test_flexlora_gives_each_client_its_best_rank_r_approximation():
+    ranks, counts, scales = [6, 4, 2], [30, 30, 40], [1.0, 0.5, 2.0]
+    updates = _lora_updates(ranks, seed=1)
+    delta = _exact(updates, counts, scales)
+    singular = np.linalg.svd(delta, compute_uv=False)
+    factors = flexlora_factors(updates, counts, scales, max(ranks))
+    for rank, scale in zip(ranks, scales):
+        mine = truncate_rank(factors, rank, 1 / scale)
+        assert mine["l.lora_A"].shape == (rank, D_IN) and mine["l.lora_B"].shape == (D_OUT, rank)
+        approx = scale * mine["l.lora_B"].astype(float) @ mine["l.lora_A"]
+        # Eckart-Young: the error is exactly the tail of the singular values.
+        np.testing.assert_allclose(np.linalg.norm(delta - approx) ** 2,
+                                   np.sum(singular[rank:] ** 2), rtol=1e-4)
+
+
+def test_fedit_is_biased_when_clients_differ():
+    counts = [1, 1]
+    updates = _lora_updates([3, 3], seed=2)
+    avg = weighted_average(updates, counts)
+    fedit = avg["l.lora_B"].astype(float) @ avg["l.lora_A"]
+    assert np.linalg.norm(fedit - _exact(updates, counts, [1, 1])) > 0.1
+    same = [updates[0], updates[0]]  # identical clients: no bias
+    avg = weighted_average(same, counts)
+    np.testing.assert_allclose(avg["l.lora_B"].astype(float) @ avg["l.lora_A"],
+                               _exact(same, counts, [1, 1]), rtol=1e-5, atol=1e-5)
+
+
+def test_zero_padding_by_hand():
+    rank2 = {"q.lora_A": np.array([[1.0, 1.0], [2.0, 2.0]]),  # r=2, d_in=2
+             "q.lora_B": np.array([[1.0, 4.0]])}              # d_out=1
+    rank1 = {"q.lora_A": np.array([[3.0, 5.0]]), "q.lora_B": np.array([[7.0]])}
+    holders = zero_pad_average([rank2, rank1], [1, 3], 2, slots="holders")  # p = .25, .75
+    np.testing.assert_allclose(holders["q.lora_A"], [[0.25 + 2.25, 0.25 + 3.75], [2.0, 2.0]])
+    np.testing.assert_allclose(holders["q.lora_B"], [[0.25 + 5.25, 4.0]])
+    everyone = zero_pad_average([rank2, rank1], [1, 3], 2, slots="all")
+    np.testing.assert_allclose(everyone["q.lora_A"], [[2.5, 4.0], [0.5, 0.5]])
+    np.testing.assert_allclose(everyone["q.lora_B"], [[5.5, 1.0]])
+    client1 = truncate_rank(everyone, 1)
+    np.testing.assert_allclose(client1["q.lora_A"], [[2.5, 4.0]])
+    np.testing.assert_allclose(client1["q.lora_B"], [[5.5]])
+
+
+def test_hetlora_weights_by_update_norm_by_hand():
+    small = {"q.lora_A": np.array([[1.0, 0.0]]), "q.lora_B": np.array([[1.0]])}  # ||BA|| = 1
+    big = {"q.lora_A": np.array([[0.0, 1.0], [0.0, 0.0]]),
+           "q.lora_B": np.array([[3.0, 5.0]])}  # BA = [[0, 3]], ||BA|| = 3
+    out = hetlora_average([small, big], [1.0, 1.0], 2)  # w = 1/4, 3/4
+    np.testing.assert_allclose(out["q.lora_A"], [[0.25, 0.75], [0.0, 0.0]])
+    np.testing.assert_allclose(out["q.lora_B"], [[0.25 + 2.25, 3.75]])
+    doubled = hetlora_average([small, big], [3.0, 1.0], 2)  # s_1 = 3: norms 3, 3
+    np.testing.assert_allclose(doubled["q.lora_B"], [[0.5 + 1.5, 2.5]])
+
+
+def test_product_norm_matches_the_dense_norm():
+    u = _lora_updates([4], seed=3)[0]
+    assert np.isclose(product_norm(u["l.lora_A"], u["l.lora_B"], 2.0),
+                      np.linalg.norm(2.0 * u["l.lora_B"] @ u["l.lora_A"]))

@@ -25,6 +25,10 @@ def _error(**values: object) -> ConfigError:
     ({"lr": "fast"}, "lr", "number"),
     ({"persist-private": "maybe"}, "persist-private", "true or false"),
     ({"num-rounds": 3}, "num-rounds", "unknown key"),
+    ({"strategy": "fedsa-lora", "ranks": "8,4"}, "ranks", "flexlora"),
+    ({"strategy": "hetlora", "rank-decay": 0.0}, "rank-decay", "(0, 1]"),
+    ({"strategy": "zeropad", "rank-decay": 0.5}, "rank-decay", "strategy='hetlora'"),
+    ({"strategy": "hetlora", "rank-penalty": -1.0}, "rank-penalty", ">= 0"),
 ])
 def test_bad_values_name_the_key_and_what_is_allowed(values, key, hint):
     error = _error(**values)
@@ -66,3 +70,14 @@ def test_unknown_model_and_dataset_are_rejected():
         load_labelled_dataset("/tmp/definitely-missing.csv")
     with pytest.raises(ConfigError, match="run-config 'target-modules'"):
         adapted_layer_shapes("minilm", targets_spec="q_proj", num_hidden_layers=1)
+
+
+def test_app_manifest_lists_every_key_with_its_default():
+    """Flower refuses run-config keys that pyproject.toml does not declare."""
+    import tomllib
+    from pathlib import Path
+
+    manifest = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    declared = manifest["tool"]["flwr"]["app"]["config"]
+    assert FedConfig.from_run_config(declared).to_run_config() == FedConfig().to_run_config()
+    assert set(declared) == set(FedConfig().to_run_config())

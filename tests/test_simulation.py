@@ -1,9 +1,11 @@
 """End to end: real `flwr run` Ray simulations of 3 clients over 2 rounds on a tiny real
-model (packaged MiniLM cut to 2 layers), checked through the files they write."""
+model (packaged MiniLM cut to 2 layers), one per strategy and rank setting, checked
+through the files they write."""
 
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -13,36 +15,59 @@ from safetensors.numpy import load_file
 from fedalora.adapters import load_peft_adapter
 from fedalora.models import load_base_model
 from fedalora.outputs import read_jsonl
+from fedalora.sharing import SHARING
 from fedalora.simulate import SimulationFailed, run_simulation
+
+from .comm_formulas import floats_per_layer
 
 APP = Path(__file__).resolve().parents[1]
 TINY = ("num-hidden-layers=2 local-steps=3 batch-size=8 max-length=32 dataset='bbc-news' "
         "num-server-rounds=2 lr=0.001 intermediate-rank=4")
+D_M = 4
+#: run name -> (strategy, ranks, extra run-config): every strategy homogeneous, and
+#: heterogeneous where it can be; one run twice for determinism.
+RUNS = {f"{name}-{setting}": (name, ranks, "")
+        for name, spec in SHARING.items()
+        for setting, ranks in [("homo", "4"), ("hetero", "8,4,2")]
+        if setting == "homo" or spec.heterogeneous}
+RUNS["hetlora-hetero"] = ("hetlora", "8,4,2", "rank-decay=0.5 rank-penalty=0.01")
+RUNS["fedalora-hetero-again"] = RUNS["fedalora-hetero-hetero"]
+#: The server's checkpoint holds exactly these per-module arrays.
+SHARED_SUFFIXES = {"fedalora": {"lora_B"}, "fedalora-hetero": {"B0"},
+                   "fedit": {"lora_A", "lora_B"}, "zeropad": {"lora_A", "lora_B"},
+                   "hetlora": {"lora_A", "lora_B"}, "flexlora": {"lora_A", "lora_B"},
+                   "ffa-lora": {"lora_B"}, "fedsa-lora": {"lora_A"},
+                   "flora": {"stack_A", "stack_B"}, "local": set()}
+#: Strategies whose A never leaves the client, and the names of their private tensors.
+PRIVATE_A = {"fedalora": (".lora_A",), "fedalora-hetero": (".A", ".M"), "local": (".lora_A",)}
 pytestmark = pytest.mark.slow
 
 
 def _simulate(tmp: Path, name: str, extra: str) -> Path:
     return run_simulation(APP, name, num_supernodes=3, run_config=f"{TINY} {extra}",
-                          output_dir=tmp / "outputs", flwr_home=tmp / "flwr-home",
-                          num_cpus=1, timeout=600, log_path=tmp / f"{name}.log")
+                          output_dir=tmp / "outputs", flwr_home=tmp / f"flwr-home-{name}",
+                          num_cpus=2, timeout=600, log_path=tmp / f"{name}.log")
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
+    """All runs, two at a time (one Ray actor each: start-up is most of a tiny run)."""
     tmp = tmp_path_factory.mktemp("sim")
-    hetero = "strategy='fedalora-hetero' ranks='8,4,2'"
-    return {"hetero": _simulate(tmp, "hetero", hetero),
-            "hetero-again": _simulate(tmp, "hetero-again", hetero),
-            "homo": _simulate(tmp, "homo", "strategy='fedalora' ranks='4'")}
+    with ThreadPoolExecutor(2) as pool:
+        futures = {name: pool.submit(_simulate, tmp, name,
+                                     f"strategy='{strategy}' ranks='{ranks}' {extra}")
+                   for name, (strategy, ranks, extra) in RUNS.items()}
+        return {name: future.result() for name, future in futures.items()}
 
 
-def _layers(run_dir: Path) -> dict[str, list[int]]:
-    return json.loads((run_dir / "config.json").read_text())["adapted_layers"]
+def _config(run_dir: Path) -> dict:
+    return json.loads((run_dir / "config.json").read_text())
 
 
-def test_output_files_follow_the_contract(runs):
+def test_every_strategy_completes_and_follows_the_output_contract(runs):
+    assert {_config(d)["strategy"] for d in runs.values()} == set(SHARING)
     for run_dir in runs.values():
-        config = json.loads((run_dir / "config.json").read_text())
+        config = _config(run_dir)
         assert [c["client"] for c in config["clients"]] == [0, 1, 2]
         rows = read_jsonl(run_dir / "metrics.jsonl")
         assert len(rows) == 2 * 3 * 2  # rounds x clients x phases
@@ -55,77 +80,91 @@ def test_output_files_follow_the_contract(runs):
         assert {"mean_accuracy", "worst_accuracy", "bytes_up", "bytes_down",
                 "aggregate_seconds"} <= rounds[0].keys()
         summary = json.loads((run_dir / "summary.json").read_text())
-        assert summary["status"] == "completed"
+        assert summary["status"] == "completed", run_dir.name
         assert summary["final_mean_accuracy"] == rounds[-1]["mean_accuracy"]
         for client in range(3):
             assert (run_dir / "clients" / str(client) / "adapter" / "adapter_config.json").exists()
 
 
-def test_ranks_and_bytes_match_the_rule(runs):
-    d_m = 4
-    for name, ranks in [("hetero", [8, 4, 2]), ("homo", [4, 4, 4])]:
-        layers = _layers(runs[name])
-        config = json.loads((runs[name] / "config.json").read_text())
-        assert [c["rank"] for c in config["clients"]] == ranks
-        for row in read_jsonl(runs[name] / "metrics.jsonl"):
-            r = row["rank"]
-            if name == "hetero":
-                up = sum(d_out * r + r * d_m for d_out, _ in layers.values()) * 4
-                down = sum(d_out * d_m for d_out, _ in layers.values()) * 4
-            else:
-                up = down = sum(d_out * r for d_out, _ in layers.values()) * 4
-            assert row["bytes_down"] == down
-            assert row["bytes_up"] == (up if row["phase"] == "train" else 0)
-        rounds = read_jsonl(runs[name] / "rounds.jsonl")
-        train_up = [sum(r["bytes_up"] for r in read_jsonl(runs[name] / "metrics.jsonl")
-                        if r["round"] == k and r["phase"] == "train") for k in (1, 2)]
-        assert [r["bytes_up"] for r in rounds] == train_up
+def test_bytes_in_metrics_equal_what_each_rule_moves(runs):
+    for name, run_dir in runs.items():
+        config = _config(run_dir)
+        strategy, layers = config["strategy"], config["adapted_layers"].values()
+        ranks = [c["rank"] for c in config["clients"]]
+        rows = read_jsonl(run_dir / "metrics.jsonl")
+        for row in rows:
+            first = row["phase"] == "train" and row["round"] == 1
+            per_layer = [(floats_per_layer(strategy, "up", row["rank"], ranks, d_out, d_in,
+                                           D_M, first),
+                          floats_per_layer(strategy, "down", row["rank"], ranks, d_out, d_in,
+                                           D_M, first)) for d_out, d_in in layers]
+            up, down = (4 * sum(col) for col in zip(*per_layer))
+            assert row["bytes_down"] == down, (name, row)
+            assert row["bytes_up"] == (up if row["phase"] == "train" else 0), (name, row)
+        for summary in read_jsonl(run_dir / "rounds.jsonl"):
+            of_round = [r for r in rows if r["round"] == summary["round"]]
+            assert summary["bytes_up"] == sum(r["bytes_up"] for r in of_round)
+            assert summary["bytes_down"] == sum(r["bytes_down"] for r in of_round)
 
 
-def test_server_checkpoint_holds_only_shared_state(runs):
-    for name, suffix in [("hetero", ".B0"), ("homo", ".lora_B")]:
-        shared = load_file(str(runs[name] / "shared_state.safetensors"))
-        assert set(shared) == {f"{m}{suffix}" for m in _layers(runs[name])}
-        assert any(np.abs(v).max() > 0 for v in shared.values())  # training reached the server
-    # No client's private A appears in the server's checkpoint.
+def test_server_checkpoint_holds_only_the_shared_state(runs):
     base = load_base_model("minilm", 5, num_hidden_layers=2)
-    shared = load_file(str(runs["hetero"] / "shared_state.safetensors"))
-    for client in range(3):
-        path = runs["hetero"] / "clients" / str(client) / "adapter"
-        adapter = load_peft_adapter(base.model, path)
-        for key, value in adapter.state_dict().items():
-            if "lora_A" in key:
-                a = value.numpy()
-                assert not any(v.shape == a.shape and np.allclose(v, a) for v in shared.values())
+    for name, run_dir in runs.items():
+        strategy = _config(run_dir)["strategy"]
+        modules = _config(run_dir)["adapted_layers"]
+        shared = load_file(str(run_dir / "shared_state.safetensors"))
+        assert set(shared) == {f"{m}.{s}" for m in modules for s in SHARED_SUFFIXES[strategy]}
+        assert all(np.abs(v).max() > 0 for v in shared.values())  # training reached the server
+        if strategy not in PRIVATE_A or not shared:
+            continue
+        for client in range(3):  # no client's private A appears in the server's checkpoint
+            adapter = load_peft_adapter(base.model, run_dir / "clients" / str(client) / "adapter")
+            for key, value in adapter.state_dict().items():
+                if "lora_A" in key:
+                    a = value.numpy()
+                    assert not any(v.shape == a.shape and np.allclose(v, a)
+                                   for v in shared.values()), (name, key)
 
 
 def test_logs_never_name_a_private_tensor(runs):
-    for name, private in [("hetero", (".A", ".M")), ("homo", (".lora_A",))]:
-        log = (runs[name].parent.parent / f"{name}.log").read_text()
+    for name, run_dir in runs.items():
+        strategy = _config(run_dir)["strategy"]
+        log = (run_dir.parent.parent / f"{name}.log").read_text()
         assert "round 2/2" in log  # the log is the run's own output
-        for module in _layers(runs[name]):
-            assert not any(f"{module}{suffix}" in log for suffix in private)
+        for module in _config(run_dir)["adapted_layers"]:
+            assert not any(f"{module}{suffix}" in log for suffix in PRIVATE_A.get(strategy, ()))
 
 
 def test_same_seed_gives_the_same_run(runs):
-    first = load_file(str(runs["hetero"] / "shared_state.safetensors"))
-    second = load_file(str(runs["hetero-again"] / "shared_state.safetensors"))
+    first = load_file(str(runs["fedalora-hetero-hetero"] / "shared_state.safetensors"))
+    second = load_file(str(runs["fedalora-hetero-again"] / "shared_state.safetensors"))
     assert all(np.array_equal(first[k], second[k]) for k in first)
-    strip = [{k: v for k, v in row.items() if k != "seconds"}
-             for row in read_jsonl(runs["hetero"] / "metrics.jsonl")]
-    again = [{k: v for k, v in row.items() if k != "seconds"}
-             for row in read_jsonl(runs["hetero-again"] / "metrics.jsonl")]
-    key = lambda row: (row["round"], row["phase"], row["client"])  # noqa: E731
-    assert sorted(strip, key=key) == sorted(again, key=key)
+
+    def strip(run):
+        rows = [{k: v for k, v in row.items() if k != "seconds"}
+                for row in read_jsonl(runs[run] / "metrics.jsonl")]
+        return sorted(rows, key=lambda row: (row["round"], row["phase"], row["client"]))
+
+    assert strip("fedalora-hetero-hetero") == strip("fedalora-hetero-again")
+
+
+def test_local_reference_moves_nothing_and_federation_differs_from_it(runs):
+    local = read_jsonl(runs["local-hetero"] / "metrics.jsonl")
+    assert all(r["bytes_up"] == r["bytes_down"] == 0 for r in local)
+    fed = read_jsonl(runs["fedalora-hetero-hetero"] / "metrics.jsonl")
+    key = lambda r: (r["round"], r["phase"], r["client"])  # noqa: E731
+    local_loss = {key(r): r["loss"] for r in local}
+    assert any(local_loss[key(r)] != r["loss"] for r in fed if r["round"] == 2)
 
 
 @pytest.mark.parametrize("name, extra, expected", [
-    ("rank-too-big", "ranks='8,4,999'", ["'ranks'", "<= 384"]),
-    ("malformed-ranks", "ranks='8,x'", ["'ranks'", "comma-separated integers"]),
+    ("rank-too-big", "strategy='fedalora-hetero' ranks='8,4,999'", ["'ranks'", "<= 384"]),
+    ("homogeneous-only", "strategy='fedit' ranks='8,4,2'",
+     ["'ranks'", "fedit", "fedalora-hetero", "flexlora"]),
 ])
 def test_bad_config_fails_before_training_and_is_not_completed(tmp_path, name, extra, expected):
     with pytest.raises(SimulationFailed) as info:
-        _simulate(tmp_path, name, f"strategy='fedalora-hetero' {extra}")
+        _simulate(tmp_path, name, extra)
     assert all(text in str(info.value) for text in expected)
     summary = json.loads((tmp_path / "outputs" / name / "summary.json").read_text())
     assert summary["status"] == "failed"

@@ -9,9 +9,11 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedalora.aggregation import accumulate_decomposed, weighted_average
 from fedalora.outputs import RunRecorder, read_jsonl
+from fedalora.sharing import SHARING
 from strategies import STRATEGIES
-from strategies.common import ARRAYS, METRICS, NodeInfo, to_numpy, to_record
+from strategies.common import ARRAYS, CONFIG, METRICS, NodeInfo, payload_bytes, to_numpy, to_record
 
+from .comm_formulas import floats_per_layer
 from .conftest import tiny_config
 
 LAYERS = {"l0.q": (4, 6), "l0.v": (4, 6)}
@@ -24,7 +26,7 @@ def task_identity():
 
 
 def _strategy(name, tmp_path, nodes=NODES, **overrides):
-    config = tiny_config(strategy=name, ranks="3,2,1" if name == "fedalora-hetero" else "2",
+    config = tiny_config(strategy=name, ranks="3,2,1" if SHARING[name].heterogeneous else "2",
                          min_nodes=2, **overrides)
     strategy = STRATEGIES[name](config, LAYERS, RunRecorder(tmp_path))
     strategy.nodes = {n.node_id: n for n in nodes}
@@ -95,3 +97,73 @@ def test_sampling_is_seeded_and_respects_min_nodes(tmp_path):
     assert picks[0] == picks[1] and len(picks[0]) == 3
     strategy = _strategy("fedalora-hetero", tmp_path, nodes, fraction_train=0.05)
     assert len(strategy._sample(server_round=1)) == 2  # min-nodes
+
+
+@pytest.mark.parametrize("name", list(STRATEGIES))
+def test_messages_move_exactly_what_the_rule_says(tmp_path, name):
+    nodes = NODES if SHARING[name].heterogeneous else [NodeInfo(101 + i, i, 2, 10 * (i + 1))
+                                                        for i in range(3)]
+    strategy = _strategy(name, tmp_path, nodes)
+    ranks, rng, d_m = [n.rank for n in nodes], np.random.default_rng(2), 4
+
+    def expected(direction, node, first):
+        return 4 * sum(floats_per_layer(name, direction, node.rank, ranks, d_out, d_in, d_m, first)
+                       for d_out, d_in in LAYERS.values())
+
+    for server_round in (1, 2):
+        messages = list(strategy.configure_train(server_round, None, ConfigRecord(), None))
+        for message, node in zip(messages, nodes):
+            assert payload_bytes(message.content[ARRAYS]) == expected("down", node,
+                                                                      server_round == 1)
+            assert message.content[CONFIG]["shared-round"] == server_round - 1
+        updates = [_update(strategy, n, rng) for n in nodes]
+        assert [payload_bytes(to_record(u)) for u in updates] == [expected("up", n, False)
+                                                                  for n in nodes]
+        replies = [_reply(m, u, num_examples=n.num_examples)
+                   for m, u, n in zip(messages, updates, nodes)]
+        arrays, _ = strategy.aggregate_train(server_round, replies)
+        assert arrays is not None and strategy.shared_round == server_round
+        evaluate = list(strategy.configure_evaluate(server_round, None, ConfigRecord(), None))
+        for message, node in zip(evaluate, nodes):
+            assert payload_bytes(message.content[ARRAYS]) == expected("down", node, False)
+
+
+def test_only_hetlora_accepts_a_pruned_rank(tmp_path):
+    for name, accepted in [("hetlora", True), ("zeropad", False)]:
+        strategy = _strategy(name, tmp_path)
+        rng = np.random.default_rng(3)
+        messages = list(strategy.configure_train(1, None, ConfigRecord(), None))
+        pruned = NodeInfo(101, 0, 2, 10)  # node 101 registered rank 3, now uploads rank 2
+        updates = [_update(strategy, pruned, rng)] + [_update(strategy, n, rng)
+                                                      for n in NODES[1:]]
+        replies = [_reply(m, u) for m, u in zip(messages, updates)]
+        replies[0].content[METRICS]["rank"] = 2
+        strategy.aggregate_train(1, replies)
+        assert strategy.nodes[101].rank == (2 if accepted else 3)
+        rows = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if r["client"] == 0]
+        assert rows[-1]["rank"] == 2
+    strategy = _strategy("hetlora", tmp_path)  # a rank may shrink, never grow
+    messages = list(strategy.configure_train(1, None, ConfigRecord(), None))
+    grown = NodeInfo(103, 2, 2, 60)
+    replies = [_reply(m, _update(strategy, n, rng))
+               for m, n in zip(messages, [*NODES[:2], grown])]
+    replies[2].content[METRICS]["rank"] = 2
+    strategy.aggregate_train(1, replies)
+    assert strategy.nodes[103].rank == 1
+
+
+def test_llama_communication_reproduces_the_papers_ratio():
+    """Ranks 64,64,32,32,16,16,8,8, d_m=16, LLaMA-2-7B q/v (32 layers x 2 of 4096 x 4096):
+    Fed-ALoRA moves about a quarter of what zero-padding moves (paper: 12.12 M vs 49.28 M
+    parameters per client per round), counted from the strategies' own messages."""
+    from benchmarks.communication import per_client_floats
+
+    layer = {"layers.0.q_proj": (4096, 4096)}
+    rows = per_client_floats(["fedalora-hetero", "zeropad"], layer,
+                             [64, 64, 32, 32, 16, 16, 8, 8], 16)
+    rows += per_client_floats(["fedalora", "fedit"], layer, [8] * 8, 16)
+    total = {r["strategy"]: 64 * (r["up"] + r["down"]) / 1e6 for r in rows}
+    assert abs(total["zeropad"] - 49.28) < 0.01 and abs(total["fedalora-hetero"] - 12.12) < 0.05
+    assert 0.23 < total["fedalora-hetero"] / total["zeropad"] < 0.26
+    # Homogeneous r=8 (paper: FedIT 8.39 M, Fed-ALoRA 4.19 M).
+    assert abs(total["fedit"] - 8.39) < 0.01 and abs(total["fedalora"] - 4.19) < 0.01

@@ -1,13 +1,17 @@
 """Attach an adapter to a model and split its state into shared and private parts.
 
 Two adapters, one interface (``ClientAdapter``):
-- ``LoRAAdapter``: PEFT LoRA at the client's rank (homogeneous Fed-ALoRA):
-  uploads and downloads ``<module>.lora_B``; ``lora_A`` stays on the client.
+- ``LoRAAdapter``: PEFT LoRA at the client's rank; the strategy's ``SharingSpec``
+  says which of ``<module>.lora_A`` / ``<module>.lora_B`` go up, come down or stay
+  (Fed-ALoRA: B moves, A stays; FedIT: both move; FedSA-LoRA: A moves, B stays; ...).
 - ``DecomposedAdapter``: ``DecomposedLoRALinear`` layers (heterogeneous Fed-ALoRA):
   uploads ``<module>.B2`` and ``<module>.B1``, downloads ``<module>.B0``;
   A and M stay on the client.
 Newly initialised head modules (a classifier) are trained and kept on the client too.
 Both export a standard PEFT LoRA adapter with ``export_peft_adapter``.
+
+Private state keys: LoRA factors as above; ``head.*`` (the local head), ``merged.*``
+and ``state.*`` (client bookkeeping) are kept even when private factors restart.
 """
 
 from __future__ import annotations
@@ -22,10 +26,15 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
+from ..sharing import SharingSpec, seeded_lora_a
 from .decomposed import DecomposedLoRALinear
 
 Arrays = dict[str, np.ndarray]
 Tensors = dict[str, torch.Tensor]
+
+
+#: Private-state key prefixes that are not LoRA factors (kept when factors restart).
+KEPT_PREFIXES = ("head.", "merged.", "state.")
 
 
 class ClientAdapter(ABC):
@@ -49,8 +58,8 @@ class ClientAdapter(ABC):
         """What the client uploads after local training."""
 
     @abstractmethod
-    def load_shared(self, arrays: Mapping[str, np.ndarray]) -> None:
-        """Install what the server broadcast."""
+    def load_shared(self, arrays: Mapping[str, np.ndarray], shared_round: int = 0) -> None:
+        """Install what the server sent; ``shared_round`` is the round that produced it."""
 
     @abstractmethod
     def _private_factors(self) -> Tensors:
@@ -100,12 +109,37 @@ class ClientAdapter(ABC):
 
 
 class LoRAAdapter(ClientAdapter):
-    """PEFT LoRA; B is shared, A is private. lora_alpha = s * r gives PEFT scale s."""
+    """PEFT LoRA at the client's rank; ``sharing`` says which factors move and stay.
+
+    Keys are ``<module>.lora_A`` (r x d_in) and ``<module>.lora_B`` (d_out x r), PEFT's
+    layout. ``peft_scaling`` holds the LoraConfig fields that give PEFT's scale s
+    (``lora_alpha``, ``use_rslora``). FLoRA's merged update is kept per module as
+    ``merged.<module>`` with the round it reached in ``state.merged-round``.
+    """
+
+    def __init__(self, base_model: nn.Module, targets: list[str], head_modules: list[str],
+                 rank: int, scale: float, dropout: float, sharing: SharingSpec,
+                 peft_scaling: Mapping[str, object], seed: int) -> None:
+        self.sharing, self.peft_scaling, self.seed = sharing, dict(peft_scaling), seed
+        super().__init__(base_model, targets, head_modules, rank, scale, dropout)
+        if sharing.merge:
+            self.merged = {m: torch.zeros_like(self._lora(m).base_layer.weight)
+                           for m in targets}
+            self.merged_round = torch.zeros(1, dtype=torch.int64)
 
     def _attach(self, model: nn.Module, dropout: float) -> nn.Module:
-        config = LoraConfig(r=self.rank, lora_alpha=self.scale * self.rank,
-                            target_modules=self.targets, lora_dropout=dropout)
-        return get_peft_model(model, config)
+        config = LoraConfig(r=self.rank, target_modules=self.targets, lora_dropout=dropout,
+                            **self.peft_scaling)
+        model = get_peft_model(model, config)
+        if self.sharing.frozen_a:
+            inner = model.get_base_model()
+            with torch.no_grad():
+                for m in self.targets:
+                    weight = inner.get_submodule(m).lora_A["default"].weight
+                    d_in = weight.shape[1]
+                    weight.copy_(torch.from_numpy(seeded_lora_a(self.seed, m, self.rank, d_in)))
+                    weight.requires_grad_(False)
+        return model
 
     @property
     def inner_model(self) -> nn.Module:
@@ -114,22 +148,78 @@ class LoRAAdapter(ClientAdapter):
     def _lora(self, module: str) -> nn.Module:
         return self.inner_model.get_submodule(module)
 
-    def shared_state(self) -> Arrays:
-        return {f"{m}.lora_B": _to_numpy(self._lora(m).lora_B["default"].weight)
-                for m in self.targets}
+    def _factor(self, module: str, factor: str) -> torch.Tensor:
+        return getattr(self._lora(module), f"lora_{factor}")["default"].weight
 
-    def load_shared(self, arrays: Mapping[str, np.ndarray]) -> None:
+    def shared_state(self) -> Arrays:
+        return {f"{m}.lora_{f}": _to_numpy(self._factor(m, f))
+                for m in self.targets for f in self.sharing.upload}
+
+    def load_shared(self, arrays: Mapping[str, np.ndarray], shared_round: int = 0) -> None:
+        if self.sharing.merge:
+            self._merge(arrays, shared_round)
+            return
+        expected = {f"{m}.lora_{f}" for m in self.targets for f in self.sharing.download}
+        if set(arrays) != expected:
+            raise KeyError(f"the server's message does not fit strategy's download: "
+                           f"missing {sorted(expected - set(arrays))[:2]}, "
+                           f"unknown {sorted(set(arrays) - expected)[:2]}")
         with torch.no_grad():
             for m in self.targets:
-                _copy_into(self._lora(m).lora_B["default"].weight, arrays[f"{m}.lora_B"])
+                for f in self.sharing.download:
+                    value = arrays[f"{m}.lora_{f}"]
+                    if self.sharing.truncate:  # padded to the largest rank: take our part
+                        value = value[: self.rank] if f == "A" else value[:, : self.rank]
+                    _copy_into(self._factor(m, f), value)
+
+    def _merge(self, arrays: Mapping[str, np.ndarray], shared_round: int) -> None:
+        """Add the stacked update B A of ``shared_round`` to the merged delta, once."""
+        done = int(self.merged_round)
+        if not arrays or shared_round <= done:
+            return
+        if shared_round != done + 1:
+            raise ValueError(f"this client merged the update of round {done} but was sent "
+                             f"round {shared_round}'s; FLoRA clients cannot skip a merge")
+        for m in self.targets:
+            stack_a = torch.from_numpy(np.asarray(arrays[f"{m}.stack_A"]))
+            stack_b = torch.from_numpy(np.asarray(arrays[f"{m}.stack_B"]))
+            self.merged[m] += (stack_b.double() @ stack_a.double()).to(self.merged[m].dtype)
+        self.merged_round.fill_(shared_round)
+
+    def tail_norm(self, keep: int) -> torch.Tensor:
+        """HetLoRA's ||s B[:, keep:] A[keep:]||_F over all adapted layers (differentiable;
+        from r x r Gram matrices, with a tiny floor so the gradient at zero is finite)."""
+        tails = [(self._factor(m, "A")[keep:], self._factor(m, "B")[:, keep:])
+                 for m in self.targets]
+        total = sum(((b.T @ b) * (a @ a.T)).sum() for a, b in tails)
+        return self.scale * torch.sqrt(total.clamp_min(0) + 1e-12)
+
+    def start_round(self) -> None:
+        """FLoRA: put the merged delta into the frozen weights (the LoRA itself is fresh)."""
+        if self.sharing.merge:
+            with torch.no_grad():
+                for m in self.targets:
+                    self._lora(m).base_layer.weight += self.merged[m]
 
     def _private_factors(self) -> Tensors:
-        return {f"{m}.lora_A": self._lora(m).lora_A["default"].weight for m in self.targets}
+        state = {f"{m}.lora_{f}": self._factor(m, f)
+                 for m in self.targets for f in self.sharing.private}
+        if self.sharing.merge:
+            state.update({f"merged.{m}": delta for m, delta in self.merged.items()})
+            state["state.merged-round"] = self.merged_round
+        return state
 
     def peft_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        return {m: (self._lora(m).lora_A["default"].weight.detach(),
-                    self.scale * self._lora(m).lora_B["default"].weight.detach())
-                for m in self.targets}
+        factors = {m: (self._factor(m, "A").detach(), self.scale * self._factor(m, "B").detach())
+                   for m in self.targets}
+        if not self.sharing.merge:
+            return factors
+        exact = {}  # merged delta + current LoRA as one exact full-rank factorisation
+        for m, (lora_a, lora_b) in factors.items():
+            u, s, vt = torch.linalg.svd((self.merged[m] + lora_b @ lora_a).double(),
+                                        full_matrices=False)
+            exact[m] = (vt.to(lora_a.dtype), (u * s).to(lora_a.dtype))
+        return exact
 
 
 class DecomposedAdapter(ClientAdapter):
@@ -164,7 +254,7 @@ class DecomposedAdapter(ClientAdapter):
             state[f"{m}.B1"] = _to_numpy(self._layer(m).B1)
         return state
 
-    def load_shared(self, arrays: Mapping[str, np.ndarray]) -> None:
+    def load_shared(self, arrays: Mapping[str, np.ndarray], shared_round: int = 0) -> None:
         with torch.no_grad():
             for m in self.targets:
                 _copy_into(self._layer(m).B0, arrays[f"{m}.B0"])
@@ -189,16 +279,18 @@ def export_peft_adapter(adapter: ClientAdapter, base_model: nn.Module, path: str
     lora_alpha = r makes PEFT's scale 1; the client's scale s is folded into lora_B.
     ``PeftModel.from_pretrained(base_model, path)`` then reproduces the client's outputs.
     """
-    config = LoraConfig(r=adapter.rank, lora_alpha=adapter.rank, lora_dropout=0.0,
+    factors = adapter.peft_factors()
+    rank = max(lora_a.shape[0] for lora_a, _ in factors.values())
+    config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0,
                         target_modules=adapter.targets,
                         modules_to_save=adapter.head_modules or None)
     peft_model = get_peft_model(copy.deepcopy(base_model), config)
     inner = peft_model.get_base_model()
     with torch.no_grad():
-        for module, (lora_a, lora_b) in adapter.peft_factors().items():
+        for module, (lora_a, lora_b) in factors.items():
             layer = inner.get_submodule(module)
-            layer.lora_A["default"].weight.copy_(lora_a)
-            layer.lora_B["default"].weight.copy_(lora_b)
+            layer.lora_A["default"].weight.zero_()[: lora_a.shape[0]].copy_(lora_a)
+            layer.lora_B["default"].weight.zero_()[:, : lora_b.shape[1]].copy_(lora_b)
         head = adapter.private_state()
         for name in adapter.head_modules:
             saved = inner.get_submodule(name).modules_to_save["default"]
