@@ -157,6 +157,22 @@ def test_local_reference_moves_nothing_and_federation_differs_from_it(runs):
     assert any(local_loss[key(r)] != r["loss"] for r in fed if r["round"] == 2)
 
 
+def test_fairness_notebook_runs_on_tiny_runs_and_renders_its_figures(runs, monkeypatch):
+    import nbformat
+    from nbclient import NotebookClient
+
+    chosen = [runs[n] for n in ("fedalora-hetero-hetero", "zeropad-hetero", "local-hetero")]
+    monkeypatch.setenv("FEDALORA_RUNS", ":".join(map(str, chosen)))
+    notebook = nbformat.read(APP / "notebooks" / "client_fairness.ipynb", as_version=4)
+    NotebookClient(notebook, timeout=300, kernel_name="python3",
+                   resources={"metadata": {"path": str(APP / "notebooks")}}).execute()
+    outputs = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == 4
+    text = "".join(o.get("text", "") for o in outputs)
+    assert "Delta_m% reference:" in text and "local-hetero" in text
+
+
 @pytest.mark.parametrize("name, extra, expected", [
     ("rank-too-big", "strategy='fedalora-hetero' ranks='8,4,999'", ["'ranks'", "<= 384"]),
     ("homogeneous-only", "strategy='fedit' ranks='8,4,2'",

@@ -161,7 +161,7 @@ class LoRAAdapter(ClientAdapter):
             return
         expected = {f"{m}.lora_{f}" for m in self.targets for f in self.sharing.download}
         if set(arrays) != expected:
-            raise KeyError(f"the server's message does not fit strategy's download: "
+            raise ValueError(f"the server's message does not fit this strategy's download: "
                            f"missing {sorted(expected - set(arrays))[:2]}, "
                            f"unknown {sorted(set(arrays) - expected)[:2]}")
         with torch.no_grad():

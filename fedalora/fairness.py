@@ -1,0 +1,157 @@
+"""Client-fairness metrics over run directories (../shared/design/algorithms.md).
+
+Per client i with metric m_i on its own test data (accuracy by default):
+mean, worst client, worst-10% mean, standard deviation (population), Jain's index
+(sum m)^2 / (K sum m^2), Gini coefficient, and
+Delta_m% = (1/K) sum_i (m_ref,i - m_i) / m_ref,i * 100 against each client's
+local-only result (lower is better). Every figure can be broken down by rank tier.
+Plain functions over pandas objects, read from the files a run writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .outputs import CONFIG, METRICS, SUMMARY, read_jsonl
+
+
+# ------------------------------------------------------------- the metrics
+def worst_fraction_mean(values: Sequence[float], fraction: float = 0.1) -> float:
+    """Mean of the worst ceil(fraction * K) values (at least one)."""
+    ordered = np.sort(np.asarray(values, dtype=float))
+    return float(ordered[: max(1, math.ceil(fraction * len(ordered)))].mean())
+
+
+def jain_index(values: Sequence[float]) -> float:
+    """(sum m)^2 / (K sum m^2): 1 when every client scores the same, 1/K at worst."""
+    m = np.asarray(values, dtype=float)
+    square_sum = float(np.sum(m ** 2))
+    return float(np.sum(m) ** 2 / (len(m) * square_sum)) if square_sum > 0 else 1.0
+
+
+def gini(values: Sequence[float]) -> float:
+    """sum_i sum_j |m_i - m_j| / (2 K^2 mean): 0 for equal scores."""
+    m = np.asarray(values, dtype=float)
+    mean = m.mean()
+    if mean == 0:
+        return 0.0
+    return float(np.abs(m[:, None] - m[None, :]).sum() / (2 * len(m) ** 2 * mean))
+
+
+def delta_m(values: pd.Series, reference: pd.Series) -> float:
+    """Delta_m% = mean over clients of (m_ref - m) / m_ref * 100 (clients matched by index).
+
+    Raises ValueError if a client has no reference or a zero reference.
+    """
+    missing = values.index.difference(reference.index)
+    if len(missing):
+        raise ValueError(f"clients {list(missing)} have no reference (local-only) result")
+    ref = reference.loc[values.index].astype(float)
+    if (ref == 0).any():
+        raise ValueError("a reference metric is 0; Delta_m% is undefined for that client")
+    return float(((ref - values.astype(float)) / ref * 100).mean())
+
+
+def lorenz_curve(values: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """Cumulative share of clients (x) against cumulative share of the metric (y), from 0."""
+    m = np.sort(np.asarray(values, dtype=float))
+    x = np.arange(len(m) + 1) / len(m)
+    total = m.sum()
+    y = np.concatenate([[0.0], np.cumsum(m) / total]) if total > 0 else x
+    return x, y
+
+
+def summarise(values: pd.Series, reference: pd.Series | None = None) -> dict[str, float]:
+    """Every fairness figure of one set of client scores (indexed by client)."""
+    m = values.astype(float)
+    figures = {"clients": len(m), "mean": float(m.mean()), "worst": float(m.min()),
+               "worst_10pct": worst_fraction_mean(m), "std": float(m.std(ddof=0)),
+               "jain": jain_index(m), "gini": gini(m)}
+    if reference is not None:
+        figures["delta_m_pct"] = delta_m(m, reference)
+    return figures
+
+
+# --------------------------------------------------------- run directories
+def client_scores(run_dir: str | Path, metric: str = "accuracy",
+                  server_round: int | None = None) -> pd.DataFrame:
+    """Evaluation scores of every client in one round (default: the last), indexed by
+    client, with its rank and example count."""
+    frame = pd.DataFrame(read_jsonl(Path(run_dir) / METRICS))
+    frame = frame[frame["phase"] == "evaluate"]
+    if frame.empty:
+        raise ValueError(f"{run_dir} has no evaluation rows in {METRICS}")
+    server_round = int(frame["round"].max()) if server_round is None else server_round
+    chosen = frame[frame["round"] == server_round]
+    return (chosen.set_index("client").sort_index()
+            [["rank", metric, "num_examples"]].rename(columns={metric: "metric"}))
+
+
+def by_rank_tier(scores: pd.DataFrame, reference: pd.Series | None = None) -> pd.DataFrame:
+    """``summarise`` for each rank (rows), from ``client_scores`` output."""
+    rows = {}
+    for rank, group in scores.groupby("rank"):
+        rows[int(rank)] = summarise(group["metric"], reference)
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("rank")
+
+
+def over_rounds(run_dir: str | Path, metric: str = "accuracy") -> pd.DataFrame:
+    """``summarise`` for every round of a run (rows indexed by round)."""
+    frame = pd.DataFrame(read_jsonl(Path(run_dir) / METRICS))
+    rounds = sorted(frame.loc[frame["phase"] == "evaluate", "round"].unique())
+    return pd.DataFrame.from_dict(
+        {int(r): summarise(client_scores(run_dir, metric, int(r))["metric"]) for r in rounds},
+        orient="index").rename_axis("round")
+
+
+def communication(run_dir: str | Path) -> dict[str, float]:
+    """Mean bytes up and down per client per round (both phases) of a run."""
+    frame = pd.DataFrame(read_jsonl(Path(run_dir) / METRICS))
+    per_client_round = frame.groupby(["round", "client"])[["bytes_up", "bytes_down"]].sum()
+    return {"bytes_up_per_client_round": float(per_client_round["bytes_up"].mean()),
+            "bytes_down_per_client_round": float(per_client_round["bytes_down"].mean())}
+
+
+def compare_runs(run_dirs: Iterable[str | Path], reference: str | Path | None = None,
+                 metric: str = "accuracy") -> pd.DataFrame:
+    """One row per run: strategy, ranks, the fairness figures of its last round
+    (Delta_m% against the ``reference`` run, e.g. a ``local`` run), communication and
+    wall time."""
+    ref = client_scores(reference, metric)["metric"] if reference is not None else None
+    rows = []
+    for run_dir in map(Path, run_dirs):
+        config = json.loads((run_dir / CONFIG).read_text())
+        summary = json.loads((run_dir / SUMMARY).read_text())
+        rows.append({"run": run_dir.name, "strategy": config["strategy"],
+                     "ranks": ",".join(str(c["rank"]) for c in config["clients"]),
+                     **summarise(client_scores(run_dir, metric)["metric"], ref),
+                     **communication(run_dir), "wall_seconds": summary.get("wall_seconds")})
+    return pd.DataFrame(rows).set_index("run")
+
+
+def main() -> None:
+    """``python -m fedalora.fairness RUN_DIR ... [--reference LOCAL_RUN_DIR]``"""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Client-fairness figures of finished runs.")
+    parser.add_argument("runs", nargs="+", help="run directories (<output-dir>/<run-name>)")
+    parser.add_argument("--reference", help="a strategy='local' run, for Delta_m%%")
+    parser.add_argument("--metric", default="accuracy")
+    args = parser.parse_args()
+    table = compare_runs(args.runs, args.reference, args.metric)
+    print(table.to_string(float_format=lambda v: f"{v:.4g}"))
+    reference = client_scores(args.reference, args.metric)["metric"] if args.reference else None
+    for run_dir in args.runs:
+        print(f"\n{Path(run_dir).name}, by rank tier:")
+        tiers = by_rank_tier(client_scores(run_dir, args.metric), reference)
+        print(tiers.to_string(float_format=lambda v: f"{v:.4g}"))
+
+
+if __name__ == "__main__":
+    main()

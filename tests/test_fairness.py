@@ -1,0 +1,67 @@
+"""Fairness metrics against hand-computed values, and over a run directory's files."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fedalora import fairness
+from fedalora.outputs import RunRecorder
+
+
+def test_metrics_by_hand():
+    m = [0.5, 1.0, 1.0, 0.5]
+    assert fairness.jain_index(m) == pytest.approx(9 / (4 * 2.5))  # (3)^2 / (4 * 2.5)
+    assert fairness.jain_index([0.7] * 5) == pytest.approx(1.0)
+    # Pairs differ by 0.5 in 8 of 16 ordered pairs: 4 / (2 * 16 * 0.75).
+    assert fairness.gini(m) == pytest.approx(4 / 24)
+    assert fairness.gini([0.3] * 4) == 0
+    assert fairness.worst_fraction_mean([0.9, 0.1, 0.5], 0.1) == pytest.approx(0.1)
+    assert fairness.worst_fraction_mean(list(range(1, 21)), 0.1) == pytest.approx(1.5)
+    values = pd.Series([0.5, 0.9], index=[0, 1])
+    reference = pd.Series([1.0, 0.6], index=[0, 1])  # -> +50% and -50%
+    assert fairness.delta_m(values, reference) == pytest.approx(0.0)
+    assert fairness.delta_m(pd.Series([0.5], index=[0]), reference) == pytest.approx(50.0)
+    with pytest.raises(ValueError, match="no reference"):
+        fairness.delta_m(pd.Series([0.5], index=[7]), reference)
+    x, y = fairness.lorenz_curve([3.0, 1.0])
+    np.testing.assert_allclose(x, [0, 0.5, 1])
+    np.testing.assert_allclose(y, [0, 0.25, 1])
+    figures = fairness.summarise(pd.Series(m))
+    assert figures["std"] == pytest.approx(0.25) and figures["worst"] == 0.5
+    assert figures["mean"] == pytest.approx(0.75) and figures["clients"] == 4
+
+
+def _fake_run(path, strategy, accuracies, ranks=(8, 8, 2, 2)):
+    recorder = RunRecorder(path)
+    recorder.write_config({"strategy": strategy, "clients": [
+        {"client": c, "rank": r, "num_examples": 10} for c, r in enumerate(ranks)]})
+    for server_round, scores in enumerate(accuracies, start=1):
+        for client, (acc, rank) in enumerate(zip(scores, ranks)):
+            for phase, up in (("train", 100), ("evaluate", 0)):
+                recorder.client_row({"round": server_round, "client": client, "rank": rank,
+                                     "phase": phase, "num_examples": 10, "loss": 1.0,
+                                     "accuracy": acc, "bytes_up": up, "bytes_down": 50,
+                                     "seconds": 0.1})
+    recorder.finish("completed", wall_seconds=12.0)
+    return path
+
+
+def test_run_directory_functions(tmp_path):
+    fed = _fake_run(tmp_path / "fed", "fedalora-hetero", [[0.5] * 4, [0.8, 0.8, 0.4, 0.4]])
+    local = _fake_run(tmp_path / "local", "local", [[0.5] * 4, [0.4, 0.4, 0.8, 0.8]])
+    scores = fairness.client_scores(fed)
+    assert list(scores["metric"]) == [0.8, 0.8, 0.4, 0.4] and list(scores["rank"]) == [8, 8, 2, 2]
+    tiers = fairness.by_rank_tier(scores, fairness.client_scores(local)["metric"])
+    assert tiers.loc[8, "mean"] == pytest.approx(0.8) and tiers.loc[2, "mean"] == 0.4
+    assert tiers.loc[2, "delta_m_pct"] == pytest.approx(50.0)  # low ranks left behind
+    assert tiers.loc[8, "delta_m_pct"] == pytest.approx(-100.0)
+    rounds = fairness.over_rounds(fed)
+    assert list(rounds.index) == [1, 2] and rounds.loc[1, "jain"] == pytest.approx(1.0)
+    table = fairness.compare_runs([fed, local], reference=local)
+    assert table.loc["local", "delta_m_pct"] == 0.0
+    assert table.loc["fed", "delta_m_pct"] == pytest.approx((-100 - 100 + 50 + 50) / 4)
+    assert table.loc["fed", "bytes_up_per_client_round"] == 100
+    assert table.loc["fed", "bytes_down_per_client_round"] == 100  # both phases
+    assert json.loads((fed / "summary.json").read_text())["status"] == "completed"
