@@ -33,11 +33,13 @@ def run_simulation(app_dir: str | Path, run_name: str, *, num_supernodes: int = 
                    run_config: str = "", output_dir: str | Path | None = None,
                    num_cpus: int | None = None, num_gpus: float | None = None,
                    flwr_home: str | Path | None = None, timeout: float = 3600,
-                   log_path: str | Path | None = None) -> Path:
+                   log_path: str | Path | None = None, ray_address: str | None = None) -> Path:
     """Simulate ``num_supernodes`` clients; return the run directory of a completed run.
 
     ``run_config`` is extra ``--run-config`` text ("key=value key2='text'");
-    ``num_cpus``/``num_gpus`` are the Ray resources of each client.
+    ``num_cpus``/``num_gpus`` are the Ray resources of each client. ``ray_address``
+    runs the clients on an existing Ray cluster (``ray start --head``; "auto" or
+    "host:port") instead of a fresh one-machine Ray instance per run.
     """
     app_dir = Path(app_dir).resolve()
     output_dir = Path(output_dir or app_dir / "outputs").resolve()
@@ -47,6 +49,8 @@ def run_simulation(app_dir: str | Path, run_name: str, *, num_supernodes: int = 
     bin_dir = Path(sys.executable).parent  # the SuperLink starts flower-superexec by name
     env = {**os.environ, "FLWR_HOME": str(flwr_home), "PATH": f"{bin_dir}{os.pathsep}"
            f"{os.environ.get('PATH', '')}", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    if ray_address:
+        env["RAY_ADDRESS"] = ray_address  # read by ray.init() in the simulation process
     superlink = subprocess.Popen(  # noqa: S603 - fixed argument list
         [str(bin_dir / "flower-superlink"), "--insecure", "--simulation", "--isolation",
          "subprocess", "--host", "127.0.0.1", "--port", str(port),
@@ -129,11 +133,14 @@ def main() -> None:
     parser.add_argument("--output-dir", default=None, help="default: <app>/outputs")
     parser.add_argument("--num-cpus", type=int, default=None, help="Ray CPUs per client")
     parser.add_argument("--num-gpus", type=float, default=None, help="Ray GPUs per client")
+    parser.add_argument("--ray-address", default=None,
+                        help="an existing Ray cluster ('auto' or host:port); default: a new one")
     args = parser.parse_args()
     started = time.perf_counter()
     run_dir = run_simulation(args.app, args.run_name, num_supernodes=args.num_supernodes,
                              run_config=args.run_config, output_dir=args.output_dir,
-                             num_cpus=args.num_cpus, num_gpus=args.num_gpus)
+                             num_cpus=args.num_cpus, num_gpus=args.num_gpus,
+                             ray_address=args.ray_address)
     summary = json.loads((run_dir / "summary.json").read_text())
     print(f"completed in {time.perf_counter() - started:.0f} s: {run_dir}")
     print(json.dumps(summary, indent=2))

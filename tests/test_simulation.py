@@ -5,6 +5,9 @@ through the files they write."""
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -43,19 +46,35 @@ PRIVATE_A = {"fedalora": (".lora_A",), "fedalora-hetero": (".A", ".M"), "local":
 pytestmark = pytest.mark.slow
 
 
-def _simulate(tmp: Path, name: str, extra: str) -> Path:
+def _simulate(tmp: Path, name: str, extra: str, ray_address: str | None = None) -> Path:
     return run_simulation(APP, name, num_supernodes=3, run_config=f"{TINY} {extra}",
                           output_dir=tmp / "outputs", flwr_home=tmp / f"flwr-home-{name}",
-                          num_cpus=2, timeout=600, log_path=tmp / f"{name}.log")
+                          num_cpus=2, timeout=600, log_path=tmp / f"{name}.log",
+                          ray_address=ray_address)
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, Path]:
-    """All runs, two at a time (one Ray actor each: start-up is most of a tiny run)."""
+def ray_cluster() -> str:
+    """A one-machine Ray cluster that every run joins, so that no run pays Ray's start."""
+    ray = Path(sys.executable).parent / "ray"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    subprocess.run([str(ray), "start", "--head", "--node-ip-address", "127.0.0.1",
+                    "--port", str(port), "--num-cpus", "2", "--include-dashboard", "false",
+                    "--disable-usage-stats"], check=True, capture_output=True, timeout=120)
+    yield f"127.0.0.1:{port}"
+    subprocess.run([str(ray), "stop", "--force"], check=False, capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, ray_cluster) -> dict[str, Path]:
+    """All runs, two at a time on one Ray cluster (start-up is most of a tiny run)."""
     tmp = tmp_path_factory.mktemp("sim")
     with ThreadPoolExecutor(2) as pool:
         futures = {name: pool.submit(_simulate, tmp, name,
-                                     f"strategy='{strategy}' ranks='{ranks}' {extra}")
+                                     f"strategy='{strategy}' ranks='{ranks}' {extra}",
+                                     ray_cluster)
                    for name, (strategy, ranks, extra) in RUNS.items()}
         return {name: future.result() for name, future in futures.items()}
 
