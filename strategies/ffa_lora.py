@@ -15,12 +15,10 @@ Up and down per client per layer: d_out r_i floats each way.
 
 from __future__ import annotations
 
-import numpy as np
-
 from fedalora.aggregation import truncate_rank, zero_pad_average
 from fedalora.sharing import B
 
-from .common import Arrays, LoRAStrategy, NodeInfo, Shapes, lora_shapes
+from .common import Arrays, LoRAStrategy, NodeInfo, Shapes, initial_lora, lora_shapes
 
 
 class FFALoRA(LoRAStrategy):
@@ -29,8 +27,7 @@ class FFALoRA(LoRAStrategy):
     heterogeneous_ranks = True
 
     def initial_shared(self) -> Arrays:
-        return {k: np.zeros(shape, np.float32)
-                for k, shape in lora_shapes(self.layer_shapes, self.max_rank, (B,)).items()}
+        return initial_lora(self.layer_shapes, self.max_rank, self.config.seed, (B,))  # B = 0
 
     def upload_shapes(self, rank: int) -> Shapes:
         return lora_shapes(self.layer_shapes, rank, (B,))
