@@ -51,8 +51,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     client = _client(context)
     config = msg.content[CONFIG]
     shared, shared_round = to_numpy(msg.content[ARRAYS]), int(config["shared-round"])
-    metrics, private = client.evaluate(shared, _private(context), shared_round)
-    if config.get("export", False):
+    final = bool(config.get("export", False))  # the last round
+    metrics, private = client.evaluate(shared, _private(context), shared_round, final)
+    if final:
         run_dir = Path(client.config.output_dir).expanduser().resolve() / str(config["run-name"])
         client.export(shared, private, client_dir(run_dir, client.partition_id) / "adapter",
                       shared_round)

@@ -15,9 +15,10 @@ from .adapters import ClientAdapter, DecomposedAdapter, LoRAAdapter, export_peft
 from .adapters.wiring import KEPT_PREFIXES
 from .aggregation import truncate_rank
 from .config import FedConfig, validate_rank
-from .data import ClientData, load_client_data, num_labels_of
+from .data import ClientData, load_client_data, load_official_test, num_labels_of
+from .metrics import generation_scores
 from .models import BaseModel, cached_base_model, select_device
-from .training import evaluate, train_steps
+from .training import evaluate, generate_responses, train_steps
 
 Arrays = dict[str, np.ndarray]
 Tensors = dict[str, torch.Tensor]
@@ -40,6 +41,9 @@ class FederatedClient:
         self.data: ClientData = load_client_data(
             config.dataset, config.partitioning, partition_id, num_partitions,
             config.test_fraction, config.seed, self.base.tokenizer, config.max_length)
+        if config.global_test_examples:  # fail before training if there is no such split
+            load_official_test(config.dataset, config.global_test_examples, config.seed,
+                               self.base.tokenizer, config.max_length)
 
     def build_adapter(self, shared: Mapping[str, np.ndarray],
                       private: Mapping[str, torch.Tensor] | None,
@@ -123,17 +127,37 @@ class FederatedClient:
 
     def evaluate(self, shared: Mapping[str, np.ndarray],
                  private: Mapping[str, torch.Tensor] | None,
-                 shared_round: int = 0) -> tuple[dict[str, float], Tensors]:
-        """Score the personalised model (shared state + own private state) on own test
-        data; returns the metrics and the private state (FLoRA merges on receipt)."""
+                 shared_round: int = 0, final: bool = False) -> tuple[dict[str, float], Tensors]:
+        """Score the personalised model (shared state + own private state); returns the
+        metrics and the private state (FLoRA merges on receipt)."""
         started = time.perf_counter()
         adapter = self.build_adapter(shared, private, shared_round)
-        metrics = evaluate(adapter.model, self.data.test, self.base.tokenizer,
-                           batch_size=self.config.batch_size, device=self.device)
+        metrics = self.evaluate_adapter(adapter, final)
         metrics.update(num_examples=self.data.num_test, seconds=time.perf_counter() - started)
         new_private = adapter.private_state()
         new_private.update({k: v for k, v in (private or {}).items() if k.startswith(CLIENT)})
         return metrics, new_private
+
+    def evaluate_adapter(self, adapter: ClientAdapter, final: bool = False) -> dict[str, float]:
+        """Metrics on the own test split (instruction data: also ``rouge1`` and
+        ``exact_match`` of greedy answers) and, in the ``final`` round with
+        ``global-test-examples`` > 0, ``global_accuracy`` on the official test split."""
+        cfg = self.config
+        metrics = evaluate(adapter.model, self.data.test, self.base.tokenizer,
+                           batch_size=cfg.batch_size, device=self.device)
+        if self.data.is_instruction:
+            responses = generate_responses(
+                adapter.model, self.data.test["prompt_ids"], self.base.tokenizer,
+                batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
+                device=self.device)
+            metrics.update(generation_scores(responses, self.data.test["references"]))
+        if final and cfg.global_test_examples:
+            official = load_official_test(cfg.dataset, cfg.global_test_examples, cfg.seed,
+                                          self.base.tokenizer, cfg.max_length)
+            metrics["global_accuracy"] = evaluate(
+                adapter.model, official, self.base.tokenizer, batch_size=cfg.batch_size,
+                device=self.device)["accuracy"]
+        return metrics
 
     def export(self, shared: Mapping[str, np.ndarray], private: Mapping[str, torch.Tensor] | None,
                path: str | Path, shared_round: int = 0) -> Path:

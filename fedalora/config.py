@@ -54,6 +54,8 @@ class FedConfig:
     partitioning: str = "dirichlet:0.5"
     test_fraction: float = 0.2
     max_length: int = 64
+    global_test_examples: int = 0
+    max_new_tokens: int = 16
     seed: int = 42
     persist_private: bool = True
     device: str = "auto"
@@ -123,6 +125,10 @@ class FedConfig:
             _require(self.dirichlet_alpha > 0, "partitioning", "dirichlet alpha must be > 0")
         _require(0.0 < self.test_fraction < 1.0, "test-fraction", "must be in (0, 1)")
         _require(self.max_length >= 8, "max-length", "must be >= 8 tokens")
+        _require(self.max_new_tokens >= 1, "max-new-tokens",
+                 "must be >= 1 (tokens generated per answer on instruction data)")
+        _require(self.global_test_examples >= 0, "global-test-examples",
+                 "must be >= 0 (0: no scoring on the data set's official test split)")
         _require(self.device in DEVICES, "device", f"choose one of: {', '.join(DEVICES)}")
         _require(self.round_timeout > 0, "round-timeout", "must be positive (seconds)")
 

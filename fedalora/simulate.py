@@ -12,6 +12,7 @@ and stops the SuperLink by its pid.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -20,6 +21,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 CONNECTION = "fedalora-sim"
@@ -83,6 +85,24 @@ def run_simulation(app_dir: str | Path, run_name: str, *, num_supernodes: int = 
     if status.get("status") != "completed":
         raise SimulationFailed(f"run '{run_name}' {status.get('status')}: {status.get('error')}")
     return run_dir
+
+
+@contextlib.contextmanager
+def ray_cluster(num_cpus: int | None = None) -> Iterator[str]:
+    """A one-machine Ray head on a free loopback port for several runs to join (each run
+    then skips Ray's start-up); yields its address. ``ray stop --force`` on exit stops
+    every Ray process of this user on the machine."""
+    ray = Path(sys.executable).parent / "ray"
+    command = [str(ray), "start", "--head", "--node-ip-address", "127.0.0.1", "--port",
+               str(_free_port()), "--include-dashboard", "false", "--disable-usage-stats"]
+    if num_cpus is not None:
+        command += ["--num-cpus", str(num_cpus)]
+    subprocess.run(command, check=True, capture_output=True, timeout=120)  # noqa: S603
+    try:
+        yield f"127.0.0.1:{command[command.index('--port') + 1]}"
+    finally:
+        subprocess.run([str(ray), "stop", "--force"], check=False, capture_output=True,  # noqa: S603
+                       timeout=120)
 
 
 def _write_connection(flwr_home: Path, port: int) -> None:

@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from .data import collate
+from .data import IGNORE, collate
+
+
+def batch_indices(num_examples: int, batch_size: int,
+                  generator: torch.Generator) -> Iterator[list[int]]:
+    """Endless batches of example indices, drawn without replacement and reshuffled
+    every epoch."""
+    order: list[int] = []
+    while True:
+        if len(order) < min(batch_size, num_examples):
+            order = torch.randperm(num_examples, generator=generator).tolist()
+        indices, order = order[:batch_size], order[batch_size:]
+        yield indices
 
 
 def train_steps(model: nn.Module, parameters: list[nn.Parameter], examples: dict,
@@ -18,39 +30,70 @@ def train_steps(model: nn.Module, parameters: list[nn.Parameter], examples: dict
     """``steps`` AdamW steps on batches drawn without replacement (reshuffled per epoch),
     minimising the task loss plus ``penalty()`` when given.
 
-    Returns the mean task loss and the accuracy on the batches seen.
+    Returns the mean task loss and the accuracy on the batches seen (for a causal LM,
+    next-token accuracy on the response tokens).
     """
     optimizer = torch.optim.AdamW(parameters, lr=lr)
     model.train()
-    num_examples = len(examples["labels"])
-    order: list[int] = []
+    batches = batch_indices(len(examples["labels"]), batch_size, generator)
     total_loss, correct, seen = 0.0, 0, 0
     for _ in range(steps):
-        if len(order) < min(batch_size, num_examples):
-            order = torch.randperm(num_examples, generator=generator).tolist()
-        indices, order = order[:batch_size], order[batch_size:]
-        batch = collate(examples, indices, tokenizer, device)
+        batch = collate(examples, next(batches), tokenizer, device)
         output = model(**batch)
         optimizer.zero_grad(set_to_none=True)
         (output.loss + penalty() if penalty else output.loss).backward()
         optimizer.step()
         total_loss += output.loss.item()
-        correct += (output.logits.argmax(-1) == batch["labels"]).sum().item()
-        seen += len(indices)
-    return {"loss": total_loss / steps, "accuracy": correct / seen}
+        hits, count = _hits(output.logits, batch["labels"])
+        correct, seen = correct + hits, seen + count
+    return {"loss": total_loss / steps, "accuracy": correct / max(seen, 1)}
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, examples: dict, tokenizer: PreTrainedTokenizerBase, *,
              batch_size: int, device: torch.device) -> dict[str, float]:
-    """Mean loss and accuracy over every example, in order."""
+    """Mean loss and accuracy over every example, in order (per token for a causal LM)."""
     model.eval()
     num_examples = len(examples["labels"])
-    total_loss, correct = 0.0, 0
+    total_loss, correct, seen = 0.0, 0, 0
     for start in range(0, num_examples, batch_size):
         indices = list(range(start, min(start + batch_size, num_examples)))
         batch = collate(examples, indices, tokenizer, device)
         output = model(**batch)
-        total_loss += output.loss.item() * len(indices)
-        correct += (output.logits.argmax(-1) == batch["labels"]).sum().item()
-    return {"loss": total_loss / num_examples, "accuracy": correct / num_examples}
+        hits, count = _hits(output.logits, batch["labels"])
+        total_loss += output.loss.item() * count
+        correct, seen = correct + hits, seen + count
+    return {"loss": total_loss / max(seen, 1), "accuracy": correct / max(seen, 1)}
+
+
+@torch.no_grad()
+def generate_responses(model: nn.Module, prompts: list[list[int]],
+                       tokenizer: PreTrainedTokenizerBase, *, batch_size: int,
+                       max_new_tokens: int, device: torch.device) -> list[str]:
+    """Greedy responses to tokenised prompts (left-padded), up to the first newline."""
+    model.eval()
+    responses = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        width = max(len(p) for p in chunk)
+        pad = tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk],
+                            device=device)
+        output = model.generate(input_ids=input_ids, attention_mask=mask, do_sample=False,
+                                max_new_tokens=max_new_tokens, pad_token_id=pad)
+        for row in output[:, width:]:
+            text = tokenizer.decode(row, skip_special_tokens=True)
+            responses.append(text.strip().split("\n", 1)[0].strip())
+    return responses
+
+
+def _hits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
+    """(correct predictions, predictions counted): per example for a classifier, per
+    response token (next-token, ignoring ``IGNORE`` labels) for a causal LM."""
+    if labels.dim() == 1:
+        return int((logits.argmax(-1) == labels).sum()), len(labels)
+    targets = labels[:, 1:]
+    counted = targets != IGNORE
+    correct = (logits[:, :-1].argmax(-1) == targets) & counted
+    return int(correct.sum()), int(counted.sum())

