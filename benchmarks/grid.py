@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from fedalora import fairness
 from fedalora.config import FedConfig
+from fedalora.outputs import read_jsonl
 from fedalora.sharing import SHARING
 from fedalora.simulate import SimulationFailed, ray_cluster, run_simulation
 
@@ -57,8 +58,9 @@ class Preset:
 PRESETS = {
     ("classification", "default"): Preset(10, "accuracy", {
         "model": "minilm", "dataset": "20newsgroups", "partitioning": "dirichlet:0.5",
-        "num-server-rounds": 5, "local-steps": 10, "batch-size": 8, "lr": 0.005,
-        "max-length": 48, "global-test-examples": 500}),
+        "num-server-rounds": 4, "local-steps": 8, "batch-size": 8, "lr": 0.005,
+        "max-length": 48, "test-fraction": 0.1, "global-test-examples": 200,
+        "export-adapters": False}),
     ("classification", "smoke"): Preset(3, "accuracy", {
         "model": "minilm", "num-hidden-layers": 2, "dataset": "bbc-news",
         "partitioning": "iid", "num-server-rounds": 1, "local-steps": 2, "batch-size": 8,
@@ -66,13 +68,15 @@ PRESETS = {
     ("instruction", "small"): Preset(8, "rouge1", {
         "model": "smollm2", "dataset": "instructions", "partitioning": "task",
         "num-server-rounds": 2, "local-steps": 5, "batch-size": 4, "lr": 0.001,
-        "max-length": 80, "max-new-tokens": 8, "test-fraction": 0.05}, {
-        "homogeneous": ["fedalora", "fedit", "fedsa-lora", "flexlora"],
-        "heterogeneous": ["fedalora-hetero", "zeropad", "hetlora", "flexlora"]}),
-    ("instruction", "smoke"): Preset(8, "rouge1", {
+        "max-length": 64, "max-new-tokens": 6, "test-fraction": 0.05,
+        "export-adapters": False}, {
+        "homogeneous": ["fedalora", "fedit", "flexlora"],
+        "heterogeneous": ["fedalora-hetero", "zeropad", "flexlora"]}),
+    ("instruction", "smoke"): Preset(3, "rouge1", {
         "model": "smollm2", "num-hidden-layers": 2, "dataset": "instructions",
-        "partitioning": "task", "num-server-rounds": 1, "local-steps": 1, "batch-size": 2,
-        "max-length": 48, "max-new-tokens": 2, "test-fraction": 0.02}),
+        "partitioning": "iid", "num-server-rounds": 1, "local-steps": 1, "batch-size": 4,
+        "max-length": 48, "max-new-tokens": 2, "test-fraction": 0.01,
+        "export-adapters": False}),
 }
 
 
@@ -126,13 +130,19 @@ def results_table(output_dir: Path, runs: list[tuple[str, str]], metric: str,
         ref = (fairness.client_scores(reference, metric)["metric"]
                if (reference / "summary.json").exists() else None)
         scores = fairness.client_scores(run_dir, metric)
+        tiers = scores.groupby("rank")["metric"].mean()
         row = {"setting": setting, "strategy": strategy,
                **fairness.summarise(scores["metric"], ref),
+               "lowest_rank_mean": float(tiers.iloc[0]),
+               "highest_rank_mean": float(tiers.iloc[-1]),
                **fairness.communication(run_dir),
                "wall_seconds": walls.get(run_dir.name, float("nan"))}
-        frame = pd.DataFrame(fairness.read_jsonl(run_dir / "metrics.jsonl"))
-        if "global_accuracy" in frame:
-            row["official_test_mean"] = float(frame["global_accuracy"].dropna().mean())
+        frame = pd.DataFrame(read_jsonl(run_dir / "metrics.jsonl"))
+        final = frame[(frame["phase"] == "evaluate") & (frame["round"] == frame["round"].max())]
+        for column, name in (("global_accuracy", "official_test_mean"),
+                             ("exact_match", "exact_match_mean")):
+            if column in final:
+                row[name] = float(final[column].mean())
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -140,12 +150,15 @@ def results_table(output_dir: Path, runs: list[tuple[str, str]], metric: str,
 def markdown(table: pd.DataFrame, header: str) -> str:
     columns = {"setting": "setting", "strategy": "strategy", "mean": "mean", "worst": "worst",
                "worst_10pct": "worst-10%", "std": "std", "jain": "Jain",
-               "delta_m_pct": "Delta_m%", "official_test_mean": "official test",
+               "delta_m_pct": "Delta_m%", "lowest_rank_mean": "lowest-rank mean",
+               "highest_rank_mean": "highest-rank mean", "official_test_mean": "official test",
+               "exact_match_mean": "exact match",
                "bytes_up_per_client_round": "MB up", "bytes_down_per_client_round": "MB down",
                "wall_seconds": "wall s"}
     shown = table[[c for c in columns if c in table]].copy()
     for col in ("bytes_up_per_client_round", "bytes_down_per_client_round"):
         shown[col] = shown[col] / 1e6
+    shown["wall_seconds"] = shown["wall_seconds"].map(lambda v: "" if v != v else f"{v:.0f}")
     lines = ["| " + " | ".join(columns[c] for c in shown) + " |",
              "|" + "---|" * len(shown.columns)]
     for _, row in shown.iterrows():
@@ -210,7 +223,7 @@ def main() -> None:
             except (SimulationFailed, subprocess.CalledProcessError) as exc:
                 raise SystemExit(f"{name} failed: {exc}; see {log_dir / name}.log") from exc
             walls_file.write_text(json.dumps(walls, indent=2))
-    total = time.perf_counter() - started
+    elapsed = time.perf_counter() - started
     table = results_table(output_dir, runs, preset.metric, walls)
     table.to_csv(output_dir / "table.csv", index=False)
     command = "python benchmarks/grid.py " + " ".join(sys.argv[1:])
@@ -218,10 +231,12 @@ def main() -> None:
               f"metric `{preset.metric}`, {json.dumps({**preset.run_config, **extra})}).\n"
               f"Command: `{command.strip()}`; machine: {platform.node()} "
               f"({os.cpu_count()} CPUs, {platform.machine()}); date: "
-              f"{datetime.date.today().isoformat()}; grid wall time {total / 60:.1f} min.")
+              f"{datetime.date.today().isoformat()}; the runs took {sum(walls.values()) / 60:.1f} "
+              "min in all.")
     (output_dir / "table.md").write_text(markdown(table, header))
     print(markdown(table, header))
-    print(f"wrote {output_dir / 'table.csv'} and {output_dir / 'table.md'}")
+    print(f"this invocation took {elapsed / 60:.1f} min; wrote {output_dir / 'table.csv'} "
+          f"and {output_dir / 'table.md'}")
 
 
 def _completed(run_dir: Path) -> bool:

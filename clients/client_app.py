@@ -47,13 +47,14 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Score the personalised model on the held-out split; export it after the last round."""
+    """Score the personalised model on the held-out split; after the last round also
+    export it (unless export-adapters=false)."""
     client = _client(context)
     config = msg.content[CONFIG]
     shared, shared_round = to_numpy(msg.content[ARRAYS]), int(config["shared-round"])
-    final = bool(config.get("export", False))  # the last round
+    final = bool(config.get("final-round", False))
     metrics, private = client.evaluate(shared, _private(context), shared_round, final)
-    if final:
+    if final and client.config.export_adapters:
         run_dir = Path(client.config.output_dir).expanduser().resolve() / str(config["run-name"])
         client.export(shared, private, client_dir(run_dir, client.partition_id) / "adapter",
                       shared_round)

@@ -58,6 +58,7 @@ class FedConfig:
     max_new_tokens: int = 16
     seed: int = 42
     persist_private: bool = True
+    export_adapters: bool = True
     device: str = "auto"
     output_dir: str = "outputs"
     run_name: str = ""

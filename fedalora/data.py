@@ -238,7 +238,8 @@ def _load_user_dataset(name: str) -> datasets.Dataset:
     elif path.exists() or "/" not in name:
         raise ConfigError("dataset", f"unknown data set '{name}'; choose one of: "
                           f"{', '.join(PACKAGED_DATASETS)}, a .json/.jsonl/.csv file with "
-                          "'text' and 'label' columns, or a Hugging Face id")
+                          "'text' and 'label' (or 'instruction' and 'response') columns, "
+                          "or a Hugging Face id")
     else:
         try:
             dataset = datasets.load_dataset(name, split="train")

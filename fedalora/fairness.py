@@ -93,6 +93,12 @@ def client_scores(run_dir: str | Path, metric: str = "accuracy",
             [["rank", metric, "num_examples"]].rename(columns={metric: "metric"}))
 
 
+def primary_metric(run_dir: str | Path) -> str:
+    """``rouge1`` for a run on instruction data, else ``accuracy``."""
+    rows = read_jsonl(Path(run_dir) / METRICS)
+    return "rouge1" if any("rouge1" in row for row in rows) else "accuracy"
+
+
 def by_rank_tier(scores: pd.DataFrame, reference: pd.Series | None = None) -> pd.DataFrame:
     """``summarise`` for each rank (rows), from ``client_scores`` output."""
     rows = {}

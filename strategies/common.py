@@ -208,7 +208,7 @@ class LoRAStrategy(Strategy):
     # ----------------------------------------------------------- evaluate phase
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        config["export"] = server_round == self.config.num_server_rounds
+        config["final-round"] = server_round == self.config.num_server_rounds
         return self._messages(list(self.nodes.values()), server_round, config,
                               MessageType.EVALUATE)
 

@@ -63,5 +63,15 @@ def test_run_directory_functions(tmp_path):
     assert table.loc["local", "delta_m_pct"] == 0.0
     assert table.loc["fed", "delta_m_pct"] == pytest.approx((-100 - 100 + 50 + 50) / 4)
     assert table.loc["fed", "bytes_up_per_client_round"] == 100
-    assert table.loc["fed", "bytes_down_per_client_round"] == 100  # both phases
+    assert table.loc["fed", "bytes_down_per_client_round"] == 50  # the training phase
+    assert fairness.communication(fed, phase="evaluate") == {
+        "bytes_up_per_client_round": 0.0, "bytes_down_per_client_round": 50.0}
+    assert fairness.primary_metric(fed) == "accuracy"
     assert json.loads((fed / "summary.json").read_text())["status"] == "completed"
+
+
+def test_instruction_runs_are_scored_by_rouge1(tmp_path):
+    recorder = RunRecorder(tmp_path / "inst")
+    recorder.client_row({"round": 1, "client": 0, "rank": 8, "phase": "evaluate",
+                         "accuracy": 0.3, "rouge1": 0.6, "exact_match": 0.5})
+    assert fairness.primary_metric(tmp_path / "inst") == "rouge1"

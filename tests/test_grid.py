@@ -36,6 +36,7 @@ def test_instruction_smoke_grid_writes_the_table(tmp_path):
     assert table.loc["fedalora-hetero", "bytes_up_per_client_round"] > 0
     assert table.loc["centralised", "bytes_up_per_client_round"] == 0
     assert (table["wall_seconds"] > 0).all()
+    assert not (out / "heterogeneous-fedalora-hetero" / "clients").exists()  # export off
     text = (out / "table.md").read_text()
     assert "Command: `python benchmarks/grid.py --track instruction" in text
     assert text.count("| heterogeneous |") == 3
