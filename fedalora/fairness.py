@@ -45,17 +45,21 @@ def gini(values: Sequence[float]) -> float:
 
 
 def delta_m(values: pd.Series, reference: pd.Series) -> float:
-    """Delta_m% = mean over clients of (m_ref - m) / m_ref * 100 (clients matched by index).
+    """Delta_m% = mean over clients of (m_ref - m) / m_ref * 100 (clients matched by index),
+    over the clients whose reference is not 0 (the ratio is undefined for the others;
+    ``summarise`` reports how many counted).
 
-    Raises ValueError if a client has no reference or a zero reference.
+    Raises ValueError if a client has no reference, or if every reference is 0.
     """
     missing = values.index.difference(reference.index)
     if len(missing):
         raise ValueError(f"clients {list(missing)} have no reference (local-only) result")
     ref = reference.loc[values.index].astype(float)
-    if (ref == 0).any():
-        raise ValueError("a reference metric is 0; Delta_m% is undefined for that client")
-    return float(((ref - values.astype(float)) / ref * 100).mean())
+    defined = ref != 0
+    if not defined.any():
+        raise ValueError("every reference metric is 0; Delta_m% is undefined")
+    ratio = (ref[defined] - values[defined].astype(float)) / ref[defined]
+    return float(ratio.mean() * 100)
 
 
 def lorenz_curve(values: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
@@ -75,6 +79,7 @@ def summarise(values: pd.Series, reference: pd.Series | None = None) -> dict[str
                "jain": jain_index(m), "gini": gini(m)}
     if reference is not None:
         figures["delta_m_pct"] = delta_m(m, reference)
+        figures["delta_m_clients"] = int((reference.loc[m.index] != 0).sum())
     return figures
 
 

@@ -23,6 +23,11 @@ def test_metrics_by_hand():
     reference = pd.Series([1.0, 0.6], index=[0, 1])  # -> +50% and -50%
     assert fairness.delta_m(values, reference) == pytest.approx(0.0)
     assert fairness.delta_m(pd.Series([0.5], index=[0]), reference) == pytest.approx(50.0)
+    zero_ref = pd.Series([0.0, 0.6], index=[0, 1])  # client 0's ratio is undefined
+    assert fairness.delta_m(values, zero_ref) == pytest.approx(-50.0)
+    assert fairness.summarise(values, zero_ref)["delta_m_clients"] == 1
+    with pytest.raises(ValueError, match="every reference"):
+        fairness.delta_m(values, pd.Series([0.0, 0.0], index=[0, 1]))
     with pytest.raises(ValueError, match="no reference"):
         fairness.delta_m(pd.Series([0.5], index=[7]), reference)
     x, y = fairness.lorenz_curve([3.0, 1.0])
