@@ -72,14 +72,17 @@ def lorenz_curve(values: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def summarise(values: pd.Series, reference: pd.Series | None = None) -> dict[str, float]:
-    """Every fairness figure of one set of client scores (indexed by client)."""
+    """Every fairness figure of one set of client scores (indexed by client); Delta_m% is
+    NaN when no client has a usable (present, non-zero) reference."""
     m = values.astype(float)
     figures = {"clients": len(m), "mean": float(m.mean()), "worst": float(m.min()),
                "worst_10pct": worst_fraction_mean(m), "std": float(m.std(ddof=0)),
                "jain": jain_index(m), "gini": gini(m)}
     if reference is not None:
-        figures["delta_m_pct"] = delta_m(m, reference)
-        figures["delta_m_clients"] = int((reference.loc[m.index] != 0).sum())
+        counted = int((reference.loc[m.index] != 0).sum()) if m.index.isin(
+            reference.index).all() else 0
+        figures["delta_m_pct"] = delta_m(m, reference) if counted else math.nan
+        figures["delta_m_clients"] = counted
     return figures
 
 

@@ -26,6 +26,8 @@ def test_metrics_by_hand():
     zero_ref = pd.Series([0.0, 0.6], index=[0, 1])  # client 0's ratio is undefined
     assert fairness.delta_m(values, zero_ref) == pytest.approx(-50.0)
     assert fairness.summarise(values, zero_ref)["delta_m_clients"] == 1
+    undefined = fairness.summarise(values, pd.Series([0.0, 0.0], index=[0, 1]))
+    assert np.isnan(undefined["delta_m_pct"]) and undefined["delta_m_clients"] == 0
     with pytest.raises(ValueError, match="every reference"):
         fairness.delta_m(values, pd.Series([0.0, 0.0], index=[0, 1]))
     with pytest.raises(ValueError, match="no reference"):

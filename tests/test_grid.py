@@ -31,7 +31,11 @@ def test_instruction_smoke_grid_writes_the_table(tmp_path):
                    timeout=900)
     table = pd.read_csv(out / "table.csv").set_index("strategy")
     assert list(table.index) == ["fedalora-hetero", "local", "centralised"]
-    assert table.loc["local", "delta_m_pct"] == 0.0
+    local = pd.read_json(out / "heterogeneous-local" / "metrics.jsonl", lines=True)
+    if (local.loc[local["phase"] == "evaluate", "rouge1"] == 0).all():  # a 2-layer model
+        assert table["delta_m_pct"].isna().all()  # undefined against all-zero references
+    else:
+        assert table.loc["local", "delta_m_pct"] == 0.0
     assert table["mean"].between(0, 1).all() and (table["worst"] <= table["mean"]).all()
     assert table.loc["fedalora-hetero", "bytes_up_per_client_round"] > 0
     assert table.loc["centralised", "bytes_up_per_client_round"] == 0
