@@ -67,7 +67,7 @@ PRESETS = {
         "max-length": 32}),
     ("instruction", "small"): Preset(8, "rouge1", {
         "model": "smollm2", "dataset": "instructions", "partitioning": "task",
-        "num-server-rounds": 2, "local-steps": 5, "batch-size": 4, "lr": 0.001,
+        "num-server-rounds": 2, "local-steps": 8, "batch-size": 4, "lr": 0.003,
         "max-length": 64, "max-new-tokens": 6, "test-fraction": 0.05,
         "export-adapters": False}, {
         "homogeneous": ["fedalora", "fedit", "flexlora"],
