@@ -61,16 +61,6 @@ def accumulate_decomposed(b0: Arrays, updates: Sequence[Arrays],
 
 
 # ------------------------------------------------------------------ zero padding
-def pad_rank(factor: np.ndarray, key: str, rank: int) -> np.ndarray:
-    """Zero-pad a LoRA factor to ``rank``: rows of A (``key`` ends .lora_A), columns of B."""
-    current = _rank_of(factor, key)
-    if current > rank:
-        raise ValueError(f"'{key}' has rank {current}, above the padding rank {rank}")
-    if key.endswith(LORA_A):
-        return np.pad(_f64(factor), ((0, rank - current), (0, 0)))
-    return np.pad(_f64(factor), ((0, 0), (0, rank - current)))
-
-
 def truncate_rank(arrays: Arrays, rank: int, b_scale: float = 1.0) -> dict[str, np.ndarray]:
     """A client's share of padded factors: the first ``rank`` rows of every A and columns
     of every B (B multiplied by ``b_scale``)."""
@@ -93,22 +83,30 @@ def zero_pad_average(updates: Sequence[Arrays],
     ``slots="holders"``: rank slot j (row j of A, column j of B) is averaged over the
     clients with r_i > j only, their weights renormalised over those clients.
     ``slots="all"``: X <- sum_i w_i pad(X_i), slots a client lacks count as zeros.
-    ``weights`` (normalised here) is one vector, or one vector per module.
+    ``weights`` (normalised here) is one vector, or one vector per module. Each update
+    is added into its own slots; nothing is padded or copied per client.
     """
     if slots not in ("holders", "all"):
         raise ValueError(f"slots must be 'holders' or 'all', got {slots!r}")
     result: dict[str, np.ndarray] = {}
     for key in updates[0]:
-        module = key.rsplit(".", 1)[0]
+        module, is_a = key.rsplit(".", 1)[0], key.endswith(LORA_A)
         raw = weights[module] if isinstance(weights, Mapping) else weights
         w = data_weights(raw)
-        padded = [pad_rank(u[key], key, rank) for u in updates]
-        total = sum(wi * p for wi, p in zip(w, padded))
+        ranks = np.array([_rank_of(u[key], key) for u in updates])
+        if ranks.max() > rank:
+            raise ValueError(f"'{key}' has rank {ranks.max()}, above the padding rank {rank}")
+        first = updates[0][key]
+        total = np.zeros((rank, first.shape[1]) if is_a else (first.shape[0], rank))
+        for wi, update, r in zip(w, updates, ranks):
+            if is_a:
+                total[:r] += wi * _f64(update[key])
+            else:
+                total[:, :r] += wi * _f64(update[key])
         if slots == "holders":
-            held = np.array([[_rank_of(u[key], key) > j for j in range(rank)] for u in updates])
-            mass = w @ held  # per slot: the total weight of the clients that have it
+            mass = w @ (ranks[:, None] > np.arange(rank)[None, :])  # weight holding slot j
             per_slot = np.divide(1.0, mass, out=np.zeros(rank), where=mass > 0)
-            total = total * (per_slot[:, None] if key.endswith(LORA_A) else per_slot[None, :])
+            total *= per_slot[:, None] if is_a else per_slot[None, :]
         result[key] = _f32(total)
     return result
 
@@ -134,10 +132,10 @@ def hetlora_average(updates: Sequence[Arrays], scales: Sequence[float],
 # -------------------------------------------------------------- exact products
 def lora_product_sum(updates: Sequence[Arrays], num_examples: Sequence[float],
                      scales: Sequence[float], module: str) -> np.ndarray:
-    """The exact aggregate DeltaW = sum_i p_i s_i B_i A_i of one layer (dense, float64)."""
-    weights = data_weights(num_examples)
-    return sum(w * s * (_f64(u[module + LORA_B]) @ _f64(u[module + LORA_A]))
-               for w, s, u in zip(weights, scales, updates))
+    """The exact aggregate DeltaW = sum_i p_i s_i B_i A_i of one layer (dense, float64),
+    as one product of the stacked factors."""
+    stack_a, stack_b = _stack(updates, data_weights(num_examples), scales, module, np.float64)
+    return stack_b @ stack_a
 
 
 def flexlora_factors(updates: Sequence[Arrays], num_examples: Sequence[float],
@@ -164,12 +162,26 @@ def flora_stack(updates: Sequence[Arrays], num_examples: Sequence[float],
     weights = data_weights(num_examples)
     result: dict[str, np.ndarray] = {}
     for module in modules_of(updates[0]):
-        result[module + STACK_A] = _f32(np.concatenate([_f64(u[module + LORA_A])
-                                                        for u in updates]))
-        result[module + STACK_B] = _f32(np.concatenate(
-            [w * s * _f64(u[module + LORA_B]) for w, s, u in zip(weights, scales, updates)],
-            axis=1))
+        result[module + STACK_A], result[module + STACK_B] = _stack(
+            updates, weights, scales, module, np.float32)
     return result
+
+
+def _stack(updates: Sequence[Arrays], weights: np.ndarray, scales: Sequence[float],
+           module: str, dtype: type) -> tuple[np.ndarray, np.ndarray]:
+    """[A_1; ...; A_K] and [w_1 s_1 B_1, ..., w_K s_K B_K] of one layer, filled in place."""
+    factors_a = [u[module + LORA_A] for u in updates]
+    factors_b = [u[module + LORA_B] for u in updates]
+    total = sum(a.shape[0] for a in factors_a)
+    stack_a = np.empty((total, factors_a[0].shape[1]), dtype)
+    stack_b = np.empty((factors_b[0].shape[0], total), dtype)
+    offset = 0
+    for w, s, a, b in zip(weights, scales, factors_a, factors_b):
+        r = a.shape[0]
+        stack_a[offset:offset + r] = a
+        stack_b[:, offset:offset + r] = (w * s) * _f64(b)
+        offset += r
+    return stack_a, stack_b
 
 
 # ------------------------------------------------------------------- helpers

@@ -33,10 +33,11 @@ class FederatedClient:
     def __init__(self, config: FedConfig, partition_id: int, num_partitions: int,
                  rank: int) -> None:
         self.config, self.partition_id, self.rank = config, partition_id, rank
-        self.device = select_device(config.device)
+        self.device = select_device(config.device, config.bf16)
         self.base: BaseModel = cached_base_model(
             config.model, num_labels_of(config.dataset), config.target_modules,
             config.num_hidden_layers, config.seed)
+        self.base.model.to(self.device)  # once per worker: every adapter shares these weights
         validate_rank("lora-rank", rank, self.base.layer_shapes())
         self.data: ClientData = load_client_data(
             config.dataset, config.partitioning, partition_id, num_partitions,
@@ -96,12 +97,13 @@ class FederatedClient:
         penalty = None
         if cfg.rank_penalty > 0 and keep < adapter.rank:
             penalty = lambda: cfg.rank_penalty * adapter.tail_norm(keep)  # noqa: E731
-        seed = _round_seed(cfg.seed, server_round, self.partition_id)
+        seed = round_seed(cfg.seed, server_round, self.partition_id)
         torch.manual_seed(seed)  # dropout
         metrics = train_steps(adapter.model, adapter.trainable_parameters(), self.data.train,
                               self.base.tokenizer, steps=cfg.local_steps,
                               batch_size=cfg.batch_size, lr=cfg.lr, device=self.device,
-                              generator=torch.Generator().manual_seed(seed), penalty=penalty)
+                              generator=torch.Generator().manual_seed(seed), penalty=penalty,
+                              bf16=cfg.bf16)
         upload, new_private = adapter.shared_state(), adapter.private_state()
         rank = adapter.rank
         if cfg.rank_decay < 1.0:
@@ -144,28 +146,28 @@ class FederatedClient:
         ``global-test-examples`` > 0, ``global_accuracy`` on the official test split."""
         cfg = self.config
         metrics = evaluate(adapter.model, self.data.test, self.base.tokenizer,
-                           batch_size=cfg.batch_size, device=self.device)
+                           batch_size=cfg.batch_size, device=self.device, bf16=cfg.bf16)
         if self.data.is_instruction:
             responses = generate_responses(
                 adapter.model, self.data.test["prompt_ids"], self.base.tokenizer,
                 batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
-                device=self.device)
+                device=self.device, bf16=cfg.bf16)
             metrics.update(generation_scores(responses, self.data.test["references"]))
         if final and cfg.global_test_examples:
             official = load_official_test(cfg.dataset, cfg.global_test_examples, cfg.seed,
                                           self.base.tokenizer, cfg.max_length)
             metrics["global_accuracy"] = evaluate(
                 adapter.model, official, self.base.tokenizer, batch_size=cfg.batch_size,
-                device=self.device)["accuracy"]
+                device=self.device, bf16=cfg.bf16)["accuracy"]
         return metrics
 
     def export(self, shared: Mapping[str, np.ndarray], private: Mapping[str, torch.Tensor] | None,
                path: str | Path, shared_round: int = 0) -> Path:
         """Write the personalised adapter as a standard PEFT LoRA adapter."""
         adapter = self.build_adapter(shared, private, shared_round)
-        adapter.model.to("cpu")
         return export_peft_adapter(adapter, self.base.model, path)
 
 
-def _round_seed(seed: int, server_round: int, partition_id: int) -> int:
+def round_seed(seed: int, server_round: int, partition_id: int) -> int:
+    """The seed of a client's batch order and dropout in one round."""
     return int(np.random.SeedSequence([seed, server_round, partition_id]).generate_state(1)[0])

@@ -18,6 +18,7 @@ from .sharing import SHARING, SharingSpec
 
 SCALINGS = ("constant", "alpha-over-rank", "rslora")
 DEVICES = ("auto", "cpu", "cuda")
+STATE_STORES = ("memory", "disk")
 _PARTITIONING = re.compile(r"^(iid|task|dirichlet:(?P<alpha>[0-9.eE+-]+))$")
 
 
@@ -38,6 +39,7 @@ class FedConfig:
     intermediate_rank: int = 16
     num_server_rounds: int = 5
     fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
     min_nodes: int = 2
     local_steps: int = 10
     batch_size: int = 16
@@ -58,8 +60,11 @@ class FedConfig:
     max_new_tokens: int = 16
     seed: int = 42
     persist_private: bool = True
+    state_store: str = "memory"
+    state_dir: str = ""
     export_adapters: bool = True
     device: str = "auto"
+    bf16: bool = False
     output_dir: str = "outputs"
     run_name: str = ""
     round_timeout: float = 3600.0
@@ -98,6 +103,8 @@ class FedConfig:
                  f"(the shared dimension d_m, e.g. 16), got {self.intermediate_rank}")
         _require(self.num_server_rounds > 0, "num-server-rounds", "must be >= 1")
         _require(0.0 < self.fraction_train <= 1.0, "fraction-train", "must be in (0, 1]")
+        _require(0.0 < self.fraction_evaluate <= 1.0, "fraction-evaluate",
+                 "must be in (0, 1]; the last round always evaluates every node")
         _require(self.min_nodes >= 1, "min-nodes", "must be >= 1")
         _require(self.local_steps > 0, "local-steps", "must be >= 1")
         _require(self.batch_size > 0, "batch-size", "must be >= 1")
@@ -131,6 +138,9 @@ class FedConfig:
         _require(self.global_test_examples >= 0, "global-test-examples",
                  "must be >= 0 (0: no scoring on the data set's official test split)")
         _require(self.device in DEVICES, "device", f"choose one of: {', '.join(DEVICES)}")
+        _require(self.state_store in STATE_STORES, "state-store",
+                 f"choose one of: {', '.join(STATE_STORES)} (disk: one safetensors file per "
+                 "client under state-dir)")
         _require(self.round_timeout > 0, "round-timeout", "must be positive (seconds)")
 
     @staticmethod

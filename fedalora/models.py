@@ -116,14 +116,18 @@ def resolve_targets(model: nn.Module, spec: str) -> list[str]:
     return names
 
 
-def select_device(spec: str) -> torch.device:
-    """'auto' -> CUDA when available, else CPU; 'cuda' without a GPU is an error."""
+def select_device(spec: str, bf16: bool = False) -> torch.device:
+    """'auto' -> CUDA when available, else CPU; 'cuda' without a GPU is an error, and so
+    is bf16 autocast on a GPU without bfloat16."""
     if spec == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device", "'cuda' requested but no CUDA device is visible; use 'auto'")
     if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(spec)
-
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(spec)
+    if bf16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("bf16", f"{torch.cuda.get_device_name(device)} has no bfloat16 "
+                          "support; set bf16=false")
+    return device
 
 
 def _smollm2_safetensors() -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 
 import torch
@@ -23,12 +24,21 @@ def batch_indices(num_examples: int, batch_size: int,
         yield indices
 
 
+def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
+    """bfloat16 autocast on ``device`` when ``bf16``; a no-op otherwise."""
+    if not bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
 def train_steps(model: nn.Module, parameters: list[nn.Parameter], examples: dict,
                 tokenizer: PreTrainedTokenizerBase, *, steps: int, batch_size: int, lr: float,
                 device: torch.device, generator: torch.Generator,
-                penalty: Callable[[], torch.Tensor] | None = None) -> dict[str, float]:
+                penalty: Callable[[], torch.Tensor] | None = None,
+                bf16: bool = False) -> dict[str, float]:
     """``steps`` AdamW steps on batches drawn without replacement (reshuffled per epoch),
-    minimising the task loss plus ``penalty()`` when given.
+    minimising the task loss plus ``penalty()`` when given; forward passes under bf16
+    autocast when ``bf16`` (the trained parameters stay float32).
 
     Returns the mean task loss and the accuracy on the batches seen (for a causal LM,
     next-token accuracy on the response tokens).
@@ -39,7 +49,8 @@ def train_steps(model: nn.Module, parameters: list[nn.Parameter], examples: dict
     total_loss, correct, seen = 0.0, 0, 0
     for _ in range(steps):
         batch = collate(examples, next(batches), tokenizer, device)
-        output = model(**batch)
+        with autocast(device, bf16):
+            output = model(**batch)
         optimizer.zero_grad(set_to_none=True)
         (output.loss + penalty() if penalty else output.loss).backward()
         optimizer.step()
@@ -51,7 +62,7 @@ def train_steps(model: nn.Module, parameters: list[nn.Parameter], examples: dict
 
 @torch.no_grad()
 def evaluate(model: nn.Module, examples: dict, tokenizer: PreTrainedTokenizerBase, *,
-             batch_size: int, device: torch.device) -> dict[str, float]:
+             batch_size: int, device: torch.device, bf16: bool = False) -> dict[str, float]:
     """Mean loss and accuracy over every example, in order (per token for a causal LM)."""
     model.eval()
     num_examples = len(examples["labels"])
@@ -59,7 +70,8 @@ def evaluate(model: nn.Module, examples: dict, tokenizer: PreTrainedTokenizerBas
     for start in range(0, num_examples, batch_size):
         indices = list(range(start, min(start + batch_size, num_examples)))
         batch = collate(examples, indices, tokenizer, device)
-        output = model(**batch)
+        with autocast(device, bf16):
+            output = model(**batch)
         hits, count = _hits(output.logits, batch["labels"])
         total_loss += output.loss.item() * count
         correct, seen = correct + hits, seen + count
@@ -69,7 +81,8 @@ def evaluate(model: nn.Module, examples: dict, tokenizer: PreTrainedTokenizerBas
 @torch.no_grad()
 def generate_responses(model: nn.Module, prompts: list[list[int]],
                        tokenizer: PreTrainedTokenizerBase, *, batch_size: int,
-                       max_new_tokens: int, device: torch.device) -> list[str]:
+                       max_new_tokens: int, device: torch.device,
+                       bf16: bool = False) -> list[str]:
     """Greedy responses to tokenised prompts (left-padded), up to the first newline."""
     model.eval()
     responses = []
@@ -80,8 +93,9 @@ def generate_responses(model: nn.Module, prompts: list[list[int]],
         input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk],
                             device=device)
-        output = model.generate(input_ids=input_ids, attention_mask=mask, do_sample=False,
-                                max_new_tokens=max_new_tokens, pad_token_id=pad)
+        with autocast(device, bf16):
+            output = model.generate(input_ids=input_ids, attention_mask=mask, do_sample=False,
+                                    max_new_tokens=max_new_tokens, pad_token_id=pad)
         for row in output[:, width:]:
             text = tokenizer.decode(row, skip_special_tokens=True)
             responses.append(text.strip().split("\n", 1)[0].strip())

@@ -52,6 +52,7 @@ def run_federation(grid: Grid, config: FedConfig, run_name: str,
                            "adapted_layers": {k: list(v) for k, v in layer_shapes.items()}})
     result = strategy.start(grid, to_record(strategy.shared), num_rounds=config.num_server_rounds,
                             timeout=config.round_timeout,
+                            train_config=ConfigRecord({"run-name": run_name}),
                             evaluate_config=ConfigRecord({"run-name": run_name}))
     recorder.save_shared(strategy.shared)
     final = result.evaluate_metrics_clientapp.get(config.num_server_rounds)

@@ -170,7 +170,7 @@ class LoRAStrategy(Strategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self._tally = RoundTally()
-        sampled = self._sample(server_round)
+        sampled = self._sample(server_round, self.config.fraction_train, stream=0)
         log(INFO, "configure_train: %d of %d nodes", len(sampled), len(self.nodes))
         return self._messages(sampled, server_round, config, MessageType.TRAIN)
 
@@ -208,9 +208,11 @@ class LoRAStrategy(Strategy):
     # ----------------------------------------------------------- evaluate phase
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        config["final-round"] = server_round == self.config.num_server_rounds
-        return self._messages(list(self.nodes.values()), server_round, config,
-                              MessageType.EVALUATE)
+        final = server_round == self.config.num_server_rounds
+        config["final-round"] = final
+        sampled = (list(self.nodes.values()) if final else
+                   self._sample(server_round, self.config.fraction_evaluate, stream=1))
+        return self._messages(sampled, server_round, config, MessageType.EVALUATE)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
@@ -235,9 +237,10 @@ class LoRAStrategy(Strategy):
                              "worst-accuracy": row["worst_accuracy"]})
 
     def summary(self) -> None:
-        log(INFO, "\t├──> %s: %d nodes, ranks %s, fraction-train %.2f, min-nodes %d",
-            self.config.strategy, len(self.nodes), [n.rank for n in self.nodes.values()],
-            self.config.fraction_train, self.config.min_nodes)
+        log(INFO, "\t├──> %s: %d nodes, ranks %s, fraction-train %.2f, fraction-evaluate "
+            "%.2f, min-nodes %d", self.config.strategy, len(self.nodes),
+            [n.rank for n in self.nodes.values()], self.config.fraction_train,
+            self.config.fraction_evaluate, self.config.min_nodes)
 
     # ------------------------------------------------------------------ helpers
     def download(self, node: NodeInfo) -> Arrays:
@@ -258,12 +261,12 @@ class LoRAStrategy(Strategy):
             return None
         return f"reports rank {rank} but has rank {node.rank}"
 
-    def _sample(self, server_round: int) -> list[NodeInfo]:
-        """Seeded sample of max(fraction-train * N, min-nodes) nodes, capped at N."""
+    def _sample(self, server_round: int, fraction: float, stream: int) -> list[NodeInfo]:
+        """Seeded sample of max(fraction * N, min-nodes) nodes, capped at N; ``stream``
+        separates the training draw (0) from the evaluation draw (1)."""
         nodes = list(self.nodes.values())
-        count = min(len(nodes), max(int(len(nodes) * self.config.fraction_train),
-                                    self.config.min_nodes))
-        rng = np.random.default_rng([self.config.seed, server_round])
+        count = min(len(nodes), max(int(len(nodes) * fraction), self.config.min_nodes))
+        rng = np.random.default_rng([self.config.seed, server_round, stream])
         chosen = sorted(rng.choice(len(nodes), size=count, replace=False))
         return [nodes[i] for i in chosen]
 

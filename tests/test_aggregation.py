@@ -1,5 +1,7 @@
 """Aggregation rules on hand-computed cases and random matrices (no Flower, no model)."""
 
+import tracemalloc
+
 import numpy as np
 import pytest
 
@@ -161,3 +163,43 @@ def test_product_norm_matches_the_dense_norm():
     u = _lora_updates([4], seed=3)[0]
     assert np.isclose(product_norm(u["l.lora_A"], u["l.lora_B"], 2.0),
                       np.linalg.norm(2.0 * u["l.lora_B"] @ u["l.lora_A"]))
+
+
+def _peak_bytes(rule, *args) -> int:
+    """Peak memory that numpy allocated while ``rule(*args)`` ran."""
+    tracemalloc.start()
+    try:
+        rule(*args)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+D = 2048  # a dense float64 d x d update would take 32 MiB
+RANKS = (4, 2, 1)
+
+
+def _wide_updates(ranks=RANKS):
+    rng = np.random.default_rng(0)
+    return [{"l.lora_A": rng.standard_normal((r, D)).astype(np.float32),
+             "l.lora_B": rng.standard_normal((D, r)).astype(np.float32)} for r in ranks]
+
+
+@pytest.mark.parametrize("rule, args", [
+    (zero_pad_average, (_wide_updates(), [1, 2, 3], 4, "holders")),
+    (zero_pad_average, (_wide_updates(), [1, 2, 3], 4, "all")),
+    (hetlora_average, (_wide_updates(), [2.0, 2.0, 2.0], 4)),
+    (weighted_average, (_wide_updates((4, 4, 4)), [1, 2, 3])),
+    (flora_stack, (_wide_updates(), [1, 2, 3], [2.0, 2.0, 2.0])),
+    (accumulate_decomposed, ({"l.B0": np.zeros((D, 8), np.float32)},
+                             [{"l.B2": np.ones((D, r), np.float32),
+                               "l.B1": np.ones((r, 8), np.float32)} for r in RANKS], [1, 2, 3])),
+], ids=["zeropad", "zeropad-all", "hetlora", "fedavg", "flora", "fedalora-hetero"])
+def test_rules_that_need_no_dense_update_never_build_one(rule, args):
+    assert _peak_bytes(rule, *args) < D * D * 8 / 16
+
+
+def test_the_exact_dense_update_is_built_only_where_a_rule_needs_it():
+    """FlexLoRA's SVD needs sum_i p_i s_i B_i A_i densely: the guard above would catch it."""
+    peak = _peak_bytes(lora_product_sum, _wide_updates(), [1, 2, 3], [2.0] * 3, "l")
+    assert peak >= D * D * 8

@@ -1,13 +1,18 @@
 """The ClientApp's handlers, called directly with real messages: what leaves the
 client, what stays, and what a failure leaves behind."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
+from safetensors.torch import load_file
 
 from clients import client_app
+from fedalora import state
+from fedalora.config import ConfigError
 from strategies.common import ARRAYS, CONFIG, to_numpy, to_record
 
 from .conftest import tiny_config
@@ -173,3 +178,96 @@ def test_device_selection():
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="run-config 'device'.*'auto'"):
             select_device("cuda")
+
+
+def test_adapters_share_the_frozen_base_weights_and_copy_only_the_head(hetero_config):
+    client = client_app._client(_context(hetero_config, 0))
+    shared = _b0(hetero_config, _context(hetero_config, 0))
+    base = {p.data_ptr() for p in client.base.model.parameters()}
+    for adapter in (client.build_adapter(shared, None), client.build_adapter(shared, None)):
+        frozen = [p for p in adapter.model.parameters() if not p.requires_grad]
+        assert frozen and all(p.data_ptr() in base for p in frozen)  # no copy of W0
+        assert all(p.data_ptr() not in base for p in adapter.trainable_parameters())
+        assert any(name.startswith("head.") for name in adapter.private_state())
+
+
+def _disk_config(tmp_path, **overrides):
+    return tiny_config(strategy="fedalora-hetero", ranks="8,4,2", state_store="disk",
+                       state_dir=str(tmp_path / "state"), **overrides)
+
+
+def test_disk_state_store_matches_memory_and_survives_a_restarted_node(tmp_path):
+    uploads, privates = {}, {}
+    for store in ("memory", "disk"):
+        config = (_disk_config(tmp_path) if store == "disk" else
+                  tiny_config(strategy="fedalora-hetero", ranks="8,4,2"))
+        context = _context(config)
+        shared = _b0(config, context)
+        for server_round in (1, 2):
+            if store == "disk":
+                context = _context(config)  # a fresh node each round: a restarted SuperNode
+            reply = client_app.train(_message(shared, **{"server-round": server_round,
+                                                         "run-name": "t"}), context)
+        uploads[store] = to_numpy(reply.content[ARRAYS])
+        privates[store] = (load_file(str(tmp_path / "state" / "client-0.safetensors"))
+                           if store == "disk" else _private_arrays(context))
+        if store == "disk":
+            assert client_app.PRIVATE not in context.state  # nothing private in node memory
+    assert uploads["memory"].keys() == uploads["disk"].keys()
+    assert all(np.array_equal(uploads["memory"][k], uploads["disk"][k]) for k in uploads["disk"])
+    assert privates["memory"].keys() == {k for k in privates["disk"]}
+    assert all(np.array_equal(privates["memory"][k], privates["disk"][k].numpy())
+               for k in privates["memory"])
+
+
+def test_node_config_state_dir_wins_and_an_unusable_one_fails_at_query(tmp_path):
+    config = _disk_config(tmp_path)
+    context = _context(config, **{"state-dir": str(tmp_path / "node")})
+    client_app.train(_message(_b0(config, context), **{"run-name": "t"}), context)
+    assert (tmp_path / "node" / "client-0.safetensors").exists()
+    assert not (tmp_path / "state").exists()
+    (tmp_path / "a-file").write_text("")
+    bad = _context(config, **{"state-dir": str(tmp_path / "a-file" / "sub")})
+    with pytest.raises(ConfigError, match="'state-dir'.*writable directory"):
+        client_app.query(Message(RecordDict(), dst_node_id=1, message_type=MessageType.QUERY),
+                         bad)
+
+
+def test_an_interrupted_state_write_keeps_the_previous_state(tmp_path, monkeypatch):
+    path = tmp_path / "client-0.safetensors"
+    state.save_private_state(path, {"x.A": torch.ones(2, 2)})
+
+    def crash(tensors, filename):
+        Path(filename).write_bytes(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(state, "save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        state.save_private_state(path, {"x.A": torch.zeros(2, 2)})
+    assert torch.equal(state.load_private_state(path)["x.A"], torch.ones(2, 2))
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no partial file left
+
+
+def test_bf16_autocast_trains_float32_factors(hetero_config):
+    uploads = {}
+    for bf16 in (False, True):
+        config = tiny_config(strategy="fedalora-hetero", ranks="8,4,2", bf16=bf16)
+        context = _context(config)
+        reply = client_app.train(_message(_b0(config, context)), context)
+        uploads[bf16] = to_numpy(reply.content[ARRAYS])
+    for value in uploads[True].values():
+        assert value.dtype == np.float32 and np.all(np.isfinite(value))
+    key = next(k for k in uploads[True] if k.endswith(".B2"))
+    assert not np.array_equal(uploads[True][key], uploads[False][key])  # autocast was on
+    np.testing.assert_allclose(uploads[True][key], uploads[False][key], atol=5e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_client_trains_on_the_gpu_with_bf16():
+    config = tiny_config(strategy="fedalora-hetero", ranks="8,4,2", device="cuda", bf16=True)
+    context = _context(config)
+    client = client_app._client(context)
+    reply = client_app.train(_message(_b0(config, context)), context)
+    assert next(client.base.model.parameters()).is_cuda  # moved once, shared by adapters
+    assert all(np.all(np.isfinite(v)) for v in to_numpy(reply.content[ARRAYS]).values())
+    assert all(v.device.type == "cpu" for v in client_app._private(context, client, {}).values())

@@ -98,6 +98,7 @@ def test_zero_padding_clients_take_their_first_rows_and_columns():
 
 def test_flora_merges_each_round_once_and_refuses_a_gap():
     _, context, client, strategy = _setup("flora")
+    base = {k: v.clone() for k, v in client.base.model.state_dict().items()}
     node = strategy.nodes[100]
     upload, _, _ = client.train(strategy.download(node), None, 1)
     strategy.shared = strategy.aggregate([upload], [node])
@@ -111,6 +112,10 @@ def test_flora_merges_each_round_once_and_refuses_a_gap():
     assert int(private["state.merged-round"]) == 1
     with pytest.raises(ValueError, match="cannot skip a merge"):
         client.train(stack, private, 4, shared_round=3)
+    merged = client.build_adapter(stack, private, shared_round=1)._lora(module).base_layer.weight
+    torch.testing.assert_close(merged, base[f"{module}.weight"] + private[f"merged.{module}"])
+    after = client.base.model.state_dict()  # the worker's shared W0 is never merged into
+    assert all(torch.equal(base[k], after[k]) for k in base)
 
 
 def test_hetlora_prunes_its_rank_when_the_tail_fades():

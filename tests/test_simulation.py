@@ -25,13 +25,14 @@ TINY = ("num-hidden-layers=2 local-steps=3 batch-size=8 max-length=32 dataset='b
         "num-server-rounds=2 lr=0.001 intermediate-rank=4")
 D_M = 4
 #: run name -> (strategy, ranks, extra run-config): every strategy homogeneous, and
-#: heterogeneous where it can be; one run twice for determinism.
+#: heterogeneous where it can be; one run twice for determinism, the second time with
+#: its private state on disk.
 RUNS = {f"{name}-{setting}": (name, ranks, "")
         for name, spec in SHARING.items()
         for setting, ranks in [("homo", "4"), ("hetero", "8,4,2")]
         if setting == "homo" or spec.heterogeneous}
 RUNS["hetlora-hetero"] = ("hetlora", "8,4,2", "rank-decay=0.5 rank-penalty=0.01")
-RUNS["fedalora-hetero-again"] = RUNS["fedalora-hetero-hetero"]
+RUNS["fedalora-hetero-again"] = ("fedalora-hetero", "8,4,2", "state-store='disk'")
 #: The server's checkpoint holds exactly these per-module arrays.
 SHARED_SUFFIXES = {"fedalora": {"lora_B"}, "fedalora-hetero": {"B0"},
                    "fedit": {"lora_A", "lora_B"}, "zeropad": {"lora_A", "lora_B"},
@@ -144,7 +145,11 @@ def test_logs_never_name_a_private_tensor(runs):
             assert not any(f"{module}{suffix}" in log for suffix in PRIVATE_A.get(strategy, ()))
 
 
-def test_same_seed_gives_the_same_run(runs):
+def test_same_seed_gives_the_same_run_whichever_state_store(runs):
+    files = sorted((runs["fedalora-hetero-again"] / "private-state").iterdir())
+    assert [f.name for f in files] == [f"client-{k}.safetensors" for k in range(3)]
+    assert any(k.endswith(".A") for k in load_file(str(files[0])))
+    assert not (runs["fedalora-hetero-hetero"] / "private-state").exists()
     first = load_file(str(runs["fedalora-hetero-hetero"] / "shared_state.safetensors"))
     second = load_file(str(runs["fedalora-hetero-again"] / "shared_state.safetensors"))
     assert all(np.array_equal(first[k], second[k]) for k in first)

@@ -88,15 +88,29 @@ def test_homogeneous_strategy_averages_b_and_sends_the_same_b(tmp_path):
     assert all(np.allclose(to_numpy(arrays)[k], expected[k]) for k in expected)
 
 
+def _destinations(messages):
+    return [m.metadata.dst_node_id for m in messages]
+
+
 def test_sampling_is_seeded_and_respects_min_nodes(tmp_path):
     nodes = [NodeInfo(100 + i, i, 2, 10) for i in range(10)]
     picks = []
     for _ in range(2):
         strategy = _strategy("fedalora-hetero", tmp_path, nodes, fraction_train=0.3)
-        picks.append([n.partition_id for n in strategy._sample(server_round=4)])
+        picks.append(_destinations(strategy.configure_train(4, None, ConfigRecord(), None)))
     assert picks[0] == picks[1] and len(picks[0]) == 3
     strategy = _strategy("fedalora-hetero", tmp_path, nodes, fraction_train=0.05)
-    assert len(strategy._sample(server_round=1)) == 2  # min-nodes
+    assert len(list(strategy.configure_train(1, None, ConfigRecord(), None))) == 2  # min-nodes
+
+
+def test_fraction_evaluate_samples_but_the_last_round_scores_every_node(tmp_path):
+    nodes = [NodeInfo(100 + i, i, 2, 10) for i in range(10)]
+    strategy = _strategy("fedalora-hetero", tmp_path, nodes, fraction_evaluate=0.4,
+                         num_server_rounds=3)
+    first = _destinations(strategy.configure_evaluate(1, None, ConfigRecord(), None))
+    again = _destinations(strategy.configure_evaluate(1, None, ConfigRecord(), None))
+    assert first == again and len(first) == 4
+    assert len(_destinations(strategy.configure_evaluate(3, None, ConfigRecord(), None))) == 10
 
 
 @pytest.mark.parametrize("name", list(STRATEGIES))

@@ -44,7 +44,7 @@ class ClientAdapter(ABC):
                  rank: int, scale: float, dropout: float) -> None:
         self.targets, self.head_modules = targets, head_modules
         self.rank, self.scale = rank, scale
-        self.model = self._attach(copy.deepcopy(base_model), dropout)
+        self.model = self._attach(share_frozen_weights(base_model, head_modules), dropout)
         for param in self._head_parameters().values():
             param.requires_grad_(True)
 
@@ -183,7 +183,7 @@ class LoRAAdapter(ClientAdapter):
         for m in self.targets:
             stack_a = torch.from_numpy(np.asarray(arrays[f"{m}.stack_A"]))
             stack_b = torch.from_numpy(np.asarray(arrays[f"{m}.stack_B"]))
-            self.merged[m] += (stack_b.double() @ stack_a.double()).to(self.merged[m].dtype)
+            self.merged[m] += (stack_b.double() @ stack_a.double()).to(self.merged[m])
         self.merged_round.fill_(shared_round)
 
     def tail_norm(self, keep: int) -> torch.Tensor:
@@ -195,11 +195,14 @@ class LoRAAdapter(ClientAdapter):
         return self.scale * torch.sqrt(total.clamp_min(0) + 1e-12)
 
     def start_round(self) -> None:
-        """FLoRA: put the merged delta into the frozen weights (the LoRA itself is fresh)."""
+        """FLoRA: this client's frozen weights become W0 + merged delta (a private copy;
+        the shared base weights are left as they are). The LoRA itself is fresh."""
         if self.sharing.merge:
             with torch.no_grad():
                 for m in self.targets:
-                    self._lora(m).base_layer.weight += self.merged[m]
+                    base_layer = self._lora(m).base_layer
+                    base_layer.weight = nn.Parameter(base_layer.weight + self.merged[m],
+                                                     requires_grad=False)
 
     def _private_factors(self) -> Tensors:
         state = {f"{m}.lora_{f}": self._factor(m, f)
@@ -271,6 +274,19 @@ class DecomposedAdapter(ClientAdapter):
             return {m: (self._layer(m).A.detach().clone(),
                         self.scale * self._layer(m).up_projection())
                     for m in self.targets}
+
+
+def share_frozen_weights(base_model: nn.Module, head_modules: list[str]) -> nn.Module:
+    """A copy of ``base_model`` whose modules are new but whose frozen parameters and
+    buffers are the base model's own tensors (no copy): every client that a worker
+    serves shares one set of base weights and swaps only its adapter. The new head
+    (``head_modules``), which clients train, is copied."""
+    head = {id(t) for name in head_modules
+            for t in [*base_model.get_submodule(name).parameters(),
+                      *base_model.get_submodule(name).buffers()]}
+    shared = {id(t): t for t in [*base_model.parameters(), *base_model.buffers()]
+              if id(t) not in head}
+    return copy.deepcopy(base_model, memo=dict(shared))
 
 
 def export_peft_adapter(adapter: ClientAdapter, base_model: nn.Module, path: str | Path) -> Path:

@@ -1,0 +1,68 @@
+"""Shared helpers of the benchmark scripts: the repository on ``sys.path``, the machine
+line every script prints, the final ``key=value`` line, and a peak-memory sampler."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import sys
+import threading
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def machine() -> str:
+    """Where and when the figures were taken."""
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    memory = psutil.virtual_memory().total / 2**30
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+            f"{memory:.0f} GiB, {gpu}; Python {platform.python_version()}, torch "
+            f"{torch.__version__}; {datetime.date.today().isoformat()}")
+
+
+def print_figures(**figures: object) -> None:
+    """The last line of every benchmark: ``key=value`` pairs (floats to 4 significant)."""
+    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                   for k, v in figures.items()), flush=True)
+
+
+class PeakMemory:
+    """Samples the proportional set size (PSS: shared pages split between the processes
+    that map them, so the sum counts each page once) of this process and all of its
+    descendants (SuperLink, simulation, Ray and its workers) every ``interval`` s."""
+
+    def __init__(self, interval: float = 0.25) -> None:
+        self.interval, self.peak_bytes = interval, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def current_bytes(self) -> int:
+        me = psutil.Process()
+        total = 0
+        for process in [me, *me.children(recursive=True)]:
+            try:
+                total += process.memory_full_info().pss
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak_bytes = max(self.peak_bytes, self.current_bytes())
+            self._stop.wait(self.interval)
