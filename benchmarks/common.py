@@ -1,5 +1,6 @@
 """Shared helpers of the benchmark scripts: the repository on ``sys.path``, the machine
-line every script prints, the final ``key=value`` line, and a peak-memory sampler."""
+line every script prints, the final ``key=value`` line, the server-side strategy for
+in-process clients, and a peak-memory sampler."""
 
 from __future__ import annotations
 
@@ -26,6 +27,20 @@ def machine() -> str:
     return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
             f"{memory:.0f} GiB, {gpu}; Python {platform.python_version()}, torch "
             f"{torch.__version__}; {datetime.date.today().isoformat()}")
+
+
+def server_strategy(clients: list):
+    """The run's strategy as the ServerApp sets it up for these ``FederatedClient``s:
+    nodes known (node id = partition id) and its initial shared state."""
+    from strategies import STRATEGIES
+    from strategies.common import NodeInfo
+
+    config = clients[0].config
+    strategy = STRATEGIES[config.strategy](config, clients[0].base.layer_shapes())
+    strategy.nodes = {c.partition_id: NodeInfo(c.partition_id, c.partition_id, c.rank,
+                                               c.data.num_train) for c in clients}
+    strategy.shared = strategy.initial_shared()
+    return strategy
 
 
 def print_figures(**figures: object) -> None:

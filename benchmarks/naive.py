@@ -19,8 +19,7 @@ import argparse
 import statistics
 import time
 
-import numpy as np
-from common import machine, print_figures
+from common import machine, print_figures, server_strategy
 from flwr.common.config import parse_config_args
 
 from fedalora import data, models
@@ -37,25 +36,20 @@ def clear_caches() -> None:
         cached.cache_clear()
 
 
-def one_round(client: FederatedClient, shared: dict[str, np.ndarray], private, server_round):
-    upload, private, _ = client.train(shared, private, server_round)
-    _, private = client.evaluate(shared, private)
-    return private
-
-
 def run(config: FedConfig, rounds: int, naive: bool) -> list[float]:
-    """Seconds of each round (the first includes the cold start for both clients)."""
+    """Seconds of each round (the first includes the cold start for both clients); the
+    client trains and evaluates from the strategy's initial shared state every round."""
     clear_caches()
-    seconds, private, client, shared = [], None, None, None
+    seconds, private, client = [], None, None
     for server_round in range(1, rounds + 1):
         started = time.perf_counter()
+        if naive:
+            clear_caches()
         if naive or client is None:
-            if naive:
-                clear_caches()
             client = FederatedClient(config, PARTITION, NUM_CLIENTS, config.rank_for(PARTITION))
-            shared = {f"{m}.B0": np.zeros((d, config.intermediate_rank), np.float32)
-                      for m, (d, _) in client.base.layer_shapes().items()}
-        private = one_round(client, shared, private, server_round)
+            shared = server_strategy([client]).shared
+        _, private, _ = client.train(shared, private, server_round)
+        _, private = client.evaluate(shared, private)
         seconds.append(time.perf_counter() - started)
     return seconds
 
@@ -70,8 +64,6 @@ def main() -> None:
     print(f"machine: {machine()}")
     config = FedConfig.from_run_config(
         parse_config_args([args.run_config]) if args.run_config.strip() else {})
-    if config.strategy != "fedalora-hetero":
-        parser.error("the comparison runs the default strategy, fedalora-hetero")
     ours = run(config, args.rounds, naive=False)
     naive = run(config, args.rounds, naive=True)
     for name, seconds in (("ours", ours), ("naive", naive)):

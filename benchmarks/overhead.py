@@ -5,7 +5,7 @@ MiniLM on BBC News, 10 steps of batch 16 per round) for ``--rounds`` rounds thro
 ``fedalora.simulate``: its own SuperLink, and a fresh Ray instance that the run
 starts (start-up included), timed from launch to the completed summary.json.
 Plain loop: the same clients, rounds, training steps, aggregation (the strategy's
-pure rule) and evaluations, in this one process, one client after another (the
+own ``aggregate``) and evaluations, in this one process, one client after another (the
 simulation also runs one client at a time on 2 cores: 2 CPUs per client). Both
 load the model and data once. Adapter export is off in both. The two must end
 with the same accuracies (same seeds); the script checks it.
@@ -22,9 +22,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import ROOT, machine, print_figures
+from common import ROOT, machine, print_figures, server_strategy
 
-from fedalora.aggregation import accumulate_decomposed
 from fedalora.client import FederatedClient
 from fedalora.config import FedConfig
 from fedalora.outputs import read_jsonl
@@ -38,21 +37,21 @@ def plain_loop(config: FedConfig) -> tuple[float, list[float]]:
     started = time.perf_counter()
     clients = [FederatedClient(config, k, NUM_CLIENTS, config.rank_for(k))
                for k in range(NUM_CLIENTS)]
-    counts = [c.data.num_train for c in clients]
-    shared = {f"{m}.B0": np.zeros((d, config.intermediate_rank), np.float32)
-              for m, (d, _) in clients[0].base.layer_shapes().items()}
+    strategy = server_strategy(clients)
+    nodes = list(strategy.nodes.values())
     private: list = [None] * NUM_CLIENTS
     for server_round in range(1, config.num_server_rounds + 1):
         uploads = []
-        for k, client in enumerate(clients):
-            upload, private[k], _ = client.train(shared, private[k], server_round,
-                                                 server_round - 1)
+        for k, (client, node) in enumerate(zip(clients, nodes)):
+            upload, private[k], _ = client.train(strategy.download(node), private[k],
+                                                 server_round, server_round - 1)
             uploads.append(upload)
-        shared = accumulate_decomposed(shared, uploads, counts)
+        strategy.shared = strategy.aggregate(uploads, nodes)
         accuracies = []
-        for k, client in enumerate(clients):
+        for k, (client, node) in enumerate(zip(clients, nodes)):
             metrics, private[k] = client.evaluate(
-                shared, private[k], server_round, final=server_round == config.num_server_rounds)
+                strategy.download(node), private[k], server_round,
+                final=server_round == config.num_server_rounds)
             accuracies.append(metrics["accuracy"])
     return time.perf_counter() - started, accuracies
 

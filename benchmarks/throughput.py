@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 import torch
-from common import machine, print_figures
+from common import machine, print_figures, server_strategy
 from peft import LoraConfig, get_peft_model
 
 from fedalora.client import FederatedClient, round_seed
@@ -33,18 +33,11 @@ PARTITION, NUM_CLIENTS, SERVER_ROUND = 0, 8, 1
 
 
 def setup(strategy: str, steps: int) -> tuple[FederatedClient, dict[str, np.ndarray]]:
-    """The default configuration's first client and a zero shared state to train from."""
+    """The default configuration's first client and the strategy's initial shared state."""
     config = FedConfig.from_run_config({"strategy": strategy, "ranks": "64",
                                         "local-steps": steps})
     client = FederatedClient(config, PARTITION, NUM_CLIENTS, config.rank_for(PARTITION))
-    shapes = client.base.layer_shapes()
-    if config.sharing.adapter == "decomposed":
-        shared = {f"{m}.B0": np.zeros((d, config.intermediate_rank), np.float32)
-                  for m, (d, _) in shapes.items()}
-    else:
-        shared = {f"{m}.lora_B": np.zeros((d, client.rank), np.float32)
-                  for m, (d, _) in shapes.items()}
-    return client, shared
+    return client, server_strategy([client]).shared
 
 
 def client_batches(client: FederatedClient) -> list[list[int]]:

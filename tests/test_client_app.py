@@ -248,7 +248,7 @@ def test_an_interrupted_state_write_keeps_the_previous_state(tmp_path, monkeypat
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no partial file left
 
 
-def test_bf16_autocast_trains_float32_factors(hetero_config):
+def test_bf16_autocast_trains_float32_factors():
     uploads = {}
     for bf16 in (False, True):
         config = tiny_config(strategy="fedalora-hetero", ranks="8,4,2", bf16=bf16)
