@@ -1,11 +1,16 @@
 """The Flower ClientApp: one federated client per node.
 
 The node's rank comes from node-config ``lora-rank`` when present, else from
-run-config ``ranks`` indexed by ``partition-id`` (cycled). Private tensors (A, M,
-the local head) are never put in a reply; they live in the node's ``context.state``
-(``state-store=memory``) or in a safetensors file per client on the node's own disk
-(``state-store=disk``) under node-config ``state-dir``, else run-config ``state-dir``,
-else ``<output-dir>/<run-name>/private-state``.
+run-config ``ranks`` indexed by ``partition-id`` (cycled); its data is partition
+``partition-id`` of run-config ``dataset``, or all of node-config ``dataset`` (a file of
+its own). Private tensors (A, M,
+the local head) are never put in a reply; they live, tagged by round
+(``fedalora.state``), in the node's ``context.state`` (``state-store=memory``) or in
+safetensors files on the node's own disk (``state-store=disk``) under node-config
+``state-dir``, else run-config ``state-dir``, else ``<output-dir>/<run-name>/private-state``.
+Training round t starts from the state saved before round t, so a retried or resumed
+round repeats exactly; the train reply reports that state's round
+(``private-state-round``, 0 for a fresh start).
 """
 
 from __future__ import annotations
@@ -14,17 +19,15 @@ import functools
 import os
 from pathlib import Path
 
-import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedalora.client import FederatedClient
 from fedalora.config import ConfigError, FedConfig
 from fedalora.outputs import client_dir
-from fedalora.state import load_private_state, private_state_path, save_private_state
+from fedalora.state import DiskStateStore, MemoryStateStore, PrivateStateStore
 from strategies.common import ARRAYS, CONFIG, METRICS, to_numpy, to_record
 
-PRIVATE = "private"
 app = ClientApp()
 
 
@@ -45,11 +48,13 @@ def train(msg: Message, context: Context) -> Message:
     """Train on local data from the broadcast shared state; upload the shared part only."""
     client = _client(context)
     config = msg.content[CONFIG]
-    upload, private, metrics = client.train(to_numpy(msg.content[ARRAYS]),
-                                            _private(context, client, config),
-                                            int(config["server-round"]),
-                                            int(config["shared-round"]))
-    _store_private(context, client, config, private)
+    server_round = int(config["server-round"])
+    store = _store(context, client, config)
+    private, private_round = store.load(server_round - 1)
+    upload, private, metrics = client.train(to_numpy(msg.content[ARRAYS]), private,
+                                            server_round, int(config["shared-round"]))
+    store.save(server_round, private)
+    metrics["private-state-round"] = private_round
     return Message(RecordDict({ARRAYS: to_record(upload), METRICS: _metrics(metrics)}),
                    reply_to=msg)
 
@@ -61,14 +66,15 @@ def evaluate(msg: Message, context: Context) -> Message:
     client = _client(context)
     config = msg.content[CONFIG]
     shared, shared_round = to_numpy(msg.content[ARRAYS]), int(config["shared-round"])
-    final = bool(config.get("final-round", False))
-    metrics, private = client.evaluate(shared, _private(context, client, config), shared_round,
-                                       final)
+    server_round, final = int(config["server-round"]), bool(config.get("final-round", False))
+    store = _store(context, client, config)
+    private, _ = store.load(server_round)
+    metrics, private = client.evaluate(shared, private, shared_round, final)
     if final and client.config.export_adapters:
         client.export(shared, private,
                       client_dir(_run_dir(client, config), client.partition_id) / "adapter",
                       shared_round)
-    _store_private(context, client, config, private)
+    store.save(server_round, private)
     return Message(RecordDict({METRICS: _metrics(metrics)}), reply_to=msg)
 
 
@@ -80,14 +86,18 @@ def _client(context: Context) -> FederatedClient:
                           "--node-config \"partition-id=0 num-partitions=3\"")
     partition_id, num_partitions = int(node["partition-id"]), int(node["num-partitions"])
     rank = int(node["lora-rank"]) if "lora-rank" in node else config.rank_for(partition_id)
-    return _cached_client(config, partition_id, num_partitions, rank)
+    own_data = "dataset" in node
+    if own_data:  # the node's own file, all of it (run-config keys keep their meaning)
+        config = FedConfig.from_run_config({**context.run_config,
+                                            "dataset": str(node["dataset"]), "partitioning": "iid"})
+    return _cached_client(config, partition_id, num_partitions, rank, own_data)
 
 
 @functools.lru_cache(maxsize=1024)
 def _cached_client(config: FedConfig, partition_id: int, num_partitions: int,
-                   rank: int) -> FederatedClient:
+                   rank: int, own_data: bool) -> FederatedClient:
     """One client object per worker process and node (model and data loaded once)."""
-    return FederatedClient(config, partition_id, num_partitions, rank)
+    return FederatedClient(config, partition_id, num_partitions, rank, own_data)
 
 
 def _run_dir(client: FederatedClient, config: ConfigRecord) -> Path:
@@ -98,10 +108,12 @@ def _explicit_state_dir(context: Context, client: FederatedClient) -> str:
     return str(context.node_config.get("state-dir") or client.config.state_dir)
 
 
-def _state_file(context: Context, client: FederatedClient, config: ConfigRecord) -> Path:
+def _store(context: Context, client: FederatedClient, config: ConfigRecord) -> PrivateStateStore:
+    if client.config.state_store == "memory":
+        return MemoryStateStore(context.state)
     state_dir = (_explicit_state_dir(context, client)
                  or _run_dir(client, config) / "private-state")
-    return private_state_path(state_dir, client.partition_id)
+    return DiskStateStore(state_dir, client.partition_id)
 
 
 def _check_writable(state_dir: str) -> None:
@@ -114,24 +126,6 @@ def _check_writable(state_dir: str) -> None:
     if not os.access(path, os.W_OK):
         raise ConfigError("state-dir", f"'{path}' is not writable; give a writable directory "
                           "on this node")
-
-
-def _private(context: Context, client: FederatedClient,
-             config: ConfigRecord) -> dict[str, torch.Tensor] | None:
-    if client.config.state_store == "disk":
-        return load_private_state(_state_file(context, client, config))
-    if PRIVATE not in context.state:
-        return None
-    record: ArrayRecord = context.state[PRIVATE]
-    return {k: torch.from_numpy(v) for k, v in to_numpy(record).items()}
-
-
-def _store_private(context: Context, client: FederatedClient, config: ConfigRecord,
-                   private: dict[str, torch.Tensor]) -> None:
-    if client.config.state_store == "disk":
-        save_private_state(_state_file(context, client, config), private)
-        return
-    context.state[PRIVATE] = to_record({k: v.detach().cpu().numpy() for k, v in private.items()})
 
 
 def _metrics(metrics: dict[str, float]) -> MetricRecord:

@@ -41,6 +41,7 @@ def run_centralised(config: FedConfig, num_clients: int, run_dir: str | Path) ->
     """Train the pooled multi-task reference and write its run directory."""
     started = time.perf_counter()
     recorder = RunRecorder(run_dir)
+    recorder.start()
     try:
         rows = _train(config, num_clients, recorder)
     except BaseException as exc:

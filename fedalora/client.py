@@ -28,10 +28,11 @@ RANK, TAIL_NORM = "client.rank", "client.tail-norm"
 
 
 class FederatedClient:
-    """Client ``partition_id`` of ``num_partitions`` training at LoRA rank ``rank``."""
+    """Client ``partition_id`` of ``num_partitions`` training at LoRA rank ``rank``; with
+    ``own_data`` the whole of ``config.dataset`` is this client's (a node's own file)."""
 
     def __init__(self, config: FedConfig, partition_id: int, num_partitions: int,
-                 rank: int) -> None:
+                 rank: int, own_data: bool = False) -> None:
         self.config, self.partition_id, self.rank = config, partition_id, rank
         self.device = select_device(config.device, config.bf16)
         self.base: BaseModel = cached_base_model(
@@ -39,8 +40,9 @@ class FederatedClient:
             config.num_hidden_layers, config.seed)
         self.base.model.to(self.device)  # once per worker: every adapter shares these weights
         validate_rank("lora-rank", rank, self.base.layer_shapes())
+        data_partition = (0, 1) if own_data else (partition_id, num_partitions)
         self.data: ClientData = load_client_data(
-            config.dataset, config.partitioning, partition_id, num_partitions,
+            config.dataset, config.partitioning, *data_partition,
             config.test_fraction, config.seed, self.base.tokenizer, config.max_length)
         if config.global_test_examples:  # fail before training if there is no such split
             load_official_test(config.dataset, config.global_test_examples, config.seed,

@@ -68,6 +68,11 @@ class FedConfig:
     output_dir: str = "outputs"
     run_name: str = ""
     round_timeout: float = 3600.0
+    round_retries: int = 1
+    max_update_rms: float = 100.0
+    max_norm_ratio: float = 10.0
+    checkpoint: bool = True
+    resume: bool = False
 
     # ----------------------------------------------------------------- parsing
     @classmethod
@@ -142,6 +147,18 @@ class FedConfig:
                  f"choose one of: {', '.join(STATE_STORES)} (disk: one safetensors file per "
                  "client under state-dir)")
         _require(self.round_timeout > 0, "round-timeout", "must be positive (seconds)")
+        _require(self.round_retries >= 0, "round-retries",
+                 "must be >= 0 (times a round with fewer than min-nodes good replies is rerun)")
+        _require(self.max_update_rms > 0, "max-update-rms",
+                 "must be positive (largest root-mean-square entry of an accepted update)")
+        _require(self.max_norm_ratio == 0 or self.max_norm_ratio > 1, "max-norm-ratio",
+                 "must be > 1 (an update this many times the round's median RMS is rejected) "
+                 "or 0 to turn the check off")
+        if self.resume:
+            _require(self.checkpoint, "resume", "needs checkpoint=true")
+            _require(self.state_store == "disk", "resume",
+                     "needs state-store='disk', so that each client's private factors outlive "
+                     "the interrupted run; rerun both runs with state-store='disk'")
 
     @staticmethod
     def heterogeneous_strategies() -> list[str]:

@@ -233,8 +233,12 @@ def _load_user_dataset(name: str) -> datasets.Dataset:
         if not path.is_file():
             raise ConfigError("dataset", f"file '{path}' does not exist; give an existing "
                               f".json/.jsonl/.csv file or one of: {', '.join(PACKAGED_DATASETS)}")
-        dataset = datasets.load_dataset(LOCAL_SUFFIXES[path.suffix], data_files=str(path),
-                                        split="train")
+        try:
+            dataset = datasets.load_dataset(LOCAL_SUFFIXES[path.suffix], data_files=str(path),
+                                            split="train")
+        except ValueError as exc:  # an empty file has no train split at all
+            raise ConfigError("dataset", f"cannot read '{path}': {exc}; give a file with "
+                              "at least one row per client") from exc
     elif path.exists() or "/" not in name:
         raise ConfigError("dataset", f"unknown data set '{name}'; choose one of: "
                           f"{', '.join(PACKAGED_DATASETS)}, a .json/.jsonl/.csv file with "
@@ -251,7 +255,8 @@ def _load_user_dataset(name: str) -> datasets.Dataset:
                           "'text' and 'label' (classification) or 'instruction' and "
                           "'response' (instruction tuning)")
     if len(dataset) == 0:
-        raise ConfigError("dataset", f"'{name}' has no rows")
+        raise ConfigError("dataset", f"'{name}' has no rows; give a file with at least one "
+                          "row per client")
     return dataset
 
 

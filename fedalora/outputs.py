@@ -27,8 +27,19 @@ class RunRecorder:
     def __init__(self, run_dir: str | Path) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        for name in (METRICS, ROUNDS, SUMMARY):
-            (self.run_dir / name).unlink(missing_ok=True)
+
+    def start(self, resume_after: int = 0) -> None:
+        """Begin a run's records: afresh, or, when resuming after round
+        ``resume_after``, keeping the rows up to that round (and dropping any that a
+        killed run wrote for later rounds)."""
+        (self.run_dir / SUMMARY).unlink(missing_ok=True)
+        for name in (METRICS, ROUNDS):
+            path = self.run_dir / name
+            kept = ([row for row in read_jsonl(path) if row["round"] <= resume_after]
+                    if resume_after and path.exists() else [])
+            path.unlink(missing_ok=True)
+            for row in kept:
+                self._append(name, row)
 
     def write_config(self, config: Mapping[str, Any]) -> None:
         _write_json_atomic(self.run_dir / CONFIG, config)

@@ -17,12 +17,15 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+
+import psutil
 
 CONNECTION = "fedalora-sim"
 
@@ -46,7 +49,7 @@ def run_simulation(app_dir: str | Path, run_name: str, *, num_supernodes: int = 
     app_dir = Path(app_dir).resolve()
     output_dir = Path(output_dir or app_dir / "outputs").resolve()
     flwr_home = Path(flwr_home or app_dir / ".flwr-home").resolve()
-    port = _free_port()
+    port = free_port()
     _write_connection(flwr_home, port)
     bin_dir = Path(sys.executable).parent  # the SuperLink starts flower-superexec by name
     env = {**os.environ, "FLWR_HOME": str(flwr_home), "PATH": f"{bin_dir}{os.pathsep}"
@@ -60,7 +63,7 @@ def run_simulation(app_dir: str | Path, run_name: str, *, num_supernodes: int = 
         cwd=app_dir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True)
     try:
-        _wait_healthy(port, superlink)
+        wait_healthy(f"http://127.0.0.1:{port}", superlink)
         federation = [f"num-supernodes={num_supernodes}"]
         if num_cpus is not None:
             federation.append(f"client-resources-num-cpus={int(num_cpus)}")
@@ -75,31 +78,40 @@ def run_simulation(app_dir: str | Path, run_name: str, *, num_supernodes: int = 
             subprocess.run(command, cwd=app_dir, env=env, timeout=timeout, check=False,  # noqa: S603
                            stdout=None if log_path is None else log, stderr=subprocess.STDOUT)
     finally:
-        _stop(superlink)
-    run_dir = output_dir / run_name
+        stop_process_tree(superlink)
+    return completed_run(output_dir / run_name, log_path)
+
+
+def completed_run(run_dir: Path, log_path: str | Path | None = None) -> Path:
+    """``run_dir`` if its summary.json says completed; else SimulationFailed with why."""
     summary = run_dir / "summary.json"
     if not summary.exists():
         where = f"see {log_path}" if log_path else "see the output above"
-        raise SimulationFailed(f"run '{run_name}' wrote no summary.json ({where})")
+        raise SimulationFailed(f"run '{run_dir.name}' wrote no summary.json ({where})")
     status = json.loads(summary.read_text())
     if status.get("status") != "completed":
-        raise SimulationFailed(f"run '{run_name}' {status.get('status')}: {status.get('error')}")
+        raise SimulationFailed(f"run '{run_dir.name}' {status.get('status')}: "
+                               f"{status.get('error')}")
     return run_dir
 
 
 @contextlib.contextmanager
-def ray_cluster(num_cpus: int | None = None) -> Iterator[str]:
-    """A one-machine Ray head on a free loopback port for several runs to join (each run
-    then skips Ray's start-up); yields its address. ``ray stop --force`` on exit stops
-    every Ray process of this user on the machine."""
+def ray_cluster(num_cpus: int | None = None, worker_nodes: int = 0) -> Iterator[str]:
+    """A Ray cluster on this machine for runs to join: a head on a free loopback port
+    and ``worker_nodes`` more Ray nodes joining it (each with ``num_cpus``), the same
+    ``ray start`` commands as on several machines; yields the head's address.
+    ``ray stop --force`` on exit stops every Ray process of this user on the machine."""
     ray = Path(sys.executable).parent / "ray"
-    command = [str(ray), "start", "--head", "--node-ip-address", "127.0.0.1", "--port",
-               str(_free_port()), "--include-dashboard", "false", "--disable-usage-stats"]
-    if num_cpus is not None:
-        command += ["--num-cpus", str(num_cpus)]
-    subprocess.run(command, check=True, capture_output=True, timeout=120)  # noqa: S603
+    address = f"127.0.0.1:{free_port()}"
+    cpus = [] if num_cpus is None else ["--num-cpus", str(num_cpus)]
+    commands = [[str(ray), "start", "--head", "--port", address.split(":")[1],
+                 "--include-dashboard", "false"]]
+    commands += [[str(ray), "start", "--address", address]] * worker_nodes
     try:
-        yield f"127.0.0.1:{command[command.index('--port') + 1]}"
+        for command in commands:
+            subprocess.run([*command, "--node-ip-address", "127.0.0.1", "--disable-usage-stats",  # noqa: S603
+                            *cpus], check=True, capture_output=True, timeout=120)
+        yield address
     finally:
         subprocess.run([str(ray), "stop", "--force"], check=False, capture_output=True,  # noqa: S603
                        timeout=120)
@@ -112,19 +124,21 @@ def _write_connection(flwr_home: Path, port: int) -> None:
         f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
-def _wait_healthy(port: int, process: subprocess.Popen, timeout: float = 60) -> None:
+def wait_healthy(url: str, process: subprocess.Popen, timeout: float = 60,
+                 context: ssl.SSLContext | None = None) -> None:
+    """Wait until the SuperLink answers ``<url>/health`` (``context``: its TLS trust)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise SimulationFailed(f"flower-superlink exited with code {process.returncode}")
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as reply:
+            with urllib.request.urlopen(f"{url}/health", timeout=1, context=context) as reply:
                 if reply.status == 200:
                     return
         except OSError:
@@ -132,16 +146,28 @@ def _wait_healthy(port: int, process: subprocess.Popen, timeout: float = 60) -> 
     raise SimulationFailed(f"flower-superlink did not become healthy within {timeout:.0f} s")
 
 
-def _stop(process: subprocess.Popen) -> None:
-    """Stop the SuperLink and everything it started (its process group)."""
-    if process.poll() is not None:
-        return
-    os.killpg(process.pid, signal.SIGTERM)
+def stop_process_tree(process: subprocess.Popen, timeout: float = 20) -> None:
+    """Stop a process and every process under it, whatever their session (the SuperLink
+    starts its SuperExec detached, and the SuperExec the ServerApp or simulation):
+    SIGTERM, then SIGKILL for whatever is left after ``timeout`` seconds."""
     try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+        root = psutil.Process(process.pid)
+        tree = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        tree = []
+    for member in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            member.terminate()
+    _, alive = psutil.wait_procs(tree, timeout=timeout)
+    for member in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            member.kill()
+    psutil.wait_procs(alive, timeout=timeout)
+    process.wait()
+
+
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def main() -> None:
@@ -156,6 +182,7 @@ def main() -> None:
     parser.add_argument("--ray-address", default=None,
                         help="an existing Ray cluster ('auto' or host:port); default: a new one")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, _exit_on_signal)  # so that the SuperLink is stopped too
     started = time.perf_counter()
     run_dir = run_simulation(args.app, args.run_name, num_supernodes=args.num_supernodes,
                              run_config=args.run_config, output_dir=args.output_dir,

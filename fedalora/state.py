@@ -1,44 +1,120 @@
-"""A client's private state on its own disk (``state-store=disk``).
+"""A client's private state, kept by round so that a retried or resumed round starts
+from exactly the state it started from the first time.
 
-One safetensors file per client, ``<state-dir>/client-<partition-id>.safetensors``,
-replaced atomically (written next to it, then renamed), so a crash mid-write leaves
-the previous round's state intact. Only the clients active in a round hold their
-state in memory, whatever the size of the federation.
+Each saved state is tagged with the server round that produced it. Training in round
+t starts from the newest state tagged below t; evaluating round t from the newest
+tagged t or below. A store keeps the state it just saved and the newest one below it,
+and drops tags above (left by an abandoned, later-resumed run). Two backends:
+
+- ``DiskStateStore`` (``state-store=disk``): ``<state-dir>/client-<id>.round-<t>.safetensors``
+  on the node's own disk, written atomically (temp file, then rename), so a crash
+  mid-write leaves the previous state intact and a restarted node continues with it.
+- ``MemoryStateStore`` (``state-store=memory``): ArrayRecords in the node's
+  ``context.state``; lost when the node process ends.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import tempfile
+from abc import ABC, abstractmethod
+from collections.abc import MutableMapping
 from pathlib import Path
 
+import numpy as np
 import torch
+from flwr.app import Array, ArrayRecord
 from safetensors.torch import load_file, save_file
 
 Tensors = dict[str, torch.Tensor]
 
 
-def private_state_path(state_dir: str | Path, partition_id: int) -> Path:
-    """The file that holds client ``partition_id``'s private state."""
-    return Path(state_dir).expanduser() / f"client-{partition_id}.safetensors"
+class PrivateStateStore(ABC):
+    """Round-tagged private tensors of one client."""
+
+    def load(self, up_to_round: int) -> tuple[Tensors | None, int]:
+        """The newest state tagged ``<= up_to_round`` and its tag; (None, 0) if none."""
+        tags = [t for t in self.tags() if t <= up_to_round]
+        if not tags:
+            return None, 0
+        return self._read(max(tags)), max(tags)
+
+    def save(self, server_round: int, state: Tensors) -> None:
+        """Store ``state`` under ``server_round``; keep only it and the newest tag below."""
+        self._write(server_round, {k: v.detach().to("cpu").contiguous() for k, v in state.items()})
+        below = [t for t in self.tags() if t < server_round]
+        keep = {server_round, max(below)} if below else {server_round}
+        for tag in set(self.tags()) - keep:
+            self._delete(tag)
+
+    @abstractmethod
+    def tags(self) -> list[int]: ...
+
+    @abstractmethod
+    def _read(self, tag: int) -> Tensors: ...
+
+    @abstractmethod
+    def _write(self, tag: int, state: Tensors) -> None: ...
+
+    @abstractmethod
+    def _delete(self, tag: int) -> None: ...
 
 
-def save_private_state(path: str | Path, state: Tensors) -> None:
-    """Write ``state`` to ``path`` atomically (CPU, contiguous copies)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        save_file(tensors, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+class DiskStateStore(PrivateStateStore):
+    """Safetensors files ``client-<partition_id>.round-<t>.safetensors`` in ``state_dir``."""
+
+    def __init__(self, state_dir: str | Path, partition_id: int) -> None:
+        self.dir = Path(state_dir).expanduser()
+        self.prefix = f"client-{partition_id}.round-"
+        self._pattern = re.compile(re.escape(self.prefix) + r"(\d+)\.safetensors")
+
+    def path(self, tag: int) -> Path:
+        return self.dir / f"{self.prefix}{tag}.safetensors"
+
+    def tags(self) -> list[int]:
+        if not self.dir.is_dir():
+            return []
+        return sorted(int(m.group(1)) for p in self.dir.iterdir()
+                      if (m := self._pattern.fullmatch(p.name)))
+
+    def _read(self, tag: int) -> Tensors:
+        return load_file(str(self.path(tag)))
+
+    def _write(self, tag: int, state: Tensors) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        handle, tmp = tempfile.mkstemp(dir=self.dir, prefix=f".{self.prefix}", suffix=".tmp")
+        os.close(handle)
+        try:
+            save_file(state, tmp)
+            os.replace(tmp, self.path(tag))
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def _delete(self, tag: int) -> None:
+        self.path(tag).unlink(missing_ok=True)
 
 
-def load_private_state(path: str | Path) -> Tensors | None:
-    """The state saved at ``path``, or None when the client has none yet."""
-    path = Path(path)
-    return load_file(str(path)) if path.exists() else None
+class MemoryStateStore(PrivateStateStore):
+    """ArrayRecords ``private.round-<t>`` in a node's ``context.state``."""
+
+    PREFIX = "private.round-"
+
+    def __init__(self, node_state: MutableMapping) -> None:
+        self.node_state = node_state
+
+    def tags(self) -> list[int]:
+        return sorted(int(key[len(self.PREFIX):]) for key in list(self.node_state.keys())
+                      if key.startswith(self.PREFIX))
+
+    def _read(self, tag: int) -> Tensors:
+        record: ArrayRecord = self.node_state[f"{self.PREFIX}{tag}"]
+        return {k: torch.from_numpy(a.numpy()) for k, a in record.items()}
+
+    def _write(self, tag: int, state: Tensors) -> None:
+        self.node_state[f"{self.PREFIX}{tag}"] = ArrayRecord(
+            {k: Array(np.ascontiguousarray(v.numpy())) for k, v in state.items()})
+
+    def _delete(self, tag: int) -> None:
+        del self.node_state[f"{self.PREFIX}{tag}"]

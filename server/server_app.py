@@ -1,19 +1,28 @@
 """The Flower ServerApp: validate the configuration, discover the nodes' ranks, run the
-strategy, and write the run directory (config, metrics, rounds, shared state, summary)."""
+strategy (checkpointing every round, or resuming from the last checkpoint), and write
+the run directory (config, metrics, rounds, checkpoint, shared state, summary)."""
 
 from __future__ import annotations
 
 import time
+from logging import INFO
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
+from flwr.supercore import log
 
-from fedalora.config import FedConfig, validate_rank
+from fedalora.checkpoint import (
+    RESUMABLE_CHANGES,
+    Checkpoint,
+    config_changes,
+    load_checkpoint,
+    save_checkpoint,
+)
+from fedalora.config import ConfigError, FedConfig, validate_rank
 from fedalora.models import adapted_layer_shapes
 from fedalora.outputs import RunRecorder
 from strategies import STRATEGIES
-from strategies.common import to_record
 
 app = ServerApp()
 
@@ -38,24 +47,58 @@ def main(grid: Grid, context: Context) -> None:
 
 def run_federation(grid: Grid, config: FedConfig, run_name: str,
                    recorder: RunRecorder) -> dict:
-    """Everything before training is validated; returns the final figures."""
+    """Everything before training is validated; returns the final figures.
+
+    With ``checkpoint=true`` the shared and strategy state is checkpointed after every
+    round; ``resume=true`` continues from the last checkpoint of ``run-name``.
+    """
     layer_shapes = adapted_layer_shapes(config.model, config.target_modules,
                                         config.num_hidden_layers)
     for rank in config.rank_list:
         validate_rank("ranks", rank, layer_shapes)
+    saved = _checkpoint_to_resume(config, recorder.run_dir) if config.resume else None
     strategy = STRATEGIES[config.strategy](config, layer_shapes, recorder)
     nodes = strategy.discover(grid, config.round_timeout)
+    if saved:
+        strategy.restore(saved)
+        log(INFO, "resuming '%s' after round %d of %d", run_name, saved.server_round,
+            config.num_server_rounds)
+    recorder.start(resume_after=saved.server_round if saved else 0)
     recorder.write_config({**config.to_run_config(), "run-name": run_name,
                            "clients": [{"client": n.partition_id, "rank": n.rank,
                                         "num_examples": n.num_examples}
                                        for n in nodes.values()],
                            "adapted_layers": {k: list(v) for k, v in layer_shapes.items()}})
-    result = strategy.start(grid, to_record(strategy.shared), num_rounds=config.num_server_rounds,
-                            timeout=config.round_timeout,
-                            train_config=ConfigRecord({"run-name": run_name}),
-                            evaluate_config=ConfigRecord({"run-name": run_name}))
+
+    def checkpoint(server_round: int) -> None:
+        if config.checkpoint:
+            save_checkpoint(recorder.run_dir, strategy.checkpoint(server_round))
+
+    evaluations = strategy.run(grid, ConfigRecord({"run-name": run_name}),
+                               ConfigRecord({"run-name": run_name}),
+                               first_round=saved.server_round + 1 if saved else 1,
+                               on_round_end=checkpoint)
     recorder.save_shared(strategy.shared)
-    final = result.evaluate_metrics_clientapp.get(config.num_server_rounds)
+    final = evaluations.get(config.num_server_rounds)
     return {"rounds": config.num_server_rounds, "num_clients": len(nodes),
+            "resumed_after_round": saved.server_round if saved else None,
             "final_mean_accuracy": None if final is None else final["mean-accuracy"],
             "final_worst_accuracy": None if final is None else final["worst-accuracy"]}
+
+
+def _checkpoint_to_resume(config: FedConfig, run_dir: Path) -> Checkpoint:
+    """The checkpoint ``resume=true`` continues from; ConfigError if it cannot."""
+    saved = load_checkpoint(run_dir)
+    if saved is None:
+        raise ConfigError("resume", f"no checkpoint in '{run_dir}'; give the run-name of a "
+                          "run started with checkpoint=true, or set resume=false")
+    changed = config_changes(saved.config, config.to_run_config())
+    if changed:
+        raise ConfigError("resume", f"run-config {changed} differ from the checkpoint's; "
+                          "resume with the interrupted run's values (only "
+                          f"{sorted(RESUMABLE_CHANGES)} may change)")
+    if saved.server_round >= config.num_server_rounds:
+        raise ConfigError("num-server-rounds", f"the checkpoint already has round "
+                          f"{saved.server_round} of {config.num_server_rounds}; raise "
+                          "num-server-rounds to train further")
+    return saved

@@ -1,14 +1,15 @@
-"""Shared helpers of the LoRA strategies: rank discovery, per-node messages, reply
-checks, communication accounting and run records. A strategy subclasses
-``LoRAStrategy`` and supplies its initial shared state, the shapes a client of a
-given rank uploads, and its aggregation rule (a pure function from ``fedalora``)."""
+"""Shared helpers of the LoRA strategies: rank discovery, the round loop (retries,
+checkpoints, resume), per-node messages, reply screening, communication accounting
+and run records. A strategy subclasses ``LoRAStrategy`` and supplies its initial
+shared state, the shapes a client of a given rank uploads, and its aggregation rule
+(a pure function from ``fedalora``)."""
 
 from __future__ import annotations
 
 import dataclasses
 import time
 from abc import abstractmethod
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 
@@ -26,14 +27,18 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
+from fedalora.checkpoint import Checkpoint
 from fedalora.config import ConfigError, FedConfig, validate_rank
 from fedalora.outputs import RunRecorder
+from fedalora.screening import norm_outliers, update_problem, update_rms
 from fedalora.sharing import A, B, seeded_lora_a
 
 Arrays = dict[str, np.ndarray]
 Shapes = dict[str, tuple[int, ...]]
 #: Record keys of every message in both directions.
 ARRAYS, CONFIG, METRICS = "arrays", "config", "metrics"
+#: Metrics every train and evaluate reply carries.
+REPLY_METRICS = ("num-examples", "loss", "accuracy", "seconds")
 
 
 @dataclass(frozen=True)
@@ -48,13 +53,19 @@ class NodeInfo:
 
 @dataclass
 class RoundTally:
-    """Communication and timing of the round in progress."""
+    """Communication and timing of the round in progress (over all its attempts)."""
 
+    server_round: int = 0
     started: float = field(default_factory=time.perf_counter)
+    attempts: int = 0
+    skipped: bool = False
     bytes_up: int = 0
     bytes_down: int = 0
     aggregate_seconds: float = 0.0
+    failed: int = 0  # error replies and missing replies, both phases
+    rejected: int = 0  # updates screened out
     sent: dict[int, int] = field(default_factory=dict)  # node id -> bytes of its last message
+    awaiting: set[int] = field(default_factory=set)  # node ids sent to in the current phase
 
 
 def to_numpy(record: ArrayRecord) -> Arrays:
@@ -90,19 +101,6 @@ def initial_lora(layer_shapes: Mapping[str, tuple[int, int]], rank: int, seed: i
     return {key: (seeded_lora_a(seed, key.rsplit(".", 1)[0], *shape) if key.endswith("lora_A")
                   else np.zeros(shape, np.float32))
             for key, shape in lora_shapes(layer_shapes, rank, factors).items()}
-
-
-def update_problem(update: Mapping[str, np.ndarray], expected: Shapes) -> str | None:
-    """Why an uploaded update must not be aggregated, or None if it is well-formed."""
-    if set(update) != set(expected):
-        missing, extra = sorted(set(expected) - set(update)), sorted(set(update) - set(expected))
-        return f"keys differ from the expected upload (missing {missing[:2]}, extra {extra[:2]})"
-    for key, shape in expected.items():
-        if tuple(update[key].shape) != shape:
-            return f"'{key}' has shape {tuple(update[key].shape)}, expected {shape}"
-        if not np.all(np.isfinite(update[key])):
-            return f"'{key}' contains NaN or Inf"
-    return None
 
 
 class LoRAStrategy(Strategy):
@@ -166,32 +164,113 @@ class LoRAStrategy(Strategy):
         self.shared = self.initial_shared()
         return self.nodes
 
+    # --------------------------------------------------------------- round loop
+    def run(self, grid: Grid, train_config: ConfigRecord, evaluate_config: ConfigRecord,
+            first_round: int = 1, on_round_end: Callable[[int], None] | None = None
+            ) -> dict[int, MetricRecord]:
+        """Rounds ``first_round`` .. num-server-rounds; returns each round's evaluation.
+
+        A round whose training yields fewer than min-nodes accepted updates keeps the
+        shared state and is rerun up to ``round-retries`` times (a fresh node sample
+        each time), then skipped. ``on_round_end(round)`` follows each evaluation (the
+        server's checkpoint).
+        """
+        self.summary()
+        timeout, last = self.config.round_timeout, self.config.num_server_rounds
+        evaluations: dict[int, MetricRecord] = {}
+        for server_round in range(first_round, last + 1):
+            log(INFO, "[ROUND %d/%d]", server_round, last)
+            for attempt in range(self.config.round_retries + 1):
+                replies = grid.send_and_receive(
+                    self.configure_train(server_round, None, train_config, grid, attempt),
+                    timeout=timeout)
+                if self.aggregate_train(server_round, replies)[0] is not None:
+                    break
+                if attempt < self.config.round_retries:
+                    log(WARNING, "round %d: retrying (%d of %d)", server_round, attempt + 1,
+                        self.config.round_retries)
+            else:
+                self._tally.skipped = True
+                log(WARNING, "round %d skipped after %d attempts; the shared state is that of "
+                    "round %d", server_round, self.config.round_retries + 1, self.shared_round)
+            replies = grid.send_and_receive(
+                self.configure_evaluate(server_round, None, evaluate_config, grid),
+                timeout=timeout)
+            metrics = self.aggregate_evaluate(server_round, replies)
+            if metrics is not None:
+                evaluations[server_round] = metrics
+            if on_round_end:
+                on_round_end(server_round)
+        return evaluations
+
+    def checkpoint(self, server_round: int) -> Checkpoint:
+        """Everything the server needs to continue after ``server_round``."""
+        return Checkpoint(server_round, self.shared_round, self.shared,
+                          [{"partition_id": n.partition_id, "rank": n.rank,
+                            "num_examples": n.num_examples} for n in self.nodes.values()],
+                          self.config.to_run_config())
+
+    def restore(self, checkpoint: Checkpoint) -> None:
+        """Continue from ``checkpoint`` with the freshly discovered nodes, which must be
+        the checkpoint's clients (ranks as they were then, e.g. after HetLoRA pruning)."""
+        saved = {c["partition_id"]: c for c in checkpoint.clients}
+        found = {n.partition_id for n in self.nodes.values()}
+        if found != set(saved):
+            raise ConfigError("resume", f"the checkpoint has clients {sorted(saved)} but the "
+                              f"connected nodes are clients {sorted(found)}; start the same "
+                              "nodes (partition-id) as the interrupted run")
+        for node_id, node in self.nodes.items():
+            if node.num_examples != saved[node.partition_id]["num_examples"]:
+                raise ConfigError("resume", f"client {node.partition_id} now has "
+                                  f"{node.num_examples} examples, the checkpoint "
+                                  f"{saved[node.partition_id]['num_examples']}; resume with "
+                                  "the same data and partitioning")
+            self.nodes[node_id] = dataclasses.replace(node,
+                                                      rank=saved[node.partition_id]["rank"])
+        expected = {k: v.shape for k, v in self.initial_shared().items()}
+        saved_shapes = {k: v.shape for k, v in checkpoint.shared.items()}
+        foreign = [k for k in saved_shapes if k.rsplit(".", 1)[0] not in self.layer_shapes]
+        if foreign or (expected and saved_shapes != expected):  # FLoRA's stack grows
+            raise ConfigError("resume", "the checkpoint's shared state does not fit this "
+                              "strategy, model and ranks; resume with the same run-config")
+        self.shared = {k: np.array(v) for k, v in checkpoint.shared.items()}
+        self.shared_round = checkpoint.shared_round
+
     # -------------------------------------------------------------- train phase
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
-        self._tally = RoundTally()
-        sampled = self._sample(server_round, self.config.fraction_train, stream=0)
+    def configure_train(self, server_round: int, arrays: ArrayRecord | None,
+                        config: ConfigRecord, grid: Grid | None,
+                        attempt: int = 0) -> Iterable[Message]:
+        if self._tally.server_round != server_round:
+            self._tally = RoundTally(server_round)
+        self._tally.attempts += 1
+        sampled = self._sample(server_round, self.config.fraction_train, stream=0,
+                               attempt=attempt)
         log(INFO, "configure_train: %d of %d nodes", len(sampled), len(self.nodes))
         return self._messages(sampled, server_round, config, MessageType.TRAIN)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        accepted: list[tuple[NodeInfo, Arrays, MetricRecord]] = []
+        candidates: list[tuple[NodeInfo, Arrays, MetricRecord]] = []
         for reply, node in self._replies(replies, server_round, "train"):
             update = to_numpy(reply.content[ARRAYS])
             self._tally.bytes_up += payload_bytes(reply.content[ARRAYS])
-            rank = int(reply.content[METRICS].get("rank", node.rank))
-            problem = (self._rank_problem(node, rank)
-                       or update_problem(update, self.upload_shapes(rank)))
-            if not problem and rank != node.rank:
+            problem, rank = self._screen(reply, node, update)
+            if problem:
+                self._reject(server_round, node, problem)
+                continue
+            if rank != node.rank:
                 log(INFO, "round %d: client %d pruned its rank %d -> %d", server_round,
                     node.partition_id, node.rank, rank)
                 node = self.nodes[node.node_id] = dataclasses.replace(node, rank=rank)
+            candidates.append((node, update, reply.content[METRICS]))
+        outliers = norm_outliers([update_rms(u) for _, u, _ in candidates],
+                                 self.config.max_norm_ratio)
+        accepted = []
+        for candidate, problem in zip(candidates, outliers, strict=True):
             if problem:
-                log(WARNING, "round %d: rejected update of node %d (client %d): %s",
-                    server_round, node.node_id, node.partition_id, problem)
-                continue
-            accepted.append((node, update, reply.content[METRICS]))
+                self._reject(server_round, candidate[0], problem)
+            else:
+                accepted.append(candidate)
         if len(accepted) < self.config.min_nodes:
             log(WARNING, "round %d: %d accepted updates, fewer than min-nodes=%d; the shared "
                 "state is kept", server_round, len(accepted), self.config.min_nodes)
@@ -204,6 +283,23 @@ class LoRAStrategy(Strategy):
         weights = np.array([m["num-examples"] for _, _, m in accepted], dtype=float)
         mean_loss = float(np.average([m["loss"] for _, _, m in accepted], weights=weights))
         return to_record(self.shared), MetricRecord({"train-loss": mean_loss})
+
+    def _screen(self, reply: Message, node: NodeInfo, update: Arrays) -> tuple[str | None, int]:
+        """Why a reply's update is unusable on its own (or None), and its rank."""
+        metrics = reply.content[METRICS]
+        if not (float(metrics["num-examples"]) > 0 and np.isfinite(metrics["num-examples"])):
+            return f"num-examples is {metrics['num-examples']}, must be positive", node.rank
+        if not np.isfinite(metrics["loss"]):
+            return f"training loss is {metrics['loss']}", node.rank
+        rank = int(metrics.get("rank", node.rank))
+        problem = (self._rank_problem(node, rank) or
+                   update_problem(update, self.upload_shapes(rank), self.config.max_update_rms))
+        return problem, rank
+
+    def _reject(self, server_round: int, node: NodeInfo, problem: str) -> None:
+        log(WARNING, "round %d: rejected update of node %d (client %d): %s", server_round,
+            node.node_id, node.partition_id, problem)
+        self._tally.rejected += 1
 
     # ----------------------------------------------------------- evaluate phase
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -219,7 +315,8 @@ class LoRAStrategy(Strategy):
         scores = [float(reply.content[METRICS]["accuracy"])
                   for reply, _ in self._replies(replies, server_round, "evaluate")]
         tally = self._tally
-        row = {"round": server_round,
+        row = {"round": server_round, "attempts": tally.attempts, "skipped": tally.skipped,
+               "failed": tally.failed, "rejected": tally.rejected,
                "mean_accuracy": float(np.mean(scores)) if scores else None,
                "worst_accuracy": float(np.min(scores)) if scores else None,
                "num_evaluated": len(scores), "bytes_up": tally.bytes_up,
@@ -261,12 +358,14 @@ class LoRAStrategy(Strategy):
             return None
         return f"reports rank {rank} but has rank {node.rank}"
 
-    def _sample(self, server_round: int, fraction: float, stream: int) -> list[NodeInfo]:
+    def _sample(self, server_round: int, fraction: float, stream: int,
+                attempt: int = 0) -> list[NodeInfo]:
         """Seeded sample of max(fraction * N, min-nodes) nodes, capped at N; ``stream``
-        separates the training draw (0) from the evaluation draw (1)."""
+        separates the training draw (0) from the evaluation draw (1), ``attempt`` a
+        retried round's draw from the first."""
         nodes = list(self.nodes.values())
         count = min(len(nodes), max(int(len(nodes) * fraction), self.config.min_nodes))
-        rng = np.random.default_rng([self.config.seed, server_round, stream])
+        rng = np.random.default_rng([self.config.seed, server_round, stream, attempt])
         chosen = sorted(rng.choice(len(nodes), size=count, replace=False))
         return [nodes[i] for i in chosen]
 
@@ -274,6 +373,7 @@ class LoRAStrategy(Strategy):
                   message_type: str) -> list[Message]:
         config["server-round"] = server_round
         config["shared-round"] = self.shared_round
+        self._tally.awaiting = {node.node_id for node in nodes}
         messages = []
         for node in nodes:
             arrays = to_record(self.download(node))
@@ -285,21 +385,31 @@ class LoRAStrategy(Strategy):
 
     def _replies(self, replies: Iterable[Message], server_round: int, phase: str
                  ) -> list[tuple[Message, NodeInfo]]:
-        """Error-free replies from known nodes; records one metrics row per reply."""
-        good = []
+        """Error-free replies from the nodes sent to; logs every failed or missing reply
+        and records one metrics row per good one."""
+        good, awaiting = [], set(self._tally.awaiting)
         for reply in replies:
             node = self.nodes.get(reply.metadata.src_node_id)
-            if node is None:
-                log(WARNING, "round %d: ignored a reply from unknown node %d", server_round,
-                    reply.metadata.src_node_id)
+            if node is None or node.node_id not in awaiting:
+                log(WARNING, "round %d: ignored a %s reply from node %d, which was not asked",
+                    server_round, phase, reply.metadata.src_node_id)
                 continue
-            if reply.has_error():
-                log(WARNING, "round %d: %s failed on node %d (client %d): %s", server_round,
-                    phase, node.node_id, node.partition_id, reply.error.reason)
+            awaiting.discard(node.node_id)
+            problem = (f"{phase} failed: {reply.error.reason}" if reply.has_error()
+                       else _malformed(reply, phase))
+            if problem:
+                self._tally.failed += 1
+                log(WARNING, "round %d: node %d (client %d): %s", server_round, node.node_id,
+                    node.partition_id, problem)
                 continue
             good.append((reply, node))
             if self.recorder:
                 self.recorder.client_row(self._client_row(reply, node, server_round, phase))
+        for node_id in sorted(awaiting):
+            self._tally.failed += 1
+            log(WARNING, "round %d: no %s reply from node %d (client %d) within "
+                "round-timeout=%g s (disconnected or too slow)", server_round, phase, node_id,
+                self.nodes[node_id].partition_id, self.config.round_timeout)
         return good
 
     def _client_row(self, reply: Message, node: NodeInfo, server_round: int,
@@ -314,6 +424,18 @@ class LoRAStrategy(Strategy):
                 "loss": float(metrics["loss"]), "accuracy": float(metrics["accuracy"]), **extra,
                 "bytes_up": up, "bytes_down": self._tally.sent.get(node.node_id, 0),
                 "seconds": float(metrics["seconds"])}
+
+
+def _malformed(reply: Message, phase: str) -> str | None:
+    """What a reply lacks to be read, or None."""
+    if METRICS not in reply.content:
+        return f"malformed {phase} reply: no '{METRICS}' record"
+    missing = [k for k in REPLY_METRICS if k not in reply.content[METRICS]]
+    if missing:
+        return f"malformed {phase} reply: metrics lack {missing}"
+    if phase == "train" and ARRAYS not in reply.content:
+        return f"malformed train reply: no '{ARRAYS}' record"
+    return None
 
 
 def _wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:

@@ -45,7 +45,9 @@ def _b0(config, context) -> dict[str, np.ndarray]:
 
 
 def _private_arrays(context) -> dict[str, np.ndarray]:
-    return to_numpy(context.state[client_app.PRIVATE])
+    """The newest private state in the node's memory."""
+    private, _ = state.MemoryStateStore(context.state).load(10**9)
+    return {k: v.numpy() for k, v in private.items()}
 
 
 def test_query_reports_rank_from_node_config_or_ranks(hetero_config):
@@ -65,7 +67,8 @@ def test_private_a_and_m_never_leave_the_client(hetero_config):
         replies.append(client_app.train(_message(shared, **{"server-round": server_round}),
                                         context))
         replies.append(client_app.evaluate(
-            _message(shared, MessageType.EVALUATE, **{"run-name": "t"}), context))
+            _message(shared, MessageType.EVALUATE, **{"run-name": "t",
+                                                      "server-round": server_round}), context))
     private = {k: v for k, v in _private_arrays(context).items()
                if k.endswith((".A", ".M"))}
     assert private, "the client keeps A and M in its node state"
@@ -209,10 +212,10 @@ def test_disk_state_store_matches_memory_and_survives_a_restarted_node(tmp_path)
             reply = client_app.train(_message(shared, **{"server-round": server_round,
                                                          "run-name": "t"}), context)
         uploads[store] = to_numpy(reply.content[ARRAYS])
-        privates[store] = (load_file(str(tmp_path / "state" / "client-0.safetensors"))
+        privates[store] = (load_file(str(tmp_path / "state" / "client-0.round-2.safetensors"))
                            if store == "disk" else _private_arrays(context))
-        if store == "disk":
-            assert client_app.PRIVATE not in context.state  # nothing private in node memory
+        if store == "disk":  # nothing private in node memory
+            assert not any(k.startswith("private") for k in context.state)
     assert uploads["memory"].keys() == uploads["disk"].keys()
     assert all(np.array_equal(uploads["memory"][k], uploads["disk"][k]) for k in uploads["disk"])
     assert privates["memory"].keys() == {k for k in privates["disk"]}
@@ -224,7 +227,7 @@ def test_node_config_state_dir_wins_and_an_unusable_one_fails_at_query(tmp_path)
     config = _disk_config(tmp_path)
     context = _context(config, **{"state-dir": str(tmp_path / "node")})
     client_app.train(_message(_b0(config, context), **{"run-name": "t"}), context)
-    assert (tmp_path / "node" / "client-0.safetensors").exists()
+    assert (tmp_path / "node" / "client-0.round-1.safetensors").exists()
     assert not (tmp_path / "state").exists()
     (tmp_path / "a-file").write_text("")
     bad = _context(config, **{"state-dir": str(tmp_path / "a-file" / "sub")})
@@ -234,8 +237,8 @@ def test_node_config_state_dir_wins_and_an_unusable_one_fails_at_query(tmp_path)
 
 
 def test_an_interrupted_state_write_keeps_the_previous_state(tmp_path, monkeypatch):
-    path = tmp_path / "client-0.safetensors"
-    state.save_private_state(path, {"x.A": torch.ones(2, 2)})
+    store = state.DiskStateStore(tmp_path, 0)
+    store.save(1, {"x.A": torch.ones(2, 2)})
 
     def crash(tensors, filename):
         Path(filename).write_bytes(b"partial")
@@ -243,9 +246,36 @@ def test_an_interrupted_state_write_keeps_the_previous_state(tmp_path, monkeypat
 
     monkeypatch.setattr(state, "save_file", crash)
     with pytest.raises(OSError, match="disk full"):
-        state.save_private_state(path, {"x.A": torch.zeros(2, 2)})
-    assert torch.equal(state.load_private_state(path)["x.A"], torch.ones(2, 2))
-    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no partial file left
+        store.save(2, {"x.A": torch.zeros(2, 2)})
+    private, tag = store.load(2)
+    assert tag == 1 and torch.equal(private["x.A"], torch.ones(2, 2))
+    assert [p.name for p in tmp_path.iterdir()] == ["client-0.round-1.safetensors"]
+
+
+@pytest.mark.parametrize("backend", ["memory", "disk"])
+def test_state_stores_keep_the_state_before_each_round(tmp_path, backend):
+    store = (state.MemoryStateStore(RecordDict()) if backend == "memory"
+             else state.DiskStateStore(tmp_path, 3))
+    assert store.load(5) == (None, 0)
+    for server_round in (1, 2, 3):
+        store.save(server_round, {"x.A": torch.full((2,), float(server_round))})
+    assert store.tags() == [2, 3]  # the newest and the one a rerun of round 3 starts from
+    private, tag = store.load(2)  # training round 3 again (a retry or a resume)
+    assert tag == 2 and torch.equal(private["x.A"], torch.full((2,), 2.0))
+    store.save(2, {"x.A": torch.zeros(2)})  # a resumed run redoes round 2: later tags go
+    assert store.tags() == [2]
+
+
+def test_a_retried_round_trains_from_the_state_before_its_first_attempt(hetero_config):
+    context = _context(hetero_config)
+    shared = _b0(hetero_config, context)
+    client_app.train(_message(shared, **{"server-round": 1}), context)
+    first = client_app.train(_message(shared, **{"server-round": 2, "shared-round": 1}), context)
+    again = client_app.train(_message(shared, **{"server-round": 2, "shared-round": 1}), context)
+    assert first.content["metrics"]["private-state-round"] == 1
+    assert again.content["metrics"]["private-state-round"] == 1
+    up1, up2 = to_numpy(first.content[ARRAYS]), to_numpy(again.content[ARRAYS])
+    assert all(np.array_equal(up1[k], up2[k]) for k in up1)
 
 
 def test_bf16_autocast_trains_float32_factors():
@@ -271,3 +301,14 @@ def test_cuda_client_trains_on_the_gpu_with_bf16():
     assert next(client.base.model.parameters()).is_cuda  # moved once, shared by adapters
     assert all(np.all(np.isfinite(v)) for v in to_numpy(reply.content[ARRAYS]).values())
     assert all(v.device.type == "cpu" for v in client_app._private(context, client, {}).values())
+
+
+def test_a_node_config_dataset_gives_the_node_all_of_its_own_file(tmp_path, hetero_config):
+    rows = "".join(f'"text {i} about {"sport" if i % 2 else "money"}",{i % 2}\n'
+                   for i in range(20))
+    (tmp_path / "mine.csv").write_text("text,label\n" + rows)
+    context = _context(hetero_config, 2, **{"dataset": str(tmp_path / "mine.csv")})
+    reply = client_app.query(Message(RecordDict(), dst_node_id=1,
+                                     message_type=MessageType.QUERY), context)
+    assert reply.content[CONFIG]["num-examples"] == 16  # 20 rows, test-fraction 0.2
+    assert reply.content[CONFIG]["partition-id"] == 2

@@ -5,6 +5,10 @@ through the files they write."""
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -147,7 +151,8 @@ def test_logs_never_name_a_private_tensor(runs):
 
 def test_same_seed_gives_the_same_run_whichever_state_store(runs):
     files = sorted((runs["fedalora-hetero-again"] / "private-state").iterdir())
-    assert [f.name for f in files] == [f"client-{k}.safetensors" for k in range(3)]
+    assert [f.name for f in files] == [f"client-{k}.round-{t}.safetensors"
+                                       for k in range(3) for t in (1, 2)]
     assert any(k.endswith(".A") for k in load_file(str(files[0])))
     assert not (runs["fedalora-hetero-hetero"] / "private-state").exists()
     first = load_file(str(runs["fedalora-hetero-hetero"] / "shared_state.safetensors"))
@@ -185,6 +190,41 @@ def test_fairness_notebook_runs_on_tiny_runs_and_renders_its_figures(runs, monke
     assert sum("image/png" in o.get("data", {}) for o in outputs) == 4
     text = "".join(o.get("text", "") for o in outputs)
     assert "Delta_m% reference:" in text and "local-hetero" in text
+
+
+def test_a_killed_run_resumes_to_the_uninterrupted_result_bit_for_bit(runs, tmp_path,
+                                                                      shared_ray):
+    """The run is killed (SIGTERM to the launcher, which stops the SuperLink's process
+    group) once round 1's checkpoint exists, then resumed from it."""
+    strategy, ranks, extra = RUNS["fedalora-hetero-again"]
+    run_config = f"{TINY} strategy='{strategy}' ranks='{ranks}' {extra}"
+    output = tmp_path / "outputs"
+    state = output / "killed" / "checkpoint" / "state.json"
+    launcher = subprocess.Popen(  # noqa: S603
+        [sys.executable, "-m", "fedalora.simulate", "--app", str(APP), "--run-name", "killed",
+         "--num-supernodes", "3", "--num-cpus", "2", "--ray-address", shared_ray,
+         "--output-dir", str(output), "--run-config", run_config],
+        cwd=APP, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (state.exists() and json.loads(state.read_text())["round"] >= 1):
+        assert launcher.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+    launcher.send_signal(signal.SIGTERM)
+    assert launcher.wait(timeout=60) != 0
+    summary = output / "killed" / "summary.json"
+    assert not summary.exists() or json.loads(summary.read_text())["status"] != "completed"
+    assert json.loads(state.read_text())["round"] == 1  # killed in round 2
+
+    resumed = _simulate(tmp_path, "killed",
+                        f"strategy='{strategy}' ranks='{ranks}' {extra} resume=true", shared_ray)
+    whole = runs["fedalora-hetero-again"]
+    assert json.loads((resumed / "summary.json").read_text())["resumed_after_round"] == 1
+    final, expected = (load_file(str(run / "shared_state.safetensors")) for run in (resumed, whole))
+    assert final.keys() == expected.keys()
+    assert all(np.array_equal(final[k], expected[k]) for k in expected)
+    scores = [{(r["round"], r["client"], r["phase"]): (r["loss"], r["accuracy"])
+               for r in read_jsonl(run / "metrics.jsonl")} for run in (resumed, whole)]
+    assert scores[0] == scores[1]
 
 
 @pytest.mark.parametrize("name, extra, expected", [

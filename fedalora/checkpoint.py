@@ -1,0 +1,85 @@
+"""The server's per-round checkpoint, from which ``resume=true`` continues a run.
+
+``<run-dir>/checkpoint/`` holds ``shared-round-<k>.safetensors`` (the shared state
+after round k: never a client's private factors) and ``state.json`` (the round, the
+round whose aggregation produced the shared state, each client's partition, rank and
+example count, the run-config, and the RNG state). ``state.json`` is replaced last and
+atomically, so a run killed at any moment leaves the previous complete checkpoint.
+
+The server keeps no running random generator: round t's node sample is drawn from
+``numpy.random.default_rng([seed, t, stream, attempt])`` and a client's batch order
+and dropout from ``[seed, t, partition-id]``, so the seed and the round number are
+the whole RNG state, and a resumed run draws exactly what the uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+CHECKPOINT_DIR, STATE = "checkpoint", "state.json"
+#: Run-config keys that may change when a run is resumed.
+RESUMABLE_CHANGES = frozenset({"resume", "num-server-rounds", "round-timeout", "round-retries",
+                               "min-nodes", "device", "bf16", "export-adapters",
+                               "output-dir"})
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    server_round: int
+    shared_round: int
+    shared: dict[str, np.ndarray]
+    clients: list[dict[str, int]]  # partition_id, rank, num_examples
+    config: dict[str, Any]
+
+    @property
+    def rng_state(self) -> dict[str, Any]:
+        return {"seed": self.config["seed"], "next-round": self.server_round + 1,
+                "node-sampling": "numpy default_rng([seed, round, stream, attempt])",
+                "client": "[seed, round, partition-id]"}
+
+
+def save_checkpoint(run_dir: str | Path, checkpoint: Checkpoint) -> Path:
+    """Write the checkpoint of ``checkpoint.server_round``; returns its state.json."""
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    shared_name = f"shared-round-{checkpoint.server_round}.safetensors"
+    tmp = folder / f".{shared_name}.tmp"
+    save_file({k: np.ascontiguousarray(v) for k, v in checkpoint.shared.items()}, str(tmp))
+    os.replace(tmp, folder / shared_name)
+    state = {"round": checkpoint.server_round, "shared_round": checkpoint.shared_round,
+             "shared_file": shared_name, "clients": checkpoint.clients,
+             "config": checkpoint.config, "rng": checkpoint.rng_state}
+    with tempfile.NamedTemporaryFile("w", dir=folder, delete=False, suffix=".tmp",
+                                     encoding="utf-8") as handle:
+        json.dump(state, handle, indent=2)
+    os.replace(handle.name, folder / STATE)
+    for old in folder.glob("shared-round-*.safetensors"):
+        if old.name != shared_name:
+            old.unlink()
+    return folder / STATE
+
+
+def load_checkpoint(run_dir: str | Path) -> Checkpoint | None:
+    """The last complete checkpoint under ``run_dir``, or None if there is none."""
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    if not (folder / STATE).exists():
+        return None
+    state = json.loads((folder / STATE).read_text(encoding="utf-8"))
+    return Checkpoint(server_round=int(state["round"]), shared_round=int(state["shared_round"]),
+                      shared=load_file(str(folder / state["shared_file"])),
+                      clients=state["clients"], config=state["config"])
+
+
+def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """Run-config keys whose value differs from the checkpoint's and may not."""
+    return sorted(key for key in set(saved) | set(current)
+                  if key not in RESUMABLE_CHANGES and saved.get(key) != current.get(key))

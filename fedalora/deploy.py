@@ -1,0 +1,336 @@
+"""Deploy the app as real Flower processes: TLS certificates, SuperNode keys, a SuperLink,
+SuperNodes each with its own rank, data partition and private-state directory.
+
+On the SuperLink's machine, then on each node's machine (keys and ca.crt copied there)::
+
+    python -m fedalora.deploy certs --out certs --host superlink.example.org
+    python -m fedalora.deploy node-key --out keys/node0        # one per SuperNode
+    python -m fedalora.deploy superlink --certs certs          # serves on 0.0.0.0:8000
+    python -m fedalora.deploy connection --superlink superlink.example.org:8000 \\
+        --ca certs/ca.crt >> "${FLWR_HOME:-$HOME/.flwr}/config.toml"
+    flwr supernode register keys/node0.pub fedalora-deployment
+    python -m fedalora.deploy supernode --ca certs/ca.crt --key keys/node0 \\
+        --superlink superlink.example.org:8000 --partition-id 0 --num-partitions 3 \\
+        --lora-rank 8 --state-dir ~/fedalora-state
+    flwr run . fedalora-deployment --stream --run-config "state-store='disk'"
+
+``local`` does all of it on loopback (a SuperLink and N SuperNodes, then one run).
+TLS and SuperNode authentication are on unless ``--insecure`` is given, which warns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import ipaddress
+import os
+import shlex
+import ssl
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
+
+from .simulate import completed_run, free_port, stop_process_tree, wait_healthy
+
+CONNECTION = "fedalora-deployment"
+BIN = Path(sys.executable).parent
+INSECURE_WARNING = ("insecure mode: no TLS and no SuperNode authentication; anyone who can "
+                    "reach the SuperLink can join the federation and read every message")
+
+
+@dataclass(frozen=True)
+class Certificates:
+    ca: Path
+    certificate: Path
+    key: Path
+
+
+def make_certificates(out: str | Path, hosts: Sequence[str] = ("localhost", "127.0.0.1"),
+                      days: int = 365) -> Certificates:
+    """A CA and a SuperLink certificate signed by it, valid for ``hosts`` (names or IPs)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedalora CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=days))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    names = [x509.IPAddress(ipaddress.ip_address(h)) if _is_ip(h) else x509.DNSName(h)
+             for h in hosts]
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
+        .issuer_name(ca_name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256()))
+    paths = Certificates(out / "ca.crt", out / "server.pem", out / "server.key")
+    paths.ca.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths.certificate.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    _write_private(out / "ca.key", _pem(ca_key))
+    _write_private(paths.key, _pem(key))
+    return paths
+
+
+def make_node_key(path: str | Path) -> tuple[Path, Path]:
+    """A SuperNode's ECDSA P-384 key pair in OpenSSH format: (``path``, ``path``.pub)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP384R1())
+    _write_private(path, key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.OpenSSH,
+                                           serialization.NoEncryption()))
+    public = path.with_name(path.name + ".pub")
+    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                     serialization.PublicFormat.OpenSSH))
+    return path, public
+
+
+def connection_toml(address: str, ca: Path | None) -> str:
+    """The ``flwr`` CLI's connection ``fedalora-deployment`` (``ca`` None: insecure)."""
+    trust = "insecure = true" if ca is None else f'root-certificates = "{ca.resolve()}"'
+    return f'[superlink.{CONNECTION}]\naddress = "{address}"\n{trust}\n'
+
+
+def superlink_command(certs: Certificates | None, host: str, port: int,
+                      database: Path) -> list[str]:
+    """``flower-superlink`` with TLS and SuperNode authentication (``certs`` None: insecure)."""
+    security = (["--insecure"] if certs is None else
+                ["--ssl-ca-certfile", str(certs.ca), "--ssl-certfile", str(certs.certificate),
+                 "--ssl-keyfile", str(certs.key), "--enable-supernode-auth"])
+    return [str(BIN / "flower-superlink"), *security, "--host", host, "--port", str(port),
+            "--isolation", "subprocess", "--disable-runtime-dependency-installation",
+            "--database", str(database)]
+
+
+def supernode_command(superlink: str, ca: Path | None, key: Path | None, node_config: dict,
+                      port: int) -> list[str]:
+    """``flower-supernode`` for one client: ``node_config`` holds partition-id,
+    num-partitions and optionally lora-rank, state-dir, dataset."""
+    security = (["--insecure"] if ca is None else
+                ["--root-certificates", str(ca), "--auth-supernode-private-key", str(key)])
+    config = " ".join(f"{k}={_toml(v)}" for k, v in node_config.items())
+    return [str(BIN / "flower-supernode"), *security, "--superlink", superlink,
+            "--node-config", config, "--port", str(port), "--isolation", "subprocess"]
+
+
+@dataclass
+class LocalDeployment:
+    """A SuperLink and SuperNodes as real processes on this machine (loopback), each
+    started in its own session and stopped by its pid.
+
+    ``nodes[i]`` is node i's node-config; its private state goes to ``<root>/node-<i>``
+    unless the node-config names a state-dir.
+    """
+
+    root: Path
+    nodes: list[dict]
+    secure: bool = True
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root).resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.flwr_home = self.root / "flwr-home"
+        self.env = {**_env(), "FLWR_HOME": str(self.flwr_home)}
+        if not self.secure:
+            warnings.warn(INSECURE_WARNING, stacklevel=2)
+        self.certs = make_certificates(self.root / "certs") if self.secure else None
+        self.node_ports = [free_port() for _ in self.nodes]
+        for i, config in enumerate(self.nodes):
+            config.setdefault("state-dir", str(self.root / f"node-{i}"))
+            if self.secure:
+                make_node_key(self.root / "keys" / f"node{i}")
+        self.flwr_home.mkdir(parents=True, exist_ok=True)
+        (self.flwr_home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n'
+            + connection_toml(self.address, self.certs.ca if self.certs else None))
+
+    def start(self) -> None:
+        """The SuperLink, the node registrations (secure mode), then every SuperNode."""
+        self._spawn("superlink", superlink_command(self.certs, "127.0.0.1", self.port,
+                                                   self.root / "superlink.db"))
+        context = ssl.create_default_context(cafile=str(self.certs.ca)) if self.certs else None
+        scheme = "https" if self.certs else "http"
+        wait_healthy(f"{scheme}://127.0.0.1:{self.port}", self.processes["superlink"],
+                     context=context)
+        if self.secure:
+            for i in range(len(self.nodes)):
+                self._flwr(["supernode", "register", str(self._key(i)) + ".pub", CONNECTION])
+        for i in range(len(self.nodes)):
+            self.start_node(i)
+
+    def start_node(self, i: int) -> None:
+        self._spawn(f"node-{i}", supernode_command(
+            self.address, self.certs.ca if self.certs else None,
+            self._key(i) if self.secure else None, self.nodes[i], self.node_ports[i]))
+
+    def stop_node(self, i: int) -> None:
+        stop_process_tree(self.processes.pop(f"node-{i}"))
+
+    def run(self, app: str | Path, run_name: str, output_dir: str | Path, run_config: str = "",
+            timeout: float = 1800) -> Path:
+        """``flwr run`` the app on this federation; returns the completed run directory."""
+        output_dir = Path(output_dir).resolve()
+        command = ["run", str(Path(app).resolve()), CONNECTION, "--stream", "--run-config",
+                   f"run-name='{run_name}' output-dir='{output_dir}' {run_config}"]
+        log = self.root / f"{run_name}.log"
+        with log.open("w", encoding="utf-8") as handle:
+            subprocess.run([str(BIN / "flwr"), *command], env=self.env, cwd=app,  # noqa: S603
+                           stdout=handle, stderr=subprocess.STDOUT, timeout=timeout, check=False)
+        return completed_run(output_dir / run_name, log)
+
+    def stop(self) -> None:
+        """Stop every process this deployment started, by pid (nodes first)."""
+        for name in sorted(self.processes, key=lambda n: n == "superlink"):
+            stop_process_tree(self.processes.pop(name))
+
+    def __enter__(self) -> LocalDeployment:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _key(self, i: int) -> Path:
+        return self.root / "keys" / f"node{i}"
+
+    def _spawn(self, name: str, command: list[str]) -> None:
+        log = (self.root / f"{name}.log").open("a", encoding="utf-8")
+        self.processes[name] = subprocess.Popen(  # noqa: S603 - fixed argument list
+            command, env=self.env, cwd=self.root, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True)
+        log.close()
+
+    def _flwr(self, args: list[str]) -> None:
+        result = subprocess.run([str(BIN / "flwr"), *args], env=self.env, cwd=self.root,  # noqa: S603
+                                capture_output=True, text=True, timeout=120, check=False)
+        if result.returncode != 0:
+            raise RuntimeError(f"flwr {' '.join(args)} failed: {result.stdout}{result.stderr}")
+
+
+def _env() -> dict[str, str]:
+    """This environment with the venv's bin first on PATH (Flower starts its runtime
+    processes by name) and no runtime dependency installs (offline)."""
+    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _pem(key: rsa.RSAPrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    path.write_bytes(data)
+    path.chmod(0o600)
+
+
+def _toml(value: object) -> str:
+    return f"'{value}'" if isinstance(value, str) else str(value)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    certs = commands.add_parser("certs", help="make a CA and the SuperLink's certificate")
+    certs.add_argument("--out", default="certs")
+    certs.add_argument("--host", action="append", default=None,
+                       help="a name or IP the SuperNodes reach the SuperLink by (repeat)")
+    key = commands.add_parser("node-key", help="make a SuperNode's key pair")
+    key.add_argument("--out", required=True, help="private key path (public: <out>.pub)")
+    link = commands.add_parser("superlink", help="start the SuperLink (foreground)")
+    link.add_argument("--certs", help="the folder 'certs' wrote")
+    link.add_argument("--host", default="0.0.0.0")
+    link.add_argument("--port", type=int, default=8000)
+    link.add_argument("--database", default="superlink.db")
+    connection = commands.add_parser("connection", help="print the flwr CLI connection TOML")
+    connection.add_argument("--superlink", required=True, help="host:port of the SuperLink")
+    connection.add_argument("--ca", help="the CA certificate (omit only with --insecure)")
+    node = commands.add_parser("supernode", help="start a SuperNode (foreground)")
+    node.add_argument("--superlink", required=True, help="host:port of the SuperLink")
+    node.add_argument("--ca", help="the CA certificate (ca.crt)")
+    node.add_argument("--key", help="this node's private key from 'node-key'")
+    node.add_argument("--partition-id", type=int, required=True)
+    node.add_argument("--num-partitions", type=int, required=True)
+    node.add_argument("--lora-rank", type=int)
+    node.add_argument("--state-dir", help="where this node keeps its private factors")
+    node.add_argument("--dataset", help="this node's own .json/.jsonl/.csv file")
+    node.add_argument("--port", type=int, default=9094, help="the node's local runtime port")
+    local = commands.add_parser("local", help="a SuperLink and SuperNodes on loopback, one run")
+    local.add_argument("--ranks", default="8,4,2", help="one SuperNode per rank")
+    local.add_argument("--root", default="deployment")
+    local.add_argument("--run-config", default="num-server-rounds=2")
+    for sub in (link, connection, node, local):
+        sub.add_argument("--insecure", action="store_true",
+                         help="no TLS, no node authentication (warns; never across machines)")
+    args = parser.parse_args(argv)
+    if getattr(args, "insecure", False):
+        print(f"WARNING: {INSECURE_WARNING}", file=sys.stderr)
+
+    if args.command == "certs":
+        paths = make_certificates(args.out, args.host or ["localhost", "127.0.0.1"])
+        print(f"CA {paths.ca}; SuperLink certificate {paths.certificate}, key {paths.key}")
+    elif args.command == "node-key":
+        private, public = make_node_key(args.out)
+        print(f"private key {private} (keep on the node); public key {public} (register it)")
+    elif args.command == "superlink":
+        certs = None if args.insecure else Certificates(*(
+            Path(args.certs) / name for name in ("ca.crt", "server.pem", "server.key")))
+        command = superlink_command(certs, args.host, args.port, Path(args.database))
+        print(shlex.join(command), file=sys.stderr)
+        os.execve(command[0], command, _env())  # noqa: S606
+    elif args.command == "connection":
+        print(connection_toml(args.superlink, None if args.insecure else Path(args.ca)))
+    elif args.command == "supernode":
+        config = {"partition-id": args.partition_id, "num-partitions": args.num_partitions}
+        for name in ("lora_rank", "state_dir", "dataset"):
+            if getattr(args, name) is not None:
+                config[name.replace("_", "-")] = getattr(args, name)
+        command = supernode_command(args.superlink, None if args.insecure else Path(args.ca),
+                                    None if args.insecure else Path(args.key), config, args.port)
+        print(shlex.join(command), file=sys.stderr)
+        os.execve(command[0], command, _env())  # noqa: S606
+    else:
+        ranks = [int(r) for r in args.ranks.split(",")]
+        nodes = [{"partition-id": i, "num-partitions": len(ranks), "lora-rank": r}
+                 for i, r in enumerate(ranks)]
+        root = Path(args.root)
+        with LocalDeployment(root, nodes, secure=not args.insecure) as deployment:
+            run_dir = deployment.run(Path.cwd(), time.strftime("deploy-%Y%m%d-%H%M%S"),
+                                     root / "outputs", f"min-nodes={len(ranks)} "
+                                     f"state-store='disk' {args.run_config}")
+        print(f"completed: {run_dir}")
+
+
+if __name__ == "__main__":
+    main()

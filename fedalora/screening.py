@@ -1,0 +1,56 @@
+"""Reply screening: which uploaded updates may enter an aggregate. Pure functions over
+arrays; a strategy logs the reason and leaves a rejected update out.
+
+An update is rejected when its keys or shapes differ from what a client of its rank
+uploads, when it holds NaN or Inf, when its root-mean-square entry exceeds
+``max-update-rms``, or when that RMS exceeds ``max-norm-ratio`` times the median RMS
+of the round's well-formed updates (with at least 3 of them, so that a median means
+something). RMS rather than the Frobenius norm, so that clients of different ranks
+compare fairly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+Shapes = Mapping[str, tuple[int, ...]]
+
+
+def update_rms(update: Mapping[str, np.ndarray]) -> float:
+    """Root-mean-square entry over all arrays of an update (float64 sums)."""
+    total = sum(float(np.dot(a.ravel().astype(np.float64), a.ravel())) for a in update.values())
+    count = sum(a.size for a in update.values())
+    return float(np.sqrt(total / max(count, 1)))
+
+
+def update_problem(update: Mapping[str, np.ndarray], expected: Shapes,
+                   max_rms: float) -> str | None:
+    """Why an update must not be aggregated on its own merits, or None if it may."""
+    if set(update) != set(expected):
+        missing, extra = sorted(set(expected) - set(update)), sorted(set(update) - set(expected))
+        return f"keys differ from the expected upload (missing {missing[:2]}, extra {extra[:2]})"
+    for key, shape in expected.items():
+        if tuple(update[key].shape) != tuple(shape):
+            return f"'{key}' has shape {tuple(update[key].shape)}, expected {tuple(shape)}"
+        if not np.issubdtype(update[key].dtype, np.floating):
+            return f"'{key}' has dtype {update[key].dtype}, expected a float array"
+        if not np.all(np.isfinite(update[key])):
+            return f"'{key}' contains NaN or Inf"
+    rms = update_rms(update)
+    if rms > max_rms:
+        return f"RMS entry {rms:.3g} exceeds max-update-rms={max_rms:g}"
+    return None
+
+
+def norm_outliers(rms: list[float], max_ratio: float) -> list[str | None]:
+    """Per update, why its RMS is implausible against the round's median, or None.
+
+    Needs at least 3 updates; ``max_ratio`` 0 turns the check off.
+    """
+    if max_ratio == 0 or len(rms) < 3:
+        return [None] * len(rms)
+    median = float(np.median(rms))
+    return [f"RMS entry {value:.3g} is over max-norm-ratio={max_ratio:g} times the round's "
+            f"median {median:.3g}" if value > max_ratio * median else None for value in rms]
