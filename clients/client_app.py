@@ -19,16 +19,40 @@ import functools
 import os
 from pathlib import Path
 
+import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedalora.client import FederatedClient
 from fedalora.config import ConfigError, FedConfig
 from fedalora.outputs import client_dir
-from fedalora.state import DiskStateStore, MemoryStateStore, PrivateStateStore
+from fedalora.state import DiskStateStore, PrivateStateStore, Tensors
 from strategies.common import ARRAYS, CONFIG, METRICS, to_numpy, to_record
 
 app = ClientApp()
+
+
+class MemoryStateStore(PrivateStateStore):
+    """Private state as ArrayRecords ``private.round-<t>`` in the node's ``context.state``."""
+
+    PREFIX = "private.round-"
+
+    def __init__(self, node_state: RecordDict) -> None:
+        self.node_state = node_state
+
+    def tags(self) -> list[int]:
+        return sorted(int(key[len(self.PREFIX):]) for key in list(self.node_state)
+                      if key.startswith(self.PREFIX))
+
+    def _read(self, tag: int) -> Tensors:
+        return {k: torch.from_numpy(v)
+                for k, v in to_numpy(self.node_state[f"{self.PREFIX}{tag}"]).items()}
+
+    def _write(self, tag: int, state: Tensors) -> None:
+        self.node_state[f"{self.PREFIX}{tag}"] = to_record({k: v.numpy() for k, v in state.items()})
+
+    def _delete(self, tag: int) -> None:
+        del self.node_state[f"{self.PREFIX}{tag}"]
 
 
 @app.query()

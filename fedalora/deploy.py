@@ -39,10 +39,18 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
-from .simulate import completed_run, free_port, stop_process_tree, wait_healthy
+from .simulate import (
+    BIN,
+    completed_run,
+    connection_toml,
+    free_port,
+    runtime_env,
+    stop_process_tree,
+    wait_healthy,
+    write_connection,
+)
 
 CONNECTION = "fedalora-deployment"
-BIN = Path(sys.executable).parent
 INSECURE_WARNING = ("insecure mode: no TLS and no SuperNode authentication; anyone who can "
                     "reach the SuperLink can join the federation and read every message")
 
@@ -101,12 +109,6 @@ def make_node_key(path: str | Path) -> tuple[Path, Path]:
     return path, public
 
 
-def connection_toml(address: str, ca: Path | None) -> str:
-    """The ``flwr`` CLI's connection ``fedalora-deployment`` (``ca`` None: insecure)."""
-    trust = "insecure = true" if ca is None else f'root-certificates = "{ca.resolve()}"'
-    return f'[superlink.{CONNECTION}]\naddress = "{address}"\n{trust}\n'
-
-
 def superlink_command(certs: Certificates | None, host: str, port: int,
                       database: Path) -> list[str]:
     """``flower-superlink`` with TLS and SuperNode authentication (``certs`` None: insecure)."""
@@ -149,7 +151,7 @@ class LocalDeployment:
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.flwr_home = self.root / "flwr-home"
-        self.env = {**_env(), "FLWR_HOME": str(self.flwr_home)}
+        self.env = {**runtime_env(), "FLWR_HOME": str(self.flwr_home)}
         if not self.secure:
             warnings.warn(INSECURE_WARNING, stacklevel=2)
         self.certs = make_certificates(self.root / "certs") if self.secure else None
@@ -158,10 +160,8 @@ class LocalDeployment:
             config.setdefault("state-dir", str(self.root / f"node-{i}"))
             if self.secure:
                 make_node_key(self.root / "keys" / f"node{i}")
-        self.flwr_home.mkdir(parents=True, exist_ok=True)
-        (self.flwr_home / "config.toml").write_text(
-            f'[superlink]\ndefault = "{CONNECTION}"\n\n'
-            + connection_toml(self.address, self.certs.ca if self.certs else None))
+        write_connection(self.flwr_home, CONNECTION, self.address,
+                         self.certs.ca if self.certs else None)
 
     def start(self) -> None:
         """The SuperLink, the node registrations (secure mode), then every SuperNode."""
@@ -228,13 +228,6 @@ class LocalDeployment:
                                 capture_output=True, text=True, timeout=120, check=False)
         if result.returncode != 0:
             raise RuntimeError(f"flwr {' '.join(args)} failed: {result.stdout}{result.stderr}")
-
-
-def _env() -> dict[str, str]:
-    """This environment with the venv's bin first on PATH (Flower starts its runtime
-    processes by name) and no runtime dependency installs (offline)."""
-    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
 
 
 def _is_ip(host: str) -> bool:
@@ -308,9 +301,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             Path(args.certs) / name for name in ("ca.crt", "server.pem", "server.key")))
         command = superlink_command(certs, args.host, args.port, Path(args.database))
         print(shlex.join(command), file=sys.stderr)
-        os.execve(command[0], command, _env())  # noqa: S606
+        os.execve(command[0], command, runtime_env())  # noqa: S606
     elif args.command == "connection":
-        print(connection_toml(args.superlink, None if args.insecure else Path(args.ca)))
+        print(connection_toml(CONNECTION, args.superlink, None if args.insecure else Path(args.ca)))
     elif args.command == "supernode":
         config = {"partition-id": args.partition_id, "num-partitions": args.num_partitions}
         for name in ("lora_rank", "state_dir", "dataset"):
@@ -319,7 +312,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         command = supernode_command(args.superlink, None if args.insecure else Path(args.ca),
                                     None if args.insecure else Path(args.key), config, args.port)
         print(shlex.join(command), file=sys.stderr)
-        os.execve(command[0], command, _env())  # noqa: S606
+        os.execve(command[0], command, runtime_env())  # noqa: S606
     else:
         ranks = [int(r) for r in args.ranks.split(",")]
         nodes = [{"partition-id": i, "num-partitions": len(ranks), "lora-rank": r}

@@ -25,9 +25,8 @@ def update_rms(update: Mapping[str, np.ndarray]) -> float:
     return float(np.sqrt(total / max(count, 1)))
 
 
-def update_problem(update: Mapping[str, np.ndarray], expected: Shapes,
-                   max_rms: float) -> str | None:
-    """Why an update must not be aggregated on its own merits, or None if it may."""
+def update_problem(update: Mapping[str, np.ndarray], expected: Shapes) -> str | None:
+    """Why an update's form makes it unusable (keys, shapes, dtype, NaN/Inf), or None."""
     if set(update) != set(expected):
         missing, extra = sorted(set(expected) - set(update)), sorted(set(update) - set(expected))
         return f"keys differ from the expected upload (missing {missing[:2]}, extra {extra[:2]})"
@@ -38,19 +37,21 @@ def update_problem(update: Mapping[str, np.ndarray], expected: Shapes,
             return f"'{key}' has dtype {update[key].dtype}, expected a float array"
         if not np.all(np.isfinite(update[key])):
             return f"'{key}' contains NaN or Inf"
-    rms = update_rms(update)
-    if rms > max_rms:
-        return f"RMS entry {rms:.3g} exceeds max-update-rms={max_rms:g}"
     return None
 
 
-def norm_outliers(rms: list[float], max_ratio: float) -> list[str | None]:
-    """Per update, why its RMS is implausible against the round's median, or None.
-
-    Needs at least 3 updates; ``max_ratio`` 0 turns the check off.
-    """
-    if max_ratio == 0 or len(rms) < 3:
-        return [None] * len(rms)
-    median = float(np.median(rms))
-    return [f"RMS entry {value:.3g} is over max-norm-ratio={max_ratio:g} times the round's "
-            f"median {median:.3g}" if value > max_ratio * median else None for value in rms]
+def norm_problems(rms: list[float], max_rms: float, max_ratio: float) -> list[str | None]:
+    """Per well-formed update (given its RMS entry), why its size is implausible, or None:
+    over ``max_rms``, or over ``max_ratio`` times the round's median (needs at least 3
+    updates; ``max_ratio`` 0 turns that check off)."""
+    median = float(np.median(rms)) if max_ratio and len(rms) >= 3 else None
+    problems: list[str | None] = []
+    for value in rms:
+        if value > max_rms:
+            problems.append(f"RMS entry {value:.3g} exceeds max-update-rms={max_rms:g}")
+        elif median is not None and value > max_ratio * median:
+            problems.append(f"RMS entry {value:.3g} is over max-norm-ratio={max_ratio:g} "
+                            f"times the round's median {median:.3g}")
+        else:
+            problems.append(None)
+    return problems

@@ -28,6 +28,7 @@ from pathlib import Path
 import psutil
 
 CONNECTION = "fedalora-sim"
+BIN = Path(sys.executable).parent  # flwr, flower-superlink, ray of this environment
 
 
 class SimulationFailed(RuntimeError):
@@ -50,14 +51,12 @@ def run_simulation(app_dir: str | Path, run_name: str, *, num_supernodes: int = 
     output_dir = Path(output_dir or app_dir / "outputs").resolve()
     flwr_home = Path(flwr_home or app_dir / ".flwr-home").resolve()
     port = free_port()
-    _write_connection(flwr_home, port)
-    bin_dir = Path(sys.executable).parent  # the SuperLink starts flower-superexec by name
-    env = {**os.environ, "FLWR_HOME": str(flwr_home), "PATH": f"{bin_dir}{os.pathsep}"
-           f"{os.environ.get('PATH', '')}", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    write_connection(flwr_home, CONNECTION, f"127.0.0.1:{port}", ca=None)
+    env = {**runtime_env(), "FLWR_HOME": str(flwr_home)}
     if ray_address:
         env["RAY_ADDRESS"] = ray_address  # read by ray.init() in the simulation process
     superlink = subprocess.Popen(  # noqa: S603 - fixed argument list
-        [str(bin_dir / "flower-superlink"), "--insecure", "--simulation", "--isolation",
+        [str(BIN / "flower-superlink"), "--insecure", "--simulation", "--isolation",
          "subprocess", "--host", "127.0.0.1", "--port", str(port),
          "--disable-runtime-dependency-installation"],
         cwd=app_dir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -69,7 +68,7 @@ def run_simulation(app_dir: str | Path, run_name: str, *, num_supernodes: int = 
             federation.append(f"client-resources-num-cpus={int(num_cpus)}")
         if num_gpus is not None:
             federation.append(f"client-resources-num-gpus={num_gpus}")
-        command = [str(bin_dir / "flwr"), "run", str(app_dir), CONNECTION, "--stream",
+        command = [str(BIN / "flwr"), "run", str(app_dir), CONNECTION, "--stream",
                    "--federation-config", " ".join(federation),
                    "--run-config", f"run-name='{run_name}' output-dir='{output_dir}'"]
         if run_config.strip():
@@ -101,7 +100,7 @@ def ray_cluster(num_cpus: int | None = None, worker_nodes: int = 0) -> Iterator[
     and ``worker_nodes`` more Ray nodes joining it (each with ``num_cpus``), the same
     ``ray start`` commands as on several machines; yields the head's address.
     ``ray stop --force`` on exit stops every Ray process of this user on the machine."""
-    ray = Path(sys.executable).parent / "ray"
+    ray = BIN / "ray"
     address = f"127.0.0.1:{free_port()}"
     cpus = [] if num_cpus is None else ["--num-cpus", str(num_cpus)]
     commands = [[str(ray), "start", "--head", "--port", address.split(":")[1],
@@ -117,11 +116,24 @@ def ray_cluster(num_cpus: int | None = None, worker_nodes: int = 0) -> Iterator[
                        timeout=120)
 
 
-def _write_connection(flwr_home: Path, port: int) -> None:
+def runtime_env() -> dict[str, str]:
+    """This environment with the venv's bin first on PATH (Flower starts its runtime
+    processes by name) and no runtime dependency installs (offline)."""
+    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+
+
+def connection_toml(name: str, address: str, ca: Path | None) -> str:
+    """A ``flwr`` CLI connection to the SuperLink at ``address`` (``ca`` None: insecure)."""
+    trust = "insecure = true" if ca is None else f'root-certificates = "{ca.resolve()}"'
+    return f'[superlink.{name}]\naddress = "{address}"\n{trust}\n'
+
+
+def write_connection(flwr_home: Path, name: str, address: str, ca: Path | None) -> None:
+    """A private FLWR_HOME whose default connection is ``name``."""
     flwr_home.mkdir(parents=True, exist_ok=True)
-    (flwr_home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{CONNECTION}"\n\n'
-        f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
+    (flwr_home / "config.toml").write_text(f'[superlink]\ndefault = "{name}"\n\n'
+                                           + connection_toml(name, address, ca))
 
 
 def free_port() -> int:

@@ -9,8 +9,8 @@ and drops tags above (left by an abandoned, later-resumed run). Two backends:
 - ``DiskStateStore`` (``state-store=disk``): ``<state-dir>/client-<id>.round-<t>.safetensors``
   on the node's own disk, written atomically (temp file, then rename), so a crash
   mid-write leaves the previous state intact and a restarted node continues with it.
-- ``MemoryStateStore`` (``state-store=memory``): ArrayRecords in the node's
-  ``context.state``; lost when the node process ends.
+- ``MemoryStateStore`` (``state-store=memory``, in ``clients/client_app.py`` since it
+  holds Flower records): the node's ``context.state``; lost when the node process ends.
 """
 
 from __future__ import annotations
@@ -19,12 +19,9 @@ import os
 import re
 import tempfile
 from abc import ABC, abstractmethod
-from collections.abc import MutableMapping
 from pathlib import Path
 
-import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord
 from safetensors.torch import load_file, save_file
 
 Tensors = dict[str, torch.Tensor]
@@ -94,27 +91,3 @@ class DiskStateStore(PrivateStateStore):
 
     def _delete(self, tag: int) -> None:
         self.path(tag).unlink(missing_ok=True)
-
-
-class MemoryStateStore(PrivateStateStore):
-    """ArrayRecords ``private.round-<t>`` in a node's ``context.state``."""
-
-    PREFIX = "private.round-"
-
-    def __init__(self, node_state: MutableMapping) -> None:
-        self.node_state = node_state
-
-    def tags(self) -> list[int]:
-        return sorted(int(key[len(self.PREFIX):]) for key in list(self.node_state.keys())
-                      if key.startswith(self.PREFIX))
-
-    def _read(self, tag: int) -> Tensors:
-        record: ArrayRecord = self.node_state[f"{self.PREFIX}{tag}"]
-        return {k: torch.from_numpy(a.numpy()) for k, a in record.items()}
-
-    def _write(self, tag: int, state: Tensors) -> None:
-        self.node_state[f"{self.PREFIX}{tag}"] = ArrayRecord(
-            {k: Array(np.ascontiguousarray(v.numpy())) for k, v in state.items()})
-
-    def _delete(self, tag: int) -> None:
-        del self.node_state[f"{self.PREFIX}{tag}"]

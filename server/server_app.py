@@ -57,13 +57,14 @@ def run_federation(grid: Grid, config: FedConfig, run_name: str,
     for rank in config.rank_list:
         validate_rank("ranks", rank, layer_shapes)
     saved = _checkpoint_to_resume(config, recorder.run_dir) if config.resume else None
+    resume_after = saved.server_round if saved else 0
     strategy = STRATEGIES[config.strategy](config, layer_shapes, recorder)
     nodes = strategy.discover(grid, config.round_timeout)
     if saved:
         strategy.restore(saved)
-        log(INFO, "resuming '%s' after round %d of %d", run_name, saved.server_round,
+        log(INFO, "resuming '%s' after round %d of %d", run_name, resume_after,
             config.num_server_rounds)
-    recorder.start(resume_after=saved.server_round if saved else 0)
+    recorder.start(resume_after=resume_after)
     recorder.write_config({**config.to_run_config(), "run-name": run_name,
                            "clients": [{"client": n.partition_id, "rank": n.rank,
                                         "num_examples": n.num_examples}
@@ -76,12 +77,12 @@ def run_federation(grid: Grid, config: FedConfig, run_name: str,
 
     evaluations = strategy.run(grid, ConfigRecord({"run-name": run_name}),
                                ConfigRecord({"run-name": run_name}),
-                               first_round=saved.server_round + 1 if saved else 1,
+                               first_round=resume_after + 1,
                                on_round_end=checkpoint)
     recorder.save_shared(strategy.shared)
     final = evaluations.get(config.num_server_rounds)
     return {"rounds": config.num_server_rounds, "num_clients": len(nodes),
-            "resumed_after_round": saved.server_round if saved else None,
+            "resumed_after_round": resume_after or None,
             "final_mean_accuracy": None if final is None else final["mean-accuracy"],
             "final_worst_accuracy": None if final is None else final["worst-accuracy"]}
 

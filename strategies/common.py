@@ -30,7 +30,7 @@ from flwr.supercore import log
 from fedalora.checkpoint import Checkpoint
 from fedalora.config import ConfigError, FedConfig, validate_rank
 from fedalora.outputs import RunRecorder
-from fedalora.screening import norm_outliers, update_problem, update_rms
+from fedalora.screening import norm_problems, update_problem, update_rms
 from fedalora.sharing import A, B, seeded_lora_a
 
 Arrays = dict[str, np.ndarray]
@@ -263,10 +263,10 @@ class LoRAStrategy(Strategy):
                     node.partition_id, node.rank, rank)
                 node = self.nodes[node.node_id] = dataclasses.replace(node, rank=rank)
             candidates.append((node, update, reply.content[METRICS]))
-        outliers = norm_outliers([update_rms(u) for _, u, _ in candidates],
-                                 self.config.max_norm_ratio)
+        sizes = norm_problems([update_rms(u) for _, u, _ in candidates],
+                              self.config.max_update_rms, self.config.max_norm_ratio)
         accepted = []
-        for candidate, problem in zip(candidates, outliers, strict=True):
+        for candidate, problem in zip(candidates, sizes, strict=True):
             if problem:
                 self._reject(server_round, candidate[0], problem)
             else:
@@ -293,7 +293,7 @@ class LoRAStrategy(Strategy):
             return f"training loss is {metrics['loss']}", node.rank
         rank = int(metrics.get("rank", node.rank))
         problem = (self._rank_problem(node, rank) or
-                   update_problem(update, self.upload_shapes(rank), self.config.max_update_rms))
+                   update_problem(update, self.upload_shapes(rank)))
         return problem, rank
 
     def _reject(self, server_round: int, node: NodeInfo, problem: str) -> None:

@@ -46,7 +46,7 @@ def _b0(config, context) -> dict[str, np.ndarray]:
 
 def _private_arrays(context) -> dict[str, np.ndarray]:
     """The newest private state in the node's memory."""
-    private, _ = state.MemoryStateStore(context.state).load(10**9)
+    private, _ = client_app.MemoryStateStore(context.state).load(10**9)
     return {k: v.numpy() for k, v in private.items()}
 
 
@@ -254,7 +254,7 @@ def test_an_interrupted_state_write_keeps_the_previous_state(tmp_path, monkeypat
 
 @pytest.mark.parametrize("backend", ["memory", "disk"])
 def test_state_stores_keep_the_state_before_each_round(tmp_path, backend):
-    store = (state.MemoryStateStore(RecordDict()) if backend == "memory"
+    store = (client_app.MemoryStateStore(RecordDict()) if backend == "memory"
              else state.DiskStateStore(tmp_path, 3))
     assert store.load(5) == (None, 0)
     for server_round in (1, 2, 3):
