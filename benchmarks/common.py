@@ -1,6 +1,6 @@
 """Shared helpers of the benchmark scripts: the repository on ``sys.path``, the machine
-line every script prints, the final ``key=value`` line, the server-side strategy for
-in-process clients, and a peak-memory sampler."""
+line every script prints, the final ``key=value`` line, the federation of in-process
+clients as the server sees it, and a peak-memory sampler."""
 
 from __future__ import annotations
 
@@ -24,29 +24,31 @@ def machine() -> str:
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     memory = psutil.virtual_memory().total / 2**30
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-            f"{memory:.0f} GiB, {gpu}; Python {platform.python_version()}, torch "
-            f"{torch.__version__}; {datetime.date.today().isoformat()}")
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"{memory:.0f} GiB, {gpu}; Python {platform.python_version()}, torch "
+        f"{torch.__version__}; {datetime.date.today().isoformat()}"
+    )
 
 
-def server_strategy(clients: list):
-    """The run's strategy as the ServerApp sets it up for these ``FederatedClient``s:
-    nodes known (node id = partition id) and its initial shared state."""
-    from strategies import STRATEGIES
-    from strategies.common import NodeInfo
+def federation(clients: list) -> tuple[list, dict]:
+    """The ``FederatedClient``s as their method's server side sees them (participants,
+    in client order) and the method's initial shared state."""
+    from fedalora.methods import Participant
 
-    config = clients[0].config
-    strategy = STRATEGIES[config.strategy](config, clients[0].base.layer_shapes())
-    strategy.nodes = {c.partition_id: NodeInfo(c.partition_id, c.partition_id, c.rank,
-                                               c.data.num_train) for c in clients}
-    strategy.shared = strategy.initial_shared()
-    return strategy
+    participants = [Participant(c.partition_id, c.rank, c.data.num_train) for c in clients]
+    method, layers = clients[0].method, clients[0].base.layer_shapes()
+    return participants, method.initial_shared(layers, [p.rank for p in participants])
 
 
 def print_figures(**figures: object) -> None:
     """The last line of every benchmark: ``key=value`` pairs (floats to 4 significant)."""
-    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                   for k, v in figures.items()), flush=True)
+    print(
+        " ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in figures.items()
+        ),
+        flush=True,
+    )
 
 
 class PeakMemory:

@@ -1,6 +1,6 @@
-"""Communication per client per round of every strategy, counted from the strategies'
-own messages (not from formulas): one aggregation round on zero updates, then the
-size of what each node is sent and what it uploads.
+"""Communication per client per round of every method, counted from the arrays the
+methods move (not from formulas): one aggregation round on zero updates, then the
+size of what each client is sent and what it uploads, as Flower records.
 
     python benchmarks/communication.py [--d-model 4096] [--layers 64] \
         [--ranks 64,64,32,32,16,16,8,8] [--homogeneous-rank 8] [--intermediate-rank 16]
@@ -21,34 +21,47 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fedalora.config import FedConfig  # noqa: E402
-from strategies import STRATEGIES  # noqa: E402
-from strategies.common import NodeInfo, payload_bytes, to_record  # noqa: E402
+from fedalora.config import FedConfig
+from fedalora.methods import Participant, registered_methods
+from protocol import payload_bytes, to_record
 
 
-def per_client_floats(names: list[str], layer_shapes: dict[str, tuple[int, int]],
-                      ranks: list[int], intermediate_rank: int) -> list[dict]:
+def per_client_floats(
+    names: list[str],
+    layer_shapes: dict[str, tuple[int, int]],
+    ranks: list[int],
+    intermediate_rank: int,
+) -> list[dict]:
     """Mean floats up and down per client per round (after the first aggregation) for
-    clients of ``ranks``; strategies that need one rank are skipped when ranks differ."""
+    clients of ``ranks``; methods that need one rank are skipped when ranks differ."""
     rows = []
+    base = FedConfig.from_run_config(
+        {"ranks": ",".join(map(str, ranks)), "intermediate-rank": intermediate_rank}
+    )
     for name in names:
-        if len(set(ranks)) > 1 and not STRATEGIES[name].heterogeneous_ranks:
+        if len(set(ranks)) > 1 and not registered_methods()[name].heterogeneous:
             continue
-        node_ranks = ranks
-        config = FedConfig.from_run_config({
-            "strategy": name, "ranks": ",".join(map(str, node_ranks)),
-            "intermediate-rank": intermediate_rank})
-        strategy = STRATEGIES[name](config, layer_shapes)
-        nodes = [NodeInfo(i, i, r, 100) for i, r in enumerate(node_ranks)]
-        strategy.nodes = {n.node_id: n for n in nodes}
-        strategy.shared = strategy.initial_shared()
-        uploads = [{k: np.zeros(s, np.float32) for k, s in strategy.upload_shapes(n.rank).items()}
-                   for n in nodes]
-        strategy.shared = strategy.aggregate(uploads, nodes)
+        method = base.with_strategy(name).method
+        clients = [Participant(i, r, 100) for i, r in enumerate(ranks)]
+        shared = method.initial_shared(layer_shapes, ranks)
+        uploads = [
+            {
+                k: np.zeros(s, np.float32)
+                for k, s in method.upload_shapes(layer_shapes, c.rank).items()
+            }
+            for c in clients
+        ]
+        shared = method.aggregate(shared, uploads, clients)
         up = [payload_bytes(to_record(u)) / 4 for u in uploads]
-        down = [payload_bytes(to_record(strategy.download(n))) / 4 for n in nodes]
-        rows.append({"strategy": name, "ranks": node_ranks, "up": float(np.mean(up)),
-                     "down": float(np.mean(down))})
+        down = [payload_bytes(to_record(method.download(shared, c))) / 4 for c in clients]
+        rows.append(
+            {
+                "strategy": name,
+                "ranks": ranks,
+                "up": float(np.mean(up)),
+                "down": float(np.mean(down)),
+            }
+        )
     return rows
 
 
@@ -62,24 +75,33 @@ def main() -> None:
     args = parser.parse_args()
     hetero = [int(r) for r in args.ranks.split(",")]
     layer = {"layers.0.q_proj": (args.d_model, args.d_model)}
-    print(f"Millions of floats per client per round, {args.layers} adapted "
-          f"{args.d_model} x {args.d_model} layers, d_m={args.intermediate_rank}.")
+    print(
+        f"Millions of floats per client per round, {args.layers} adapted "
+        f"{args.d_model} x {args.d_model} layers, d_m={args.intermediate_rank}."
+    )
     figures = {}
-    for setting, ranks, reference in [("homogeneous", [args.homogeneous_rank] * len(hetero),
-                                       "fedit"), ("heterogeneous", hetero, "zeropad")]:
-        rows = per_client_floats(list(STRATEGIES), layer, ranks, args.intermediate_rank)
+    for setting, ranks, reference in [
+        ("homogeneous", [args.homogeneous_rank] * len(hetero), "fedit"),
+        ("heterogeneous", hetero, "zeropad"),
+    ]:
+        rows = per_client_floats(
+            list(registered_methods(built_in=True)), layer, ranks, args.intermediate_rank
+        )
         totals = {r["strategy"]: args.layers * (r["up"] + r["down"]) for r in rows}
         print(f"\n{setting}, ranks {','.join(map(str, ranks))}:\n")
         print(f"| strategy | up | down | total | vs {reference} |")
         print("|---|---:|---:|---:|---:|")
         for row in rows:
             name = row["strategy"]
-            print(f"| {name} | {args.layers * row['up'] / 1e6:.2f} "
-                  f"| {args.layers * row['down'] / 1e6:.2f} | {totals[name] / 1e6:.2f} "
-                  f"| {totals[name] / totals[reference]:.3f} |")
+            print(
+                f"| {name} | {args.layers * row['up'] / 1e6:.2f} "
+                f"| {args.layers * row['down'] / 1e6:.2f} | {totals[name] / 1e6:.2f} "
+                f"| {totals[name] / totals[reference]:.3f} |"
+            )
         figures[f"{setting}_fedalora_over_{reference}"] = (
             totals["fedalora" if setting == "homogeneous" else "fedalora-hetero"]
-            / totals[reference])
+            / totals[reference]
+        )
     print()
     print(" ".join(f"{key}={value:.3f}" for key, value in figures.items()))
 

@@ -19,20 +19,24 @@ import argparse
 import statistics
 import time
 
-from common import machine, print_figures, server_strategy
-from flwr.common.config import parse_config_args
+from common import federation, machine, print_figures
 
 from fedalora import data, models
 from fedalora.client import FederatedClient
-from fedalora.config import FedConfig
+from fedalora.config import FedConfig, parse_run_config
 
 PARTITION, NUM_CLIENTS = 0, 8
 
 
 def clear_caches() -> None:
     """Forget every per-worker cache: the next client loads model and data from disk."""
-    for cached in (models.cached_base_model, data.load_labelled_dataset,
-                   data.load_client_data, data.load_official_test, data._cached_partitioner):
+    for cached in (
+        models.cached_base_model,
+        data.load_labelled_dataset,
+        data.load_client_data,
+        data.load_official_test,
+        data._cached_partitioner,
+    ):
         cached.cache_clear()
 
 
@@ -47,7 +51,7 @@ def run(config: FedConfig, rounds: int, naive: bool) -> list[float]:
             clear_caches()
         if naive or client is None:
             client = FederatedClient(config, PARTITION, NUM_CLIENTS, config.rank_for(PARTITION))
-            shared = server_strategy([client]).shared
+            shared = federation([client])[1]
         _, private, _ = client.train(shared, private, server_round)
         _, private = client.evaluate(shared, private)
         seconds.append(time.perf_counter() - started)
@@ -57,21 +61,29 @@ def run(config: FedConfig, rounds: int, naive: bool) -> list[float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--run-config", default="", help="overrides of the default "
-                        "configuration, e.g. \"model='smollm2' dataset='instructions' "
-                        "partitioning='task' batch-size=4\"")
+    parser.add_argument(
+        "--run-config",
+        default="",
+        help="overrides of the default "
+        "configuration, e.g. \"model='smollm2' dataset='instructions' "
+        "partitioning='task' batch-size=4\"",
+    )
     args = parser.parse_args()
     print(f"machine: {machine()}")
-    config = FedConfig.from_run_config(
-        parse_config_args([args.run_config]) if args.run_config.strip() else {})
+    config = FedConfig.from_run_config(parse_run_config(args.run_config))
     ours = run(config, args.rounds, naive=False)
     naive = run(config, args.rounds, naive=True)
     for name, seconds in (("ours", ours), ("naive", naive)):
-        print(f"{name}: cold round {seconds[0]:.2f} s, warm rounds "
-              f"{[round(s, 2) for s in seconds[1:]]} s")
+        print(
+            f"{name}: cold round {seconds[0]:.2f} s, warm rounds "
+            f"{[round(s, 2) for s in seconds[1:]]} s"
+        )
     ours_round, naive_round = statistics.median(ours[1:]), statistics.median(naive[1:])
-    print_figures(ours_round_seconds=ours_round, naive_round_seconds=naive_round,
-                  speedup=naive_round / ours_round)
+    print_figures(
+        ours_round_seconds=ours_round,
+        naive_round_seconds=naive_round,
+        speedup=naive_round / ours_round,
+    )
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ Simulation: the default configuration (8 clients, ranks 64..8, ``fedalora-hetero
 MiniLM on BBC News, 10 steps of batch 16 per round) for ``--rounds`` rounds through
 ``fedalora.simulate``: its own SuperLink, and a fresh Ray instance that the run
 starts (start-up included), timed from launch to the completed summary.json.
-Plain loop: the same clients, rounds, training steps, aggregation (the strategy's
+Plain loop: the same clients, rounds, training steps, aggregation (the method's
 own ``aggregate``) and evaluations, in this one process, one client after another (the
 simulation also runs one client at a time on 2 cores: 2 CPUs per client). Both
 load the model and data once. Adapter export is off in both. The two must end
@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import ROOT, machine, print_figures, server_strategy
+from common import ROOT, federation, machine, print_figures
 
 from fedalora.client import FederatedClient
 from fedalora.config import FedConfig
@@ -35,38 +35,54 @@ NUM_CLIENTS = 8
 def plain_loop(config: FedConfig) -> tuple[float, list[float]]:
     """Seconds of the whole loop and the final accuracy of every client."""
     started = time.perf_counter()
-    clients = [FederatedClient(config, k, NUM_CLIENTS, config.rank_for(k))
-               for k in range(NUM_CLIENTS)]
-    strategy = server_strategy(clients)
-    nodes = list(strategy.nodes.values())
+    clients = [
+        FederatedClient(config, k, NUM_CLIENTS, config.rank_for(k)) for k in range(NUM_CLIENTS)
+    ]
+    method = config.method
+    participants, shared = federation(clients)
     private: list = [None] * NUM_CLIENTS
     for server_round in range(1, config.num_server_rounds + 1):
         uploads = []
-        for k, (client, node) in enumerate(zip(clients, nodes)):
-            upload, private[k], _ = client.train(strategy.download(node), private[k],
-                                                 server_round, server_round - 1)
+        for k, (client, participant) in enumerate(zip(clients, participants, strict=True)):
+            upload, private[k], _ = client.train(
+                method.download(shared, participant), private[k], server_round, server_round - 1
+            )
             uploads.append(upload)
-        strategy.shared = strategy.aggregate(uploads, nodes)
+        shared = method.aggregate(shared, uploads, participants)
         accuracies = []
-        for k, (client, node) in enumerate(zip(clients, nodes)):
+        for k, (client, participant) in enumerate(zip(clients, participants, strict=True)):
             metrics, private[k] = client.evaluate(
-                strategy.download(node), private[k], server_round,
-                final=server_round == config.num_server_rounds)
+                method.download(shared, participant),
+                private[k],
+                server_round,
+                final=server_round == config.num_server_rounds,
+            )
             accuracies.append(metrics["accuracy"])
     return time.perf_counter() - started, accuracies
 
 
 def simulation(run_config: dict[str, object], output_dir: Path) -> tuple[float, list[float]]:
     """Wall seconds of the simulation (Ray start-up included) and its final accuracies."""
-    text = " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else str(v).lower()}"
-                    for k, v in run_config.items())
+    text = " ".join(
+        f"{k}={json.dumps(v) if isinstance(v, str) else str(v).lower()}"
+        for k, v in run_config.items()
+    )
     started = time.perf_counter()
-    run_dir = run_simulation(ROOT, "overhead", num_supernodes=NUM_CLIENTS, run_config=text,
-                             output_dir=output_dir, flwr_home=output_dir / ".flwr-home",
-                             log_path=output_dir / "overhead.log")
+    run_dir = run_simulation(
+        ROOT,
+        "overhead",
+        num_supernodes=NUM_CLIENTS,
+        run_config=text,
+        output_dir=output_dir,
+        flwr_home=output_dir / ".flwr-home",
+        log_path=output_dir / "overhead.log",
+    )
     seconds = time.perf_counter() - started
-    rows = [r for r in read_jsonl(run_dir / "metrics.jsonl")
-            if r["phase"] == "evaluate" and r["round"] == run_config["num-server-rounds"]]
+    rows = [
+        r
+        for r in read_jsonl(run_dir / "metrics.jsonl")
+        if r["phase"] == "evaluate" and r["round"] == run_config["num-server-rounds"]
+    ]
     return seconds, [r["accuracy"] for r in sorted(rows, key=lambda r: r["client"])]
 
 
@@ -81,13 +97,18 @@ def main() -> None:
     print(f"plain loop: {loop_seconds:.1f} s, final mean accuracy {np.mean(loop_accuracy):.4f}")
     with tempfile.TemporaryDirectory() as tmp:
         sim_seconds, sim_accuracy = simulation(run_config, Path(tmp))
-    print(f"flwr run simulation: {sim_seconds:.1f} s, final mean accuracy "
-          f"{np.mean(sim_accuracy):.4f}")
+    print(
+        f"flwr run simulation: {sim_seconds:.1f} s, final mean accuracy {np.mean(sim_accuracy):.4f}"
+    )
     same = np.allclose(loop_accuracy, sim_accuracy, rtol=0, atol=1e-9)
     print(f"same final accuracies in both: {same}")
-    print_figures(rounds=args.rounds, simulation_seconds=sim_seconds,
-                  plain_loop_seconds=loop_seconds, overhead_ratio=sim_seconds / loop_seconds,
-                  same_results=same)
+    print_figures(
+        rounds=args.rounds,
+        simulation_seconds=sim_seconds,
+        plain_loop_seconds=loop_seconds,
+        overhead_ratio=sim_seconds / loop_seconds,
+        same_results=same,
+    )
 
 
 if __name__ == "__main__":

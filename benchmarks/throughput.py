@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 import torch
-from common import machine, print_figures, server_strategy
+from common import federation, machine, print_figures
 from peft import LoraConfig, get_peft_model
 
 from fedalora.client import FederatedClient, round_seed
@@ -33,17 +33,17 @@ PARTITION, NUM_CLIENTS, SERVER_ROUND = 0, 8, 1
 
 
 def setup(strategy: str, steps: int) -> tuple[FederatedClient, dict[str, np.ndarray]]:
-    """The default configuration's first client and the strategy's initial shared state."""
-    config = FedConfig.from_run_config({"strategy": strategy, "ranks": "64",
-                                        "local-steps": steps})
+    """The default configuration's first client and the method's initial shared state."""
+    config = FedConfig.from_run_config({"strategy": strategy, "ranks": "64", "local-steps": steps})
     client = FederatedClient(config, PARTITION, NUM_CLIENTS, config.rank_for(PARTITION))
-    return client, server_strategy([client]).shared
+    return client, federation([client])[1]
 
 
 def client_batches(client: FederatedClient) -> list[list[int]]:
     """The example indices the client trains on in ``SERVER_ROUND``."""
     generator = torch.Generator().manual_seed(
-        round_seed(client.config.seed, SERVER_ROUND, client.partition_id))
+        round_seed(client.config.seed, SERVER_ROUND, client.partition_id)
+    )
     batches = batch_indices(client.data.num_train, client.config.batch_size, generator)
     return [next(batches) for _ in range(client.config.local_steps)]
 
@@ -65,14 +65,22 @@ def time_bare_peft(client: FederatedClient, batches: list[list[int]]) -> float:
     model = copy.deepcopy(base.model)
     examples = client.data.train
     started = time.perf_counter()
-    model = get_peft_model(model, LoraConfig(
-        r=client.rank, lora_alpha=cfg.lora_alpha * client.rank, lora_dropout=cfg.lora_dropout,
-        target_modules=base.targets, modules_to_save=base.head_modules or None))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=client.rank,
+            lora_alpha=cfg.lora_alpha * client.rank,  # type: ignore[arg-type]  # a float is fine
+            lora_dropout=cfg.lora_dropout,
+            target_modules=base.targets,
+            modules_to_save=base.head_modules or None,
+        ),
+    )
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
     model.train()
     for indices in batches:
-        batch = tokenizer.pad({"input_ids": [examples["input_ids"][i] for i in indices]},
-                              return_tensors="pt")
+        batch = tokenizer.pad(
+            {"input_ids": [examples["input_ids"][i] for i in indices]}, return_tensors="pt"
+        )
         batch["labels"] = torch.tensor([examples["labels"][i] for i in indices])
         loss = model(**batch).loss
         optimizer.zero_grad(set_to_none=True)
@@ -100,12 +108,16 @@ def main() -> None:
             bare.append(time_bare_peft(client, batches))
         ours_tps, bare_tps = tokens / statistics.median(ours), tokens / statistics.median(bare)
         ratios[strategy] = ours_tps / bare_tps
-        print(f"{strategy}: {tokens} tokens in {args.steps} steps | client "
-              f"{ours_tps:.0f} tokens/s (median of {[round(s, 2) for s in ours]} s) | bare "
-              f"PEFT {bare_tps:.0f} tokens/s (median of {[round(s, 2) for s in bare]} s) | "
-              f"ratio {ratios[strategy]:.3f}")
-    print_figures(throughput_ratio=ratios["fedalora-hetero"],
-                  throughput_ratio_peft_lora_client=ratios["fedalora"])
+        print(
+            f"{strategy}: {tokens} tokens in {args.steps} steps | client "
+            f"{ours_tps:.0f} tokens/s (median of {[round(s, 2) for s in ours]} s) | bare "
+            f"PEFT {bare_tps:.0f} tokens/s (median of {[round(s, 2) for s in bare]} s) | "
+            f"ratio {ratios[strategy]:.3f}"
+        )
+    print_figures(
+        throughput_ratio=ratios["fedalora-hetero"],
+        throughput_ratio_peft_lora_client=ratios["fedalora"],
+    )
 
 
 if __name__ == "__main__":

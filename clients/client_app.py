@@ -20,14 +20,32 @@ import os
 from pathlib import Path
 
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedalora.client import FederatedClient
-from fedalora.config import ConfigError, FedConfig
+from fedalora.config import FedConfig
+from fedalora.errors import ConfigError
 from fedalora.outputs import client_dir
-from fedalora.state import DiskStateStore, PrivateStateStore, Tensors
-from strategies.common import ARRAYS, CONFIG, METRICS, to_numpy, to_record
+from fedalora.state import DiskStateStore, PrivateStateStore
+from fedalora.types import Tensors
+from protocol import (
+    ARRAYS,
+    CONFIG,
+    FINAL_ROUND,
+    METRICS,
+    NUM_TRAIN_EXAMPLES,
+    PARTITION_ID,
+    PRIVATE_STATE_ROUND,
+    RANK,
+    RUN_NAME,
+    SERVER_ROUND,
+    SHARED_ROUND,
+    number,
+    to_metrics,
+    to_numpy,
+    to_record,
+)
 
 app = ClientApp()
 
@@ -41,12 +59,17 @@ class MemoryStateStore(PrivateStateStore):
         self.node_state = node_state
 
     def tags(self) -> list[int]:
-        return sorted(int(key[len(self.PREFIX):]) for key in list(self.node_state)
-                      if key.startswith(self.PREFIX))
+        return sorted(
+            int(key[len(self.PREFIX) :])
+            for key in list(self.node_state)
+            if key.startswith(self.PREFIX)
+        )
 
     def _read(self, tag: int) -> Tensors:
-        return {k: torch.from_numpy(v)
-                for k, v in to_numpy(self.node_state[f"{self.PREFIX}{tag}"]).items()}
+        return {
+            k: torch.from_numpy(v)
+            for k, v in to_numpy(self.node_state.array_records[f"{self.PREFIX}{tag}"]).items()
+        }
 
     def _write(self, tag: int, state: Tensors) -> None:
         self.node_state[f"{self.PREFIX}{tag}"] = to_record({k: v.numpy() for k, v in state.items()})
@@ -62,8 +85,13 @@ def query(msg: Message, context: Context) -> Message:
     explicit_dir = _explicit_state_dir(context, client)
     if client.config.state_store == "disk" and explicit_dir:
         _check_writable(explicit_dir)
-    info = ConfigRecord({"partition-id": client.partition_id, "rank": client.rank,
-                         "num-examples": client.data.num_train})
+    info = ConfigRecord(
+        {
+            PARTITION_ID: client.partition_id,
+            RANK: client.rank,
+            NUM_TRAIN_EXAMPLES: client.data.num_train,
+        }
+    )
     return Message(RecordDict({CONFIG: info}), reply_to=msg)
 
 
@@ -71,16 +99,17 @@ def query(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     """Train on local data from the broadcast shared state; upload the shared part only."""
     client = _client(context)
-    config = msg.content[CONFIG]
-    server_round = int(config["server-round"])
+    config = msg.content.config_records[CONFIG]
+    server_round = int(number(config, SERVER_ROUND))
     store = _store(context, client, config)
     private, private_round = store.load(server_round - 1)
-    upload, private, metrics = client.train(to_numpy(msg.content[ARRAYS]), private,
-                                            server_round, int(config["shared-round"]))
+    shared, shared_round = to_numpy(msg.content.array_records[ARRAYS]), number(config, SHARED_ROUND)
+    upload, private, metrics = client.train(shared, private, server_round, int(shared_round))
     store.save(server_round, private)
-    metrics["private-state-round"] = private_round
-    return Message(RecordDict({ARRAYS: to_record(upload), METRICS: _metrics(metrics)}),
-                   reply_to=msg)
+    metrics[PRIVATE_STATE_ROUND] = private_round
+    return Message(
+        RecordDict({ARRAYS: to_record(upload), METRICS: to_metrics(metrics)}), reply_to=msg
+    )
 
 
 @app.evaluate()
@@ -88,44 +117,56 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Score the personalised model on the held-out split; after the last round also
     export it (unless export-adapters=false)."""
     client = _client(context)
-    config = msg.content[CONFIG]
-    shared, shared_round = to_numpy(msg.content[ARRAYS]), int(config["shared-round"])
-    server_round, final = int(config["server-round"]), bool(config.get("final-round", False))
+    config = msg.content.config_records[CONFIG]
+    shared = to_numpy(msg.content.array_records[ARRAYS])
+    shared_round, server_round = (
+        int(number(config, SHARED_ROUND)),
+        int(number(config, SERVER_ROUND)),
+    )
+    final = bool(config.get(FINAL_ROUND, False))
     store = _store(context, client, config)
     private, _ = store.load(server_round)
     metrics, private = client.evaluate(shared, private, shared_round, final)
     if final and client.config.export_adapters:
-        client.export(shared, private,
-                      client_dir(_run_dir(client, config), client.partition_id) / "adapter",
-                      shared_round)
+        client.export(
+            shared,
+            private,
+            client_dir(_run_dir(client, config), client.partition_id) / "adapter",
+            shared_round,
+        )
     store.save(server_round, private)
-    return Message(RecordDict({METRICS: _metrics(metrics)}), reply_to=msg)
+    return Message(RecordDict({METRICS: to_metrics(metrics)}), reply_to=msg)
 
 
 def _client(context: Context) -> FederatedClient:
     config = FedConfig.from_run_config(context.run_config)
     node = context.node_config
     if "partition-id" not in node or "num-partitions" not in node:
-        raise ConfigError("node-config", "needs 'partition-id' and 'num-partitions', e.g. "
-                          "--node-config \"partition-id=0 num-partitions=3\"")
+        raise ConfigError(
+            "node-config",
+            "needs 'partition-id' and 'num-partitions', e.g. "
+            '--node-config "partition-id=0 num-partitions=3"',
+        )
     partition_id, num_partitions = int(node["partition-id"]), int(node["num-partitions"])
     rank = int(node["lora-rank"]) if "lora-rank" in node else config.rank_for(partition_id)
     own_data = "dataset" in node
     if own_data:  # the node's own file, all of it (run-config keys keep their meaning)
-        config = FedConfig.from_run_config({**context.run_config,
-                                            "dataset": str(node["dataset"]), "partitioning": "iid"})
+        config = FedConfig.from_run_config(
+            {**context.run_config, "dataset": str(node["dataset"]), "partitioning": "iid"}
+        )
     return _cached_client(config, partition_id, num_partitions, rank, own_data)
 
 
 @functools.lru_cache(maxsize=1024)
-def _cached_client(config: FedConfig, partition_id: int, num_partitions: int,
-                   rank: int, own_data: bool) -> FederatedClient:
+def _cached_client(
+    config: FedConfig, partition_id: int, num_partitions: int, rank: int, own_data: bool
+) -> FederatedClient:
     """One client object per worker process and node (model and data loaded once)."""
     return FederatedClient(config, partition_id, num_partitions, rank, own_data)
 
 
 def _run_dir(client: FederatedClient, config: ConfigRecord) -> Path:
-    return Path(client.config.output_dir).expanduser().resolve() / str(config["run-name"])
+    return Path(client.config.output_dir).expanduser().resolve() / str(config[RUN_NAME])
 
 
 def _explicit_state_dir(context: Context, client: FederatedClient) -> str:
@@ -135,8 +176,7 @@ def _explicit_state_dir(context: Context, client: FederatedClient) -> str:
 def _store(context: Context, client: FederatedClient, config: ConfigRecord) -> PrivateStateStore:
     if client.config.state_store == "memory":
         return MemoryStateStore(context.state)
-    state_dir = (_explicit_state_dir(context, client)
-                 or _run_dir(client, config) / "private-state")
+    state_dir = _explicit_state_dir(context, client) or _run_dir(client, config) / "private-state"
     return DiskStateStore(state_dir, client.partition_id)
 
 
@@ -145,16 +185,13 @@ def _check_writable(state_dir: str) -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ConfigError("state-dir", f"cannot create '{path}': {exc}; give a writable "
-                          "directory on this node") from exc
+        raise ConfigError(
+            "state-dir", f"cannot create '{path}': {exc}; give a writable directory on this node"
+        ) from exc
     if not os.access(path, os.W_OK):
-        raise ConfigError("state-dir", f"'{path}' is not writable; give a writable directory "
-                          "on this node")
-
-
-def _metrics(metrics: dict[str, float]) -> MetricRecord:
-    return MetricRecord({"num-examples": int(metrics["num_examples"]),
-                         **{k: float(v) for k, v in metrics.items() if k != "num_examples"}})
+        raise ConfigError(
+            "state-dir", f"'{path}' is not writable; give a writable directory on this node"
+        )
 
 
 __all__ = ["app"]

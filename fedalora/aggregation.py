@@ -23,13 +23,15 @@ def data_weights(num_examples: Sequence[float]) -> np.ndarray:
     """p_i = n_i / sum(n); raises ValueError on negative counts or a zero total."""
     counts = np.asarray(num_examples, dtype=np.float64)
     if counts.size == 0 or np.any(counts < 0) or counts.sum() <= 0:
-        raise ValueError("example counts must be >= 0 with a positive total, "
-                         f"got {counts.tolist()}")
+        raise ValueError(
+            f"example counts must be >= 0 with a positive total, got {counts.tolist()}"
+        )
     return counts / counts.sum()
 
 
-def weighted_average(updates: Sequence[Arrays],
-                     num_examples: Sequence[float]) -> dict[str, np.ndarray]:
+def weighted_average(
+    updates: Sequence[Arrays], num_examples: Sequence[float]
+) -> dict[str, np.ndarray]:
     """FedAvg: X <- sum_i p_i X_i for every key (Fed-ALoRA's B, FedIT's A and B,
     FedSA-LoRA's A). All updates must carry the same keys with the same shapes."""
     weights = data_weights(num_examples)
@@ -37,12 +39,15 @@ def weighted_average(updates: Sequence[Arrays],
     for update in updates[1:]:
         if set(update) != keys:
             raise ValueError("updates carry different keys; cannot average")
-    return {key: _f32(sum(w * _f64(u[key]) for w, u in zip(weights, updates)))
-            for key in updates[0]}
+    return {
+        key: _f32(sum(w * _f64(u[key]) for w, u in zip(weights, updates, strict=True)))
+        for key in updates[0]
+    }
 
 
-def accumulate_decomposed(b0: Arrays, updates: Sequence[Arrays],
-                          num_examples: Sequence[float]) -> dict[str, np.ndarray]:
+def accumulate_decomposed(
+    b0: Arrays, updates: Sequence[Arrays], num_examples: Sequence[float]
+) -> dict[str, np.ndarray]:
     """Heterogeneous Fed-ALoRA: B0 <- B0 + sum_i p_i B2_i @ B1_i, layer by layer.
 
     ``b0`` maps ``<module>.B0`` to d_out x d_m; each update maps ``<module>.B2``
@@ -54,7 +59,7 @@ def accumulate_decomposed(b0: Arrays, updates: Sequence[Arrays],
     for key, current in b0.items():
         module = key[: -len(".B0")]
         total = _f64(current).copy()
-        for w, update in zip(weights, updates):
+        for w, update in zip(weights, updates, strict=True):
             total += w * (_f64(update[f"{module}.B2"]) @ _f64(update[f"{module}.B1"]))
         result[key] = _f32(total)
     return result
@@ -75,9 +80,12 @@ def truncate_rank(arrays: Arrays, rank: int, b_scale: float = 1.0) -> dict[str, 
     return out
 
 
-def zero_pad_average(updates: Sequence[Arrays],
-                     weights: Sequence[float] | Mapping[str, Sequence[float]],
-                     rank: int, slots: str) -> dict[str, np.ndarray]:
+def zero_pad_average(
+    updates: Sequence[Arrays],
+    weights: Sequence[float] | Mapping[str, Sequence[float]],
+    rank: int,
+    slots: str,
+) -> dict[str, np.ndarray]:
     """Average LoRA factors of different ranks, zero-padded to ``rank``.
 
     ``slots="holders"``: rank slot j (row j of A, column j of B) is averaged over the
@@ -98,7 +106,7 @@ def zero_pad_average(updates: Sequence[Arrays],
             raise ValueError(f"'{key}' has rank {ranks.max()}, above the padding rank {rank}")
         first = updates[0][key]
         total = np.zeros((rank, first.shape[1]) if is_a else (first.shape[0], rank))
-        for wi, update, r in zip(w, updates, ranks):
+        for wi, update, r in zip(w, updates, ranks, strict=True):
             if is_a:
                 total[:r] += wi * _f64(update[key])
             else:
@@ -117,29 +125,34 @@ def product_norm(a: np.ndarray, b: np.ndarray, scale: float = 1.0) -> float:
     return abs(scale) * float(np.sqrt(max(np.sum((b.T @ b) * (a @ a.T)), 0.0)))
 
 
-def hetlora_average(updates: Sequence[Arrays], scales: Sequence[float],
-                    rank: int) -> dict[str, np.ndarray]:
+def hetlora_average(
+    updates: Sequence[Arrays], scales: Sequence[float], rank: int
+) -> dict[str, np.ndarray]:
     """HetLoRA: zero-padding over all clients with per-layer weights w_i proportional to
     ||s_i B_i A_i||_F (equal weights for a layer where every update is zero)."""
     weights: dict[str, list[float]] = {}
     for module in modules_of(updates[0]):
-        norms = [product_norm(u[module + LORA_A], u[module + LORA_B], s)
-                 for u, s in zip(updates, scales)]
+        norms = [
+            product_norm(u[module + LORA_A], u[module + LORA_B], s)
+            for u, s in zip(updates, scales, strict=True)
+        ]
         weights[module] = norms if sum(norms) > 0 else [1.0] * len(norms)
     return zero_pad_average(updates, weights, rank, slots="all")
 
 
 # -------------------------------------------------------------- exact products
-def lora_product_sum(updates: Sequence[Arrays], num_examples: Sequence[float],
-                     scales: Sequence[float], module: str) -> np.ndarray:
+def lora_product_sum(
+    updates: Sequence[Arrays], num_examples: Sequence[float], scales: Sequence[float], module: str
+) -> np.ndarray:
     """The exact aggregate DeltaW = sum_i p_i s_i B_i A_i of one layer (dense, float64),
     as one product of the stacked factors."""
     stack_a, stack_b = _stack(updates, data_weights(num_examples), scales, module, np.float64)
     return stack_b @ stack_a
 
 
-def flexlora_factors(updates: Sequence[Arrays], num_examples: Sequence[float],
-                     scales: Sequence[float], rank: int) -> dict[str, np.ndarray]:
+def flexlora_factors(
+    updates: Sequence[Arrays], num_examples: Sequence[float], scales: Sequence[float], rank: int
+) -> dict[str, np.ndarray]:
     """FlexLoRA: DeltaW = sum_i p_i s_i B_i A_i, SVD DeltaW = U S V^T, kept to ``rank``:
     lora_B = U[:, :rank] S[:rank] (scale included), lora_A = V^T[:rank].
 
@@ -148,27 +161,35 @@ def flexlora_factors(updates: Sequence[Arrays], num_examples: Sequence[float],
     """
     result: dict[str, np.ndarray] = {}
     for module in modules_of(updates[0]):
-        u, s, vt = np.linalg.svd(lora_product_sum(updates, num_examples, scales, module),
-                                 full_matrices=False)
+        u, s, vt = np.linalg.svd(
+            lora_product_sum(updates, num_examples, scales, module), full_matrices=False
+        )
         result[module + LORA_A] = _f32(vt[:rank])
         result[module + LORA_B] = _f32(u[:, :rank] * s[:rank])
     return result
 
 
-def flora_stack(updates: Sequence[Arrays], num_examples: Sequence[float],
-                scales: Sequence[float]) -> dict[str, np.ndarray]:
+def flora_stack(
+    updates: Sequence[Arrays], num_examples: Sequence[float], scales: Sequence[float]
+) -> dict[str, np.ndarray]:
     """FLoRA: stack A = [A_1; ...; A_K] (sum r_i x d_in) and B = [p_1 s_1 B_1, ...,
     p_K s_K B_K] (d_out x sum r_i), so that B A = sum_i p_i s_i B_i A_i exactly."""
     weights = data_weights(num_examples)
     result: dict[str, np.ndarray] = {}
     for module in modules_of(updates[0]):
         result[module + STACK_A], result[module + STACK_B] = _stack(
-            updates, weights, scales, module, np.float32)
+            updates, weights, scales, module, np.float32
+        )
     return result
 
 
-def _stack(updates: Sequence[Arrays], weights: np.ndarray, scales: Sequence[float],
-           module: str, dtype: type) -> tuple[np.ndarray, np.ndarray]:
+def _stack(
+    updates: Sequence[Arrays],
+    weights: np.ndarray,
+    scales: Sequence[float],
+    module: str,
+    dtype: type,
+) -> tuple[np.ndarray, np.ndarray]:
     """[A_1; ...; A_K] and [w_1 s_1 B_1, ..., w_K s_K B_K] of one layer, filled in place."""
     factors_a = [u[module + LORA_A] for u in updates]
     factors_b = [u[module + LORA_B] for u in updates]
@@ -176,10 +197,10 @@ def _stack(updates: Sequence[Arrays], weights: np.ndarray, scales: Sequence[floa
     stack_a = np.empty((total, factors_a[0].shape[1]), dtype)
     stack_b = np.empty((factors_b[0].shape[0], total), dtype)
     offset = 0
-    for w, s, a, b in zip(weights, scales, factors_a, factors_b):
+    for w, s, a, b in zip(weights, scales, factors_a, factors_b, strict=True):
         r = a.shape[0]
-        stack_a[offset:offset + r] = a
-        stack_b[:, offset:offset + r] = (w * s) * _f64(b)
+        stack_a[offset : offset + r] = a
+        stack_b[:, offset : offset + r] = (w * s) * _f64(b)
         offset += r
     return stack_a, stack_b
 

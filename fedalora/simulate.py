@@ -20,6 +20,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -35,11 +36,20 @@ class SimulationFailed(RuntimeError):
     """The run did not write a completed summary.json."""
 
 
-def run_simulation(app_dir: str | Path, run_name: str, *, num_supernodes: int = 8,
-                   run_config: str = "", output_dir: str | Path | None = None,
-                   num_cpus: int | None = None, num_gpus: float | None = None,
-                   flwr_home: str | Path | None = None, timeout: float = 3600,
-                   log_path: str | Path | None = None, ray_address: str | None = None) -> Path:
+def run_simulation(
+    app_dir: str | Path,
+    run_name: str,
+    *,
+    num_supernodes: int = 8,
+    run_config: str = "",
+    output_dir: str | Path | None = None,
+    num_cpus: int | None = None,
+    num_gpus: float | None = None,
+    flwr_home: str | Path | None = None,
+    timeout: float = 3600,
+    log_path: str | Path | None = None,
+    ray_address: str | None = None,
+) -> Path:
     """Simulate ``num_supernodes`` clients; return the run directory of a completed run.
 
     ``run_config`` is extra ``--run-config`` text ("key=value key2='text'");
@@ -55,12 +65,25 @@ def run_simulation(app_dir: str | Path, run_name: str, *, num_supernodes: int = 
     env = {**runtime_env(), "FLWR_HOME": str(flwr_home)}
     if ray_address:
         env["RAY_ADDRESS"] = ray_address  # read by ray.init() in the simulation process
-    superlink = subprocess.Popen(  # noqa: S603 - fixed argument list
-        [str(BIN / "flower-superlink"), "--insecure", "--simulation", "--isolation",
-         "subprocess", "--host", "127.0.0.1", "--port", str(port),
-         "--disable-runtime-dependency-installation"],
-        cwd=app_dir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True)
+    superlink = subprocess.Popen(
+        [
+            str(BIN / "flower-superlink"),
+            "--insecure",
+            "--simulation",
+            "--isolation",
+            "subprocess",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--disable-runtime-dependency-installation",
+        ],
+        cwd=app_dir,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         wait_healthy(f"http://127.0.0.1:{port}", superlink)
         federation = [f"num-supernodes={num_supernodes}"]
@@ -68,14 +91,29 @@ def run_simulation(app_dir: str | Path, run_name: str, *, num_supernodes: int = 
             federation.append(f"client-resources-num-cpus={int(num_cpus)}")
         if num_gpus is not None:
             federation.append(f"client-resources-num-gpus={num_gpus}")
-        command = [str(BIN / "flwr"), "run", str(app_dir), CONNECTION, "--stream",
-                   "--federation-config", " ".join(federation),
-                   "--run-config", f"run-name='{run_name}' output-dir='{output_dir}'"]
+        command = [
+            str(BIN / "flwr"),
+            "run",
+            str(app_dir),
+            CONNECTION,
+            "--stream",
+            "--federation-config",
+            " ".join(federation),
+            "--run-config",
+            f"run-name='{run_name}' output-dir='{output_dir}'",
+        ]
         if run_config.strip():
             command += ["--run-config", run_config]
         with open(log_path or os.devnull, "w", encoding="utf-8") as log:
-            subprocess.run(command, cwd=app_dir, env=env, timeout=timeout, check=False,  # noqa: S603
-                           stdout=None if log_path is None else log, stderr=subprocess.STDOUT)
+            subprocess.run(
+                command,
+                cwd=app_dir,
+                env=env,
+                timeout=timeout,
+                check=False,
+                stdout=None if log_path is None else log,
+                stderr=subprocess.STDOUT,
+            )
     finally:
         stop_process_tree(superlink)
     return completed_run(output_dir / run_name, log_path)
@@ -89,38 +127,78 @@ def completed_run(run_dir: Path, log_path: str | Path | None = None) -> Path:
         raise SimulationFailed(f"run '{run_dir.name}' wrote no summary.json ({where})")
     status = json.loads(summary.read_text())
     if status.get("status") != "completed":
-        raise SimulationFailed(f"run '{run_dir.name}' {status.get('status')}: "
-                               f"{status.get('error')}")
+        raise SimulationFailed(
+            f"run '{run_dir.name}' {status.get('status')}: {status.get('error')}"
+        )
     return run_dir
 
 
 @contextlib.contextmanager
-def ray_cluster(num_cpus: int | None = None, worker_nodes: int = 0) -> Iterator[str]:
+def ray_cluster(
+    num_cpus: int | None = None, worker_nodes: int = 0, timeout: float = 120
+) -> Iterator[str]:
     """A Ray cluster on this machine for runs to join: a head on a free loopback port
     and ``worker_nodes`` more Ray nodes joining it (each with ``num_cpus``), the same
     ``ray start`` commands as on several machines; yields the head's address.
-    ``ray stop --force`` on exit stops every Ray process of this user on the machine."""
-    ray = BIN / "ray"
+
+    Each node is a ``ray start --block`` process of ours with its Ray daemons under it;
+    on exit those processes and everything under them are stopped by pid, and no other
+    Ray process of the user is touched.
+    """
     address = f"127.0.0.1:{free_port()}"
     cpus = [] if num_cpus is None else ["--num-cpus", str(num_cpus)]
-    commands = [[str(ray), "start", "--head", "--port", address.split(":")[1],
-                 "--include-dashboard", "false"]]
-    commands += [[str(ray), "start", "--address", address]] * worker_nodes
-    try:
-        for command in commands:
-            subprocess.run([*command, "--node-ip-address", "127.0.0.1", "--disable-usage-stats",  # noqa: S603
-                            *cpus], check=True, capture_output=True, timeout=120)
-        yield address
-    finally:
-        subprocess.run([str(ray), "stop", "--force"], check=False, capture_output=True,  # noqa: S603
-                       timeout=120)
+    commands = [["--head", "--port", address.split(":")[1], "--include-dashboard", "false"]]
+    commands += [["--address", address]] * worker_nodes
+    nodes: list[subprocess.Popen] = []
+    with tempfile.TemporaryDirectory(prefix="fedalora-ray-") as logs:
+        try:
+            for index, command in enumerate(commands):
+                log = Path(logs) / f"node-{index}.log"
+                with log.open("w") as handle:
+                    nodes.append(
+                        subprocess.Popen(
+                            [
+                                str(BIN / "ray"),
+                                "start",
+                                "--block",
+                                *command,
+                                "--node-ip-address",
+                                "127.0.0.1",
+                                "--disable-usage-stats",
+                                *cpus,
+                            ],
+                            stdout=handle,
+                            stderr=subprocess.STDOUT,
+                            start_new_session=True,
+                        )
+                    )
+                _wait_for_line(log, "Ray runtime started", nodes[-1], timeout)
+            yield address
+        finally:
+            for node in reversed(nodes):
+                stop_process_tree(node)
+
+
+def _wait_for_line(log: Path, text: str, process: subprocess.Popen, timeout: float) -> None:
+    """Wait until ``process`` writes ``text`` to ``log``; SimulationFailed if it exits or
+    takes longer than ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while text not in log.read_text(errors="replace"):
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise SimulationFailed(
+                f"'ray start' did not start a node: {log.read_text(errors='replace')[-2000:]}"
+            )
+        time.sleep(0.2)
 
 
 def runtime_env() -> dict[str, str]:
     """This environment with the venv's bin first on PATH (Flower starts its runtime
     processes by name) and no runtime dependency installs (offline)."""
-    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    return {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    }
 
 
 def connection_toml(name: str, address: str, ca: Path | None) -> str:
@@ -132,8 +210,9 @@ def connection_toml(name: str, address: str, ca: Path | None) -> str:
 def write_connection(flwr_home: Path, name: str, address: str, ca: Path | None) -> None:
     """A private FLWR_HOME whose default connection is ``name``."""
     flwr_home.mkdir(parents=True, exist_ok=True)
-    (flwr_home / "config.toml").write_text(f'[superlink]\ndefault = "{name}"\n\n'
-                                           + connection_toml(name, address, ca))
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{name}"\n\n' + connection_toml(name, address, ca)
+    )
 
 
 def free_port() -> int:
@@ -142,15 +221,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_healthy(url: str, process: subprocess.Popen, timeout: float = 60,
-                 context: ssl.SSLContext | None = None) -> None:
+def wait_healthy(
+    url: str, process: subprocess.Popen, timeout: float = 60, context: ssl.SSLContext | None = None
+) -> None:
     """Wait until the SuperLink answers ``<url>/health`` (``context``: its TLS trust)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise SimulationFailed(f"flower-superlink exited with code {process.returncode}")
         try:
-            with urllib.request.urlopen(f"{url}/health", timeout=1, context=context) as reply:
+            with urllib.request.urlopen(f"{url}/health", timeout=1, context=context) as reply:  # noqa: S310 - our own http(s) SuperLink
                 if reply.status == 200:
                     return
         except OSError:
@@ -187,19 +267,28 @@ def main() -> None:
     parser.add_argument("--app", default=".", help="the Flower app directory")
     parser.add_argument("--run-name", default=time.strftime("run-%Y%m%d-%H%M%S"))
     parser.add_argument("--num-supernodes", type=int, default=8)
-    parser.add_argument("--run-config", default="", help='e.g. "strategy=\'fedalora\' ranks=\'8\'"')
+    parser.add_argument("--run-config", default="", help="e.g. \"strategy='fedalora' ranks='8'\"")
     parser.add_argument("--output-dir", default=None, help="default: <app>/outputs")
     parser.add_argument("--num-cpus", type=int, default=None, help="Ray CPUs per client")
     parser.add_argument("--num-gpus", type=float, default=None, help="Ray GPUs per client")
-    parser.add_argument("--ray-address", default=None,
-                        help="an existing Ray cluster ('auto' or host:port); default: a new one")
+    parser.add_argument(
+        "--ray-address",
+        default=None,
+        help="an existing Ray cluster ('auto' or host:port); default: a new one",
+    )
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, _exit_on_signal)  # so that the SuperLink is stopped too
     started = time.perf_counter()
-    run_dir = run_simulation(args.app, args.run_name, num_supernodes=args.num_supernodes,
-                             run_config=args.run_config, output_dir=args.output_dir,
-                             num_cpus=args.num_cpus, num_gpus=args.num_gpus,
-                             ray_address=args.ray_address)
+    run_dir = run_simulation(
+        args.app,
+        args.run_name,
+        num_supernodes=args.num_supernodes,
+        run_config=args.run_config,
+        output_dir=args.output_dir,
+        num_cpus=args.num_cpus,
+        num_gpus=args.num_gpus,
+        ray_address=args.ray_address,
+    )
     summary = json.loads((run_dir / "summary.json").read_text())
     print(f"completed in {time.perf_counter() - started:.0f} s: {run_dir}")
     print(json.dumps(summary, indent=2))

@@ -72,8 +72,9 @@ class DiskStateStore(PrivateStateStore):
     def tags(self) -> list[int]:
         if not self.dir.is_dir():
             return []
-        return sorted(int(m.group(1)) for p in self.dir.iterdir()
-                      if (m := self._pattern.fullmatch(p.name)))
+        return sorted(
+            int(m.group(1)) for p in self.dir.iterdir() if (m := self._pattern.fullmatch(p.name))
+        )
 
     def _read(self, tag: int) -> Tensors:
         return load_file(str(self.path(tag)))
@@ -84,7 +85,7 @@ class DiskStateStore(PrivateStateStore):
         os.close(handle)
         try:
             save_file(state, tmp)
-            os.replace(tmp, self.path(tag))
+            Path(tmp).replace(self.path(tag))
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise

@@ -12,8 +12,9 @@ from transformers import PreTrainedTokenizerBase
 from .data import IGNORE, collate
 
 
-def batch_indices(num_examples: int, batch_size: int,
-                  generator: torch.Generator) -> Iterator[list[int]]:
+def batch_indices(
+    num_examples: int, batch_size: int, generator: torch.Generator
+) -> Iterator[list[int]]:
     """Endless batches of example indices, drawn without replacement and reshuffled
     every epoch."""
     order: list[int] = []
@@ -31,11 +32,20 @@ def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextMana
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def train_steps(model: nn.Module, parameters: list[nn.Parameter], examples: dict,
-                tokenizer: PreTrainedTokenizerBase, *, steps: int, batch_size: int, lr: float,
-                device: torch.device, generator: torch.Generator,
-                penalty: Callable[[], torch.Tensor] | None = None,
-                bf16: bool = False) -> dict[str, float]:
+def train_steps(
+    model: nn.Module,
+    parameters: list[nn.Parameter],
+    examples: dict,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    device: torch.device,
+    generator: torch.Generator,
+    penalty: Callable[[], torch.Tensor] | None = None,
+    bf16: bool = False,
+) -> dict[str, float]:
     """``steps`` AdamW steps on batches drawn without replacement (reshuffled per epoch),
     minimising the task loss plus ``penalty()`` when given; forward passes under bf16
     autocast when ``bf16`` (the trained parameters stay float32).
@@ -61,8 +71,15 @@ def train_steps(model: nn.Module, parameters: list[nn.Parameter], examples: dict
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, examples: dict, tokenizer: PreTrainedTokenizerBase, *,
-             batch_size: int, device: torch.device, bf16: bool = False) -> dict[str, float]:
+def evaluate(
+    model: nn.Module,
+    examples: dict,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    batch_size: int,
+    device: torch.device,
+    bf16: bool = False,
+) -> dict[str, float]:
     """Mean loss and accuracy over every example, in order (per token for a causal LM)."""
     model.eval()
     num_examples = len(examples["labels"])
@@ -79,25 +96,35 @@ def evaluate(model: nn.Module, examples: dict, tokenizer: PreTrainedTokenizerBas
 
 
 @torch.no_grad()
-def generate_responses(model: nn.Module, prompts: list[list[int]],
-                       tokenizer: PreTrainedTokenizerBase, *, batch_size: int,
-                       max_new_tokens: int, device: torch.device,
-                       bf16: bool = False) -> list[str]:
+def generate_responses(
+    model: nn.Module,
+    prompts: list[list[int]],
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    batch_size: int,
+    max_new_tokens: int,
+    device: torch.device,
+    bf16: bool = False,
+) -> list[str]:
     """Greedy responses to tokenised prompts (left-padded), up to the first newline."""
     model.eval()
     responses = []
     for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start:start + batch_size]
+        chunk = prompts[start : start + batch_size]
         width = max(len(p) for p in chunk)
         pad = tokenizer.pad_token_id
         input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk],
-                            device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
         with autocast(device, bf16):
-            output = model.generate(input_ids=input_ids, attention_mask=mask, do_sample=False,
-                                    max_new_tokens=max_new_tokens, pad_token_id=pad)
+            output = model.generate(  # type: ignore[operator]
+                input_ids=input_ids,
+                attention_mask=mask,
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=pad,
+            )
         for row in output[:, width:]:
-            text = tokenizer.decode(row, skip_special_tokens=True)
+            text = str(tokenizer.decode(row, skip_special_tokens=True))
             responses.append(text.strip().split("\n", 1)[0].strip())
     return responses
 

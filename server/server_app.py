@@ -19,10 +19,12 @@ from fedalora.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from fedalora.config import ConfigError, FedConfig, validate_rank
+from fedalora.config import FedConfig, validate_rank
+from fedalora.errors import ConfigError
 from fedalora.models import adapted_layer_shapes
 from fedalora.outputs import RunRecorder
-from strategies import STRATEGIES
+from protocol import RUN_NAME
+from strategies import MethodStrategy, discover_nodes, run_rounds
 
 app = ServerApp()
 
@@ -30,8 +32,9 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     raw = context.run_config  # read before validation so that a bad config is recorded too
-    run_name = str(raw.get("run-name") or
-                   f"{raw.get('strategy', 'run')}-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_name = str(
+        raw.get("run-name") or f"{raw.get('strategy', 'run')}-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
     output_dir = Path(str(raw.get("output-dir", FedConfig.output_dir))).expanduser().resolve()
     recorder = RunRecorder(output_dir / run_name)
     started = time.perf_counter()
@@ -39,67 +42,100 @@ def main(grid: Grid, context: Context) -> None:
         config = FedConfig.from_run_config(raw)
         summary = run_federation(grid, config, run_name, recorder)
     except BaseException as exc:
-        recorder.finish("failed", error=f"{type(exc).__name__}: {exc}",
-                        wall_seconds=time.perf_counter() - started)
+        recorder.finish(
+            "failed",
+            error=f"{type(exc).__name__}: {exc}",
+            wall_seconds=time.perf_counter() - started,
+        )
         raise
     recorder.finish("completed", wall_seconds=time.perf_counter() - started, **summary)
 
 
-def run_federation(grid: Grid, config: FedConfig, run_name: str,
-                   recorder: RunRecorder) -> dict:
+def run_federation(grid: Grid, config: FedConfig, run_name: str, recorder: RunRecorder) -> dict:
     """Everything before training is validated; returns the final figures.
 
     With ``checkpoint=true`` the shared and strategy state is checkpointed after every
     round; ``resume=true`` continues from the last checkpoint of ``run-name``.
     """
-    layer_shapes = adapted_layer_shapes(config.model, config.target_modules,
-                                        config.num_hidden_layers)
+    layer_shapes = adapted_layer_shapes(
+        config.model, config.target_modules, config.num_hidden_layers
+    )
     for rank in config.rank_list:
         validate_rank("ranks", rank, layer_shapes)
     saved = _checkpoint_to_resume(config, recorder.run_dir) if config.resume else None
     resume_after = saved.server_round if saved else 0
-    strategy = STRATEGIES[config.strategy](config, layer_shapes, recorder)
-    nodes = strategy.discover(grid, config.round_timeout)
+    strategy = MethodStrategy(config, layer_shapes, recorder)
+    strategy.connect(discover_nodes(grid, config.min_nodes, config.round_timeout))
     if saved:
         strategy.restore(saved)
-        log(INFO, "resuming '%s' after round %d of %d", run_name, resume_after,
-            config.num_server_rounds)
+        log(
+            INFO,
+            "resuming '%s' after round %d of %d",
+            run_name,
+            resume_after,
+            config.num_server_rounds,
+        )
     recorder.start(resume_after=resume_after)
-    recorder.write_config({**config.to_run_config(), "run-name": run_name,
-                           "clients": [{"client": n.partition_id, "rank": n.rank,
-                                        "num_examples": n.num_examples}
-                                       for n in nodes.values()],
-                           "adapted_layers": {k: list(v) for k, v in layer_shapes.items()}})
+    recorder.write_config(
+        {
+            **config.to_run_config(),
+            "run-name": run_name,
+            "clients": [
+                {"client": n.partition_id, "rank": n.rank, "num_examples": n.num_examples}
+                for n in strategy.nodes.values()
+            ],
+            "adapted_layers": {k: list(v) for k, v in layer_shapes.items()},
+        }
+    )
 
     def checkpoint(server_round: int) -> None:
         if config.checkpoint:
             save_checkpoint(recorder.run_dir, strategy.checkpoint(server_round))
 
-    evaluations = strategy.run(grid, ConfigRecord({"run-name": run_name}),
-                               ConfigRecord({"run-name": run_name}),
-                               first_round=resume_after + 1,
-                               on_round_end=checkpoint)
+    evaluations = run_rounds(
+        strategy,
+        grid,
+        num_rounds=config.num_server_rounds,
+        first_round=resume_after + 1,
+        retries=config.round_retries,
+        timeout=config.round_timeout,
+        train_config=ConfigRecord({RUN_NAME: run_name}),
+        evaluate_config=ConfigRecord({RUN_NAME: run_name}),
+        on_round_end=checkpoint,
+    )
     recorder.save_shared(strategy.shared)
     final = evaluations.get(config.num_server_rounds)
-    return {"rounds": config.num_server_rounds, "num_clients": len(nodes),
-            "resumed_after_round": resume_after or None,
-            "final_mean_accuracy": None if final is None else final["mean-accuracy"],
-            "final_worst_accuracy": None if final is None else final["worst-accuracy"]}
+    return {
+        "rounds": config.num_server_rounds,
+        "num_clients": len(strategy.nodes),
+        "resumed_after_round": resume_after or None,
+        "final_mean_accuracy": None if final is None else final["mean-accuracy"],
+        "final_worst_accuracy": None if final is None else final["worst-accuracy"],
+    }
 
 
 def _checkpoint_to_resume(config: FedConfig, run_dir: Path) -> Checkpoint:
     """The checkpoint ``resume=true`` continues from; ConfigError if it cannot."""
     saved = load_checkpoint(run_dir)
     if saved is None:
-        raise ConfigError("resume", f"no checkpoint in '{run_dir}'; give the run-name of a "
-                          "run started with checkpoint=true, or set resume=false")
+        raise ConfigError(
+            "resume",
+            f"no checkpoint in '{run_dir}'; give the run-name of a "
+            "run started with checkpoint=true, or set resume=false",
+        )
     changed = config_changes(saved.config, config.to_run_config())
     if changed:
-        raise ConfigError("resume", f"run-config {changed} differ from the checkpoint's; "
-                          "resume with the interrupted run's values (only "
-                          f"{sorted(RESUMABLE_CHANGES)} may change)")
+        raise ConfigError(
+            "resume",
+            f"run-config {changed} differ from the checkpoint's; "
+            "resume with the interrupted run's values (only "
+            f"{sorted(RESUMABLE_CHANGES)} may change)",
+        )
     if saved.server_round >= config.num_server_rounds:
-        raise ConfigError("num-server-rounds", f"the checkpoint already has round "
-                          f"{saved.server_round} of {config.num_server_rounds}; raise "
-                          "num-server-rounds to train further")
+        raise ConfigError(
+            "num-server-rounds",
+            f"the checkpoint already has round "
+            f"{saved.server_round} of {config.num_server_rounds}; raise "
+            "num-server-rounds to train further",
+        )
     return saved

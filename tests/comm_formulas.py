@@ -1,18 +1,90 @@
-"""What each rule moves per client per layer, written out independently of the code
-(../shared/design/algorithms.md and each strategy's docstring)."""
+"""What each built-in method moves and keeps, written out independently of the code
+from each method's paper (its module docstring states the same): one row per method.
+A method added to ``fedalora.methods`` needs its row here; the tests check that."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 
-def floats_per_layer(strategy: str, direction: str, rank: int, ranks: list[int],
-                     d_out: int, d_in: int, d_m: int, before_first_aggregate: bool) -> int:
-    """Floats one client of ``rank`` sends ("up") or receives ("down") for one layer.
+@dataclass(frozen=True)
+class Layer:
+    """One d_out x d_in layer seen by a client of ``rank``; ``ranks``: every client's
+    rank in the last aggregate; ``first``: before the first aggregation."""
 
-    ``ranks`` are the ranks of every client in the last aggregate (FLoRA's stack).
-    """
-    both = rank * (d_in + d_out)
-    up = {"fedalora": d_out * rank, "fedalora-hetero": d_out * rank + rank * d_m,
-          "fedit": both, "zeropad": both, "hetlora": both, "flexlora": both, "flora": both,
-          "ffa-lora": d_out * rank, "fedsa-lora": rank * d_in, "local": 0}
-    down = {**up, "fedalora-hetero": d_out * d_m,
-            "zeropad": max(ranks) * (d_in + d_out), "hetlora": max(ranks) * (d_in + d_out),
-            "flora": 0 if before_first_aggregate else sum(ranks) * (d_in + d_out)}
-    return (up if direction == "up" else down)[strategy]
+    rank: int
+    ranks: list[int]
+    d_out: int
+    d_in: int
+    d_m: int
+    first: bool
+
+    @property
+    def both(self) -> int:  # A and B at the client's rank
+        return self.rank * (self.d_in + self.d_out)
+
+    @property
+    def padded(self) -> int:  # A and B at the largest rank
+        return max(self.ranks) * (self.d_in + self.d_out)
+
+
+@dataclass(frozen=True)
+class Facts:
+    """The tensors the server's shared state holds, those that never leave a client,
+    and the floats a client sends up and receives down, per adapted layer."""
+
+    shared: frozenset[str]
+    private: frozenset[str]
+    up: Callable[[Layer], int]
+    down: Callable[[Layer], int]
+
+
+ORACLE: dict[str, Facts] = {
+    "fedalora": Facts(
+        frozenset({"lora_B"}),
+        frozenset({"lora_A"}),
+        lambda x: x.d_out * x.rank,
+        lambda x: x.d_out * x.rank,
+    ),
+    "fedalora-hetero": Facts(
+        frozenset({"B0"}),
+        frozenset({"A", "M"}),
+        lambda x: x.d_out * x.rank + x.rank * x.d_m,
+        lambda x: x.d_out * x.d_m,
+    ),
+    "fedit": Facts(
+        frozenset({"lora_A", "lora_B"}), frozenset(), lambda x: x.both, lambda x: x.both
+    ),
+    "zeropad": Facts(
+        frozenset({"lora_A", "lora_B"}), frozenset(), lambda x: x.both, lambda x: x.padded
+    ),
+    "hetlora": Facts(
+        frozenset({"lora_A", "lora_B"}), frozenset(), lambda x: x.both, lambda x: x.padded
+    ),
+    "ffa-lora": Facts(
+        frozenset({"lora_B"}), frozenset(), lambda x: x.d_out * x.rank, lambda x: x.d_out * x.rank
+    ),
+    "fedsa-lora": Facts(
+        frozenset({"lora_A"}),
+        frozenset({"lora_B"}),
+        lambda x: x.rank * x.d_in,
+        lambda x: x.rank * x.d_in,
+    ),
+    "flexlora": Facts(
+        frozenset({"lora_A", "lora_B"}), frozenset(), lambda x: x.both, lambda x: x.both
+    ),
+    "flora": Facts(
+        frozenset({"stack_A", "stack_B"}),
+        frozenset(),
+        lambda x: x.both,
+        lambda x: 0 if x.first else sum(x.ranks) * (x.d_in + x.d_out),
+    ),
+    "local": Facts(frozenset(), frozenset({"lora_A", "lora_B"}), lambda x: 0, lambda x: 0),
+}
+
+
+def floats_per_layer(name: str, direction: str, layer: Layer) -> int:
+    """Floats one client sends ("up") or receives ("down") for one layer."""
+    facts = ORACLE[name]
+    return (facts.up if direction == "up" else facts.down)(layer)

@@ -7,14 +7,26 @@ import os
 import pytest
 
 from fedalora.config import FedConfig
+from fedalora.methods import method_class
 
-TINY = {"num-hidden-layers": 2, "local-steps": 3, "batch-size": 8, "max-length": 32,
-        "dataset": "bbc-news", "intermediate-rank": 4, "lr": 0.001, "num-server-rounds": 2}
+TINY = {
+    "num-hidden-layers": 2,
+    "local-steps": 3,
+    "batch-size": 8,
+    "max-length": 32,
+    "dataset": "bbc-news",
+    "lr": 0.001,
+    "num-server-rounds": 2,
+}
+#: Method options at tiny sizes, for the methods that take them.
+TINY_OPTIONS = {"intermediate-rank": 4}
 
 
 def tiny_config(**overrides: object) -> FedConfig:
-    return FedConfig.from_run_config({**TINY, **{k.replace("_", "-"): v
-                                                 for k, v in overrides.items()}})
+    values = {**TINY, **{k.replace("_", "-"): v for k, v in overrides.items()}}
+    own = method_class(str(values.get("strategy", FedConfig.strategy))).Options.fields_by_key()
+    values.update({k: v for k, v in TINY_OPTIONS.items() if k in own and k not in values})
+    return FedConfig.from_run_config(values)
 
 
 @pytest.fixture

@@ -14,8 +14,9 @@ from .conftest import tiny_config
 
 @pytest.mark.parametrize("ranks", ["4", "8,4,2"])
 def test_the_reference_writes_a_run_that_fairness_reads(tmp_path, ranks):
-    config = tiny_config(strategy="fedalora-hetero", ranks=ranks, num_server_rounds=2,
-                         local_steps=2)
+    config = tiny_config(
+        strategy="fedalora-hetero", ranks=ranks, num_server_rounds=2, local_steps=2
+    )
     run_dir = run_centralised(config, 3, tmp_path / "central")
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
     assert json.loads((run_dir / "config.json").read_text())["strategy"] == "centralised"
@@ -23,24 +24,24 @@ def test_the_reference_writes_a_run_that_fairness_reads(tmp_path, ranks):
     assert list(scores.index) == [0, 1, 2]
     assert list(scores["rank"]) == [config.rank_for(k) for k in range(3)]
     assert fairness.over_rounds(run_dir).index.tolist() == [1, 2]
-    assert fairness.communication(run_dir) == {"bytes_up_per_client_round": 0.0,
-                                              "bytes_down_per_client_round": 0.0}
+    assert fairness.communication(run_dir) == {
+        "bytes_up_per_client_round": 0.0,
+        "bytes_down_per_client_round": 0.0,
+    }
 
 
 @pytest.mark.parametrize("ranks", ["4", "8,4,2"])
 def test_b_is_shared_and_a_stays_per_client(ranks):
-    config = tiny_config(strategy="fedalora" if ranks == "4" else "fedalora-hetero",
-                         ranks=ranks)
+    config = tiny_config(strategy="fedalora" if ranks == "4" else "fedalora-hetero", ranks=ranks)
     clients = [FederatedClient(config, k, 3, config.rank_for(k)) for k in range(3)]
     adapters = [c.build_adapter(_zero(c, config, ranks), None) for c in clients]
     _share_b(adapters, ranks == "4")
     module = adapters[0].targets[0]
 
     def factors(adapter):
+        layer = adapter.layer(module)
         if ranks == "4":
-            layer = adapter.inner_model.get_submodule(module)
             return layer.lora_A["default"].weight, layer.lora_B["default"].weight
-        layer = adapter.model.get_submodule(module)
         return layer.A, layer.B0
 
     assert len({id(factors(a)[1]) for a in adapters}) == 1  # one B for every client
@@ -51,8 +52,9 @@ def test_b_is_shared_and_a_stays_per_client(ranks):
     optimizer = torch.optim.AdamW(params, lr=1e-2)
     from fedalora.data import collate
 
-    batch = collate(clients[0].data.train, [0, 1, 2, 3], clients[0].base.tokenizer,
-                    torch.device("cpu"))
+    batch = collate(
+        clients[0].data.train, [0, 1, 2, 3], clients[0].base.tokenizer, torch.device("cpu")
+    )
     adapters[0].model(**batch).loss.backward()
     optimizer.step()
     assert not torch.equal(factors(adapters[1])[1], shared_before)  # client 1 sees the new B
@@ -60,10 +62,5 @@ def test_b_is_shared_and_a_stays_per_client(ranks):
 
 
 def _zero(client, config, ranks):
-    import numpy as np
-
-    shapes = client.base.layer_shapes()
-    if ranks == "4":
-        return {f"{m}.lora_B": np.zeros((o, 4), np.float32) for m, (o, _) in shapes.items()}
-    return {f"{m}.B0": np.zeros((o, config.intermediate_rank), np.float32)
-            for m, (o, _) in shapes.items()}
+    """The method's initial shared state: B = 0 (equal ranks) or B0 = 0."""
+    return config.method.initial_shared(client.base.layer_shapes(), config.rank_list)

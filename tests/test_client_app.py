@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 
 from clients import client_app
 from fedalora import state
-from fedalora.config import ConfigError
-from strategies.common import ARRAYS, CONFIG, to_numpy, to_record
+from fedalora.errors import ConfigError
+from protocol import ARRAYS, CONFIG, METRICS, PRIVATE_STATE_ROUND, to_numpy, to_record
 
 from .conftest import tiny_config
 
@@ -25,23 +25,32 @@ def task_identity():
 
 
 def _context(config, partition_id=0, num_partitions=3, **node) -> Context:
-    return Context(run_id=1, node_id=100 + partition_id, state=RecordDict(),
-                   run_config=config.to_run_config(),
-                   node_config={"partition-id": partition_id, "num-partitions": num_partitions,
-                                **node})
+    return Context(
+        run_id=1,
+        node_id=100 + partition_id,
+        state=RecordDict(),
+        run_config=config.to_run_config(),
+        node_config={"partition-id": partition_id, "num-partitions": num_partitions, **node},
+    )
 
 
 def _message(arrays, message_type=MessageType.TRAIN, **config) -> Message:
-    return Message(RecordDict({ARRAYS: to_record(arrays),
-                               CONFIG: ConfigRecord({"server-round": 1, "shared-round": 0,
-                                                     **config})}),
-                   dst_node_id=1, message_type=message_type)
+    return Message(
+        RecordDict(
+            {
+                ARRAYS: to_record(arrays),
+                CONFIG: ConfigRecord({"server-round": 1, "shared-round": 0, **config}),
+            }
+        ),
+        dst_node_id=1,
+        message_type=message_type,
+    )
 
 
 def _b0(config, context) -> dict[str, np.ndarray]:
+    """Fed-ALoRA's initial shared B0 (zeros, d_out x d_m) for this node's model."""
     client = client_app._client(context)
-    return {f"{m}.B0": np.zeros((d_out, config.intermediate_rank), np.float32)
-            for m, (d_out, _) in client.base.layer_shapes().items()}
+    return config.method.initial_shared(client.base.layer_shapes(), [client.rank])
 
 
 def _private_arrays(context) -> dict[str, np.ndarray]:
@@ -51,10 +60,13 @@ def _private_arrays(context) -> dict[str, np.ndarray]:
 
 
 def test_query_reports_rank_from_node_config_or_ranks(hetero_config):
-    for context, rank in [(_context(hetero_config, 1), 4),
-                          (_context(hetero_config, 1, **{"lora-rank": 6}), 6)]:
-        reply = client_app.query(Message(RecordDict(), dst_node_id=1,
-                                         message_type=MessageType.QUERY), context)
+    for context, rank in [
+        (_context(hetero_config, 1), 4),
+        (_context(hetero_config, 1, **{"lora-rank": 6}), 6),
+    ]:
+        reply = client_app.query(
+            Message(RecordDict(), dst_node_id=1, message_type=MessageType.QUERY), context
+        )
         info = reply.content[CONFIG]
         assert (info["partition-id"], info["rank"]) == (1, rank) and info["num-examples"] > 0
 
@@ -64,13 +76,18 @@ def test_private_a_and_m_never_leave_the_client(hetero_config):
     shared = _b0(hetero_config, context)
     replies = []
     for server_round in (1, 2):
-        replies.append(client_app.train(_message(shared, **{"server-round": server_round}),
-                                        context))
-        replies.append(client_app.evaluate(
-            _message(shared, MessageType.EVALUATE, **{"run-name": "t",
-                                                      "server-round": server_round}), context))
-    private = {k: v for k, v in _private_arrays(context).items()
-               if k.endswith((".A", ".M"))}
+        replies.append(
+            client_app.train(_message(shared, **{"server-round": server_round}), context)
+        )
+        replies.append(
+            client_app.evaluate(
+                _message(
+                    shared, MessageType.EVALUATE, **{"run-name": "t", "server-round": server_round}
+                ),
+                context,
+            )
+        )
+    private = {k: v for k, v in _private_arrays(context).items() if k.endswith((".A", ".M"))}
     assert private, "the client keeps A and M in its node state"
     for reply in replies:
         for record in reply.content.array_records.values():
@@ -89,8 +106,9 @@ def test_private_state_persists_across_rounds_and_resets_when_asked():
         client_app.train(_message(shared), context)
         trained = {k: torch.from_numpy(v) for k, v in _private_arrays(context).items()}
         client = client_app._client(context)
-        start_of_round_2 = client.build_adapter(shared, trained).private_state()
-        initial = client.build_adapter(shared, None).private_state()  # A_0, M_0, B1_0
+        keeps = client.method.keeps
+        start_of_round_2 = client.build_adapter(shared, trained).private_state(keeps)
+        initial = client.build_adapter(shared, None).private_state(keeps)  # A_0, M_0, B1_0
         for key in trained:
             expected = trained[key] if persist or key.startswith("head.") else initial[key]
             torch.testing.assert_close(start_of_round_2[key], expected, rtol=0, atol=0)
@@ -120,31 +138,31 @@ def test_same_seed_same_upload(hetero_config):
     assert all(np.array_equal(uploads[0][k], uploads[1][k]) for k in uploads[0])
 
 
-@pytest.mark.parametrize("strategy, ranks, model", [
-    ("fedalora-hetero", "8,4,2", "minilm"),
-    ("fedalora", "4", "minilm"),
-    ("fedalora-hetero", "8,4,2", "smollm2"),  # Llama family, converted from the packaged GGUF
-    ("fedsa-lora", "4", "minilm"),  # private B
-    ("ffa-lora", "8,4,2", "minilm"),  # frozen seeded A
-    ("zeropad", "8,4,2", "minilm"),  # padded download, truncated
-    ("flora", "8,4,2", "minilm"),  # merged stack + fresh LoRA, exported at full rank
-])
+@pytest.mark.parametrize(
+    "strategy, ranks, model",
+    [
+        ("fedalora-hetero", "8,4,2", "minilm"),
+        ("fedalora", "4", "minilm"),
+        ("fedalora-hetero", "8,4,2", "smollm2"),  # Llama family, converted from the packaged GGUF
+        ("fedsa-lora", "4", "minilm"),  # private B
+        ("ffa-lora", "8,4,2", "minilm"),  # frozen seeded A
+        ("zeropad", "8,4,2", "minilm"),  # padded download, truncated
+        ("flora", "8,4,2", "minilm"),  # merged stack + fresh LoRA, exported at full rank
+    ],
+)
 def test_exported_adapter_reproduces_client_outputs(tmp_path, strategy, ranks, model):
     from fedalora.adapters import load_peft_adapter
     from fedalora.client import FederatedClient
     from fedalora.data import collate
-    from strategies import STRATEGIES
-    from strategies.common import NodeInfo
+    from fedalora.methods import Participant
 
     config = tiny_config(strategy=strategy, ranks=ranks, model=model)
-    client = FederatedClient(config, 0, 3, config.rank_for(0))
-    server = STRATEGIES[strategy](config, client.base.layer_shapes())
-    node = NodeInfo(1, 0, client.rank, client.data.num_train)
-    server.nodes = {1: node}
-    server.shared = server.initial_shared()
-    upload, private, _ = client.train(server.download(node), None, server_round=1)
-    server.shared = server.aggregate([upload], [node])  # non-zero shared state
-    shared = server.download(node)
+    client, method = FederatedClient(config, 0, 3, config.rank_for(0)), config.method
+    participant = Participant(0, client.rank, client.data.num_train)
+    shared = method.initial_shared(client.base.layer_shapes(), [client.rank])
+    upload, private, _ = client.train(method.download(shared, participant), None, 1)
+    shared = method.aggregate(shared, [upload], [participant])  # non-zero shared state
+    shared = method.download(shared, participant)
     _, private = client.evaluate(shared, private, shared_round=1)
     client.export(shared, private, tmp_path / "adapter", shared_round=1)
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
@@ -179,7 +197,7 @@ def test_device_selection():
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert select_device("auto").type == expected
     if not torch.cuda.is_available():
-        with pytest.raises(ConfigError, match="run-config 'device'.*'auto'"):
+        with pytest.raises(ConfigError, match=r"run-config 'device'.*'auto'"):
             select_device("cuda")
 
 
@@ -191,36 +209,50 @@ def test_adapters_share_the_frozen_base_weights_and_copy_only_the_head(hetero_co
         frozen = [p for p in adapter.model.parameters() if not p.requires_grad]
         assert frozen and all(p.data_ptr() in base for p in frozen)  # no copy of W0
         assert all(p.data_ptr() not in base for p in adapter.trainable_parameters())
-        assert any(name.startswith("head.") for name in adapter.private_state())
+        assert any(name.startswith("head.") for name in adapter.private_state(()))
 
 
 def _disk_config(tmp_path, **overrides):
-    return tiny_config(strategy="fedalora-hetero", ranks="8,4,2", state_store="disk",
-                       state_dir=str(tmp_path / "state"), **overrides)
+    return tiny_config(
+        strategy="fedalora-hetero",
+        ranks="8,4,2",
+        state_store="disk",
+        state_dir=str(tmp_path / "state"),
+        **overrides,
+    )
 
 
 def test_disk_state_store_matches_memory_and_survives_a_restarted_node(tmp_path):
     uploads, privates = {}, {}
     for store in ("memory", "disk"):
-        config = (_disk_config(tmp_path) if store == "disk" else
-                  tiny_config(strategy="fedalora-hetero", ranks="8,4,2"))
+        config = (
+            _disk_config(tmp_path)
+            if store == "disk"
+            else tiny_config(strategy="fedalora-hetero", ranks="8,4,2")
+        )
         context = _context(config)
         shared = _b0(config, context)
         for server_round in (1, 2):
             if store == "disk":
                 context = _context(config)  # a fresh node each round: a restarted SuperNode
-            reply = client_app.train(_message(shared, **{"server-round": server_round,
-                                                         "run-name": "t"}), context)
+            reply = client_app.train(
+                _message(shared, **{"server-round": server_round, "run-name": "t"}), context
+            )
         uploads[store] = to_numpy(reply.content[ARRAYS])
-        privates[store] = (load_file(str(tmp_path / "state" / "client-0.round-2.safetensors"))
-                           if store == "disk" else _private_arrays(context))
+        privates[store] = (
+            load_file(str(tmp_path / "state" / "client-0.round-2.safetensors"))
+            if store == "disk"
+            else _private_arrays(context)
+        )
         if store == "disk":  # nothing private in node memory
             assert not any(k.startswith("private") for k in context.state)
     assert uploads["memory"].keys() == uploads["disk"].keys()
     assert all(np.array_equal(uploads["memory"][k], uploads["disk"][k]) for k in uploads["disk"])
-    assert privates["memory"].keys() == {k for k in privates["disk"]}
-    assert all(np.array_equal(privates["memory"][k], privates["disk"][k].numpy())
-               for k in privates["memory"])
+    assert privates["memory"].keys() == set(privates["disk"])
+    assert all(
+        np.array_equal(privates["memory"][k], privates["disk"][k].numpy())
+        for k in privates["memory"]
+    )
 
 
 def test_node_config_state_dir_wins_and_an_unusable_one_fails_at_query(tmp_path):
@@ -231,9 +263,8 @@ def test_node_config_state_dir_wins_and_an_unusable_one_fails_at_query(tmp_path)
     assert not (tmp_path / "state").exists()
     (tmp_path / "a-file").write_text("")
     bad = _context(config, **{"state-dir": str(tmp_path / "a-file" / "sub")})
-    with pytest.raises(ConfigError, match="'state-dir'.*writable directory"):
-        client_app.query(Message(RecordDict(), dst_node_id=1, message_type=MessageType.QUERY),
-                         bad)
+    with pytest.raises(ConfigError, match=r"'state-dir'.*writable directory"):
+        client_app.query(Message(RecordDict(), dst_node_id=1, message_type=MessageType.QUERY), bad)
 
 
 def test_an_interrupted_state_write_keeps_the_previous_state(tmp_path, monkeypatch):
@@ -254,8 +285,11 @@ def test_an_interrupted_state_write_keeps_the_previous_state(tmp_path, monkeypat
 
 @pytest.mark.parametrize("backend", ["memory", "disk"])
 def test_state_stores_keep_the_state_before_each_round(tmp_path, backend):
-    store = (client_app.MemoryStateStore(RecordDict()) if backend == "memory"
-             else state.DiskStateStore(tmp_path, 3))
+    store = (
+        client_app.MemoryStateStore(RecordDict())
+        if backend == "memory"
+        else state.DiskStateStore(tmp_path, 3)
+    )
     assert store.load(5) == (None, 0)
     for server_round in (1, 2, 3):
         store.save(server_round, {"x.A": torch.full((2,), float(server_round))})
@@ -272,8 +306,8 @@ def test_a_retried_round_trains_from_the_state_before_its_first_attempt(hetero_c
     client_app.train(_message(shared, **{"server-round": 1}), context)
     first = client_app.train(_message(shared, **{"server-round": 2, "shared-round": 1}), context)
     again = client_app.train(_message(shared, **{"server-round": 2, "shared-round": 1}), context)
-    assert first.content["metrics"]["private-state-round"] == 1
-    assert again.content["metrics"]["private-state-round"] == 1
+    assert first.content[METRICS][PRIVATE_STATE_ROUND] == 1
+    assert again.content[METRICS][PRIVATE_STATE_ROUND] == 1
     up1, up2 = to_numpy(first.content[ARRAYS]), to_numpy(again.content[ARRAYS])
     assert all(np.array_equal(up1[k], up2[k]) for k in up1)
 
@@ -300,15 +334,16 @@ def test_cuda_client_trains_on_the_gpu_with_bf16():
     reply = client_app.train(_message(_b0(config, context)), context)
     assert next(client.base.model.parameters()).is_cuda  # moved once, shared by adapters
     assert all(np.all(np.isfinite(v)) for v in to_numpy(reply.content[ARRAYS]).values())
-    assert all(v.device.type == "cpu" for v in client_app._private(context, client, {}).values())
+    private, _ = client_app.MemoryStateStore(context.state).load(1)
+    assert all(v.device.type == "cpu" for v in private.values())
 
 
 def test_a_node_config_dataset_gives_the_node_all_of_its_own_file(tmp_path, hetero_config):
-    rows = "".join(f'"text {i} about {"sport" if i % 2 else "money"}",{i % 2}\n'
-                   for i in range(20))
+    rows = "".join(f'"text {i} about {"sport" if i % 2 else "money"}",{i % 2}\n' for i in range(20))
     (tmp_path / "mine.csv").write_text("text,label\n" + rows)
-    context = _context(hetero_config, 2, **{"dataset": str(tmp_path / "mine.csv")})
-    reply = client_app.query(Message(RecordDict(), dst_node_id=1,
-                                     message_type=MessageType.QUERY), context)
+    context = _context(hetero_config, 2, dataset=str(tmp_path / "mine.csv"))
+    reply = client_app.query(
+        Message(RecordDict(), dst_node_id=1, message_type=MessageType.QUERY), context
+    )
     assert reply.content[CONFIG]["num-examples"] == 16  # 20 rows, test-fraction 0.2
     assert reply.content[CONFIG]["partition-id"] == 2

@@ -1,8 +1,11 @@
 import pytest
 
-from fedalora.config import ConfigError, FedConfig, validate_rank
+from fedalora.config import FedConfig, parse_run_config, validate_rank
 from fedalora.data import load_labelled_dataset
+from fedalora.errors import ConfigError
+from fedalora.methods import registered_methods
 from fedalora.models import adapted_layer_shapes
+from fedalora.scaling import LoRAScaling
 
 
 def _error(**values: object) -> ConfigError:
@@ -11,25 +14,35 @@ def _error(**values: object) -> ConfigError:
     return info.value
 
 
-@pytest.mark.parametrize("values, key, hint", [
-    ({"ranks": "8,0,4"}, "ranks", ">= 1"),
-    ({"ranks": "8,-2"}, "ranks", ">= 1"),
-    ({"ranks": "8;4"}, "ranks", "comma-separated"),
-    ({"ranks": "eight"}, "ranks", "comma-separated"),
-    ({"intermediate-rank": 0}, "intermediate-rank", "positive"),
-    ({"strategy": "fedprox"}, "strategy", "fedalora-hetero"),
-    ({"strategy": "fedalora", "ranks": "8,4"}, "ranks", "fedalora-hetero"),
-    ({"partitioning": "dirichlet"}, "partitioning", "dirichlet:<alpha>"),
-    ({"fraction-train": 1.5}, "fraction-train", "(0, 1]"),
-    ({"device": "tpu"}, "device", "cuda"),
-    ({"lr": "fast"}, "lr", "number"),
-    ({"persist-private": "maybe"}, "persist-private", "true or false"),
-    ({"num-rounds": 3}, "num-rounds", "unknown key"),
-    ({"strategy": "fedsa-lora", "ranks": "8,4"}, "ranks", "flexlora"),
-    ({"strategy": "hetlora", "rank-decay": 0.0}, "rank-decay", "(0, 1]"),
-    ({"strategy": "zeropad", "rank-decay": 0.5}, "rank-decay", "strategy='hetlora'"),
-    ({"strategy": "hetlora", "rank-penalty": -1.0}, "rank-penalty", ">= 0"),
-])
+@pytest.mark.parametrize(
+    "values, key, hint",
+    [
+        ({"ranks": "8,0,4"}, "ranks", ">= 1"),
+        ({"ranks": "8,-2"}, "ranks", ">= 1"),
+        ({"ranks": "8;4"}, "ranks", "comma-separated"),
+        ({"ranks": "eight"}, "ranks", "comma-separated"),
+        ({"intermediate-rank": 0}, "intermediate-rank", "positive"),
+        ({"strategy": "fedprox"}, "strategy", "fedalora-hetero"),
+        ({"strategy": "fedalora", "ranks": "8,4"}, "ranks", "fedalora-hetero"),
+        ({"partitioning": "dirichlet"}, "partitioning", "dirichlet:<alpha>"),
+        ({"fraction-train": 1.5}, "fraction-train", "(0, 1]"),
+        ({"device": "tpu"}, "device", "cuda"),
+        ({"lr": "fast"}, "lr", "number"),
+        ({"persist-private": "maybe"}, "persist-private", "true or false"),
+        ({"num-rounds": 3}, "num-rounds", "unknown key"),
+        ({"strategy": "fedsa-lora", "ranks": "8,4"}, "ranks", "flexlora"),
+        ({"strategy": "hetlora", "rank-decay": 0.0}, "rank-decay", "(0, 1]"),
+        ({"strategy": "zeropad", "rank-decay": 0.5}, "rank-decay", "strategy='hetlora'"),
+        (
+            {"strategy": "fedit", "ranks": "8", "intermediate-rank": 8},
+            "intermediate-rank",
+            "leave it at 16 or use strategy='fedalora-hetero'",
+        ),
+        ({"strategy": "no.such.module:Method"}, "strategy", "cannot import 'no.such.module'"),
+        ({"strategy": "fedalora.config:FedConfig"}, "strategy", "not a Method subclass"),
+        ({"strategy": "hetlora", "rank-penalty": -1.0}, "rank-penalty", ">= 0"),
+    ],
+)
 def test_bad_values_name_the_key_and_what_is_allowed(values, key, hint):
     error = _error(**values)
     assert error.key == key
@@ -47,26 +60,49 @@ def test_single_integer_rank_from_toml_is_accepted():
     assert FedConfig.from_run_config({"strategy": "fedalora", "ranks": 8}).rank_list == [8]
 
 
+def test_another_methods_option_at_its_default_is_accepted():
+    """pyproject.toml lists every built-in option, so every run carries them all."""
+    config = FedConfig.from_run_config(
+        {"strategy": "fedit", "ranks": "8", "intermediate-rank": 16, "rank-decay": 1.0}
+    )
+    assert config.to_run_config().keys().isdisjoint({"intermediate-rank", "rank-decay"})
+    hetero = FedConfig.from_run_config({"intermediate-rank": 4, "ranks": "8"})
+    assert hetero.with_strategy("fedit").options.to_run_config() == {}
+    assert hetero.with_strategy("fedalora-hetero") == hetero
+
+
+def test_run_config_text_is_read_as_flower_reads_it():
+    assert parse_run_config("strategy='fedalora' ranks='8,4' lr=0.002 bf16=true") == {
+        "strategy": "fedalora",
+        "ranks": "8,4",
+        "lr": 0.002,
+        "bf16": True,
+    }
+    assert parse_run_config("  ") == {}
+    with pytest.raises(ConfigError, match=r"run-config 'run-config'.*strings in quotes"):
+        parse_run_config("strategy=fedalora")
+
+
 def test_scaling_conventions():
-    assert FedConfig(scaling="constant", lora_alpha=2.0).scale(64) == 2.0
-    assert FedConfig(scaling="alpha-over-rank", lora_alpha=16.0).scale(8) == 2.0
-    assert FedConfig(scaling="rslora", lora_alpha=16.0).scale(16) == 4.0
+    assert LoRAScaling("constant", 2.0).scale(64) == 2.0
+    assert LoRAScaling("alpha-over-rank", 16.0).scale(8) == 2.0
+    assert LoRAScaling("rslora", 16.0).scale(16) == 4.0
 
 
 def test_rank_above_layer_size_is_rejected():
     shapes = adapted_layer_shapes("minilm", num_hidden_layers=1)
     assert set(shapes.values()) == {(384, 384)}
     validate_rank("ranks", 384, shapes)
-    with pytest.raises(ConfigError, match="rank 385 exceeds .* <= 384"):
+    with pytest.raises(ConfigError, match=r"rank 385 exceeds .* <= 384"):
         validate_rank("ranks", 385, shapes)
 
 
 def test_unknown_model_and_dataset_are_rejected():
     with pytest.raises(ConfigError, match="run-config 'model'"):
         adapted_layer_shapes("./no/such/model")
-    with pytest.raises(ConfigError, match="run-config 'dataset'.*20newsgroups"):
+    with pytest.raises(ConfigError, match=r"run-config 'dataset'.*20newsgroups"):
         load_labelled_dataset("no-such-dataset")
-    with pytest.raises(ConfigError, match="run-config 'dataset'.*does not exist"):
+    with pytest.raises(ConfigError, match=r"run-config 'dataset'.*does not exist"):
         load_labelled_dataset("/tmp/definitely-missing.csv")
     with pytest.raises(ConfigError, match="run-config 'target-modules'"):
         adapted_layer_shapes("minilm", targets_spec="q_proj", num_hidden_layers=1)
@@ -79,5 +115,11 @@ def test_app_manifest_lists_every_key_with_its_default():
 
     manifest = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
     declared = manifest["tool"]["flwr"]["app"]["config"]
-    assert FedConfig.from_run_config(declared).to_run_config() == FedConfig().to_run_config()
-    assert set(declared) == set(FedConfig().to_run_config())
+    defaults = FedConfig.from_run_config({})
+    assert FedConfig.from_run_config(declared) == defaults
+    options = {
+        key: field.default
+        for cls in registered_methods(built_in=True).values()
+        for key, field in cls.Options.fields_by_key().items()
+    }
+    assert declared == {**defaults.to_run_config(), **options}

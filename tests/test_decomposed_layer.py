@@ -17,11 +17,13 @@ def test_forward_equals_definition():
     layer = _layer()
     x = torch.randn(4, 7)
     W0, b0 = layer.base.weight, layer.base.bias
-    expected = x @ W0.T + b0 + layer.scale * (
-        x @ ((layer.B0 + layer.B2 @ layer.B1) @ layer.M @ layer.A).T)
+    expected = (
+        x @ W0.T + b0 + layer.scale * (x @ ((layer.B0 + layer.B2 @ layer.B1) @ layer.M @ layer.A).T)
+    )
     torch.testing.assert_close(layer(x), expected)
-    torch.testing.assert_close(layer.delta_weight(),
-                               layer.scale * (layer.B0 + layer.B2 @ layer.B1) @ layer.M @ layer.A)
+    torch.testing.assert_close(
+        layer.delta_weight(), layer.scale * (layer.B0 + layer.B2 @ layer.B1) @ layer.M @ layer.A
+    )
 
 
 def test_shapes_follow_table():
@@ -29,8 +31,14 @@ def test_shapes_follow_table():
     assert layer.A.shape == (3, 7) and layer.M.shape == (5, 3)
     assert layer.B1.shape == (3, 5) and layer.B2.shape == (6, 3) and layer.B0.shape == (6, 5)
     assert not isinstance(layer.B0, nn.Parameter)  # a frozen buffer
-    assert {n for n, _ in layer.named_parameters()} == {"A", "M", "B1", "B2", "base.weight",
-                                                        "base.bias"}
+    assert {n for n, _ in layer.named_parameters()} == {
+        "A",
+        "M",
+        "B1",
+        "B2",
+        "base.weight",
+        "base.bias",
+    }
 
 
 def test_reset_round_starts_from_exactly_b0():

@@ -17,9 +17,11 @@ from fedalora.outputs import read_jsonl
 from fedalora.simulate import ray_cluster, run_simulation
 
 APP = Path(__file__).resolve().parents[1]
-TINY = ("strategy='fedalora-hetero' num-hidden-layers=2 local-steps=3 "
-        "batch-size=8 max-length=32 intermediate-rank=4 state-store='disk' "
-        "export-adapters=false")
+TINY = (
+    "strategy='fedalora-hetero' num-hidden-layers=2 local-steps=3 "
+    "batch-size=8 max-length=32 intermediate-rank=4 state-store='disk' "
+    "export-adapters=false"
+)
 pytestmark = pytest.mark.slow
 
 
@@ -32,35 +34,51 @@ def _alive(pid: int) -> bool:
 
 
 def test_superlink_and_three_authenticated_supernodes_over_tls(tmp_path):
-    nodes = [{"partition-id": i, "num-partitions": 3, "lora-rank": rank}
-             for i, rank in enumerate([8, 4, 2])]
+    nodes = [
+        {"partition-id": i, "num-partitions": 3, "lora-rank": rank}
+        for i, rank in enumerate([8, 4, 2])
+    ]
     deployment = LocalDeployment(tmp_path, nodes)
     started: list[int] = []
     with deployment:
         started += [p.pid for p in deployment.processes.values()]
         assert "--enable-supernode-auth" in deployment.processes["superlink"].args
-        first = deployment.run(APP, "deployed", tmp_path / "server",
-                               f"{TINY} ranks='8,4,2' min-nodes=3 num-server-rounds=2")
+        first = deployment.run(
+            APP,
+            "deployed",
+            tmp_path / "server",
+            f"{TINY} ranks='8,4,2' min-nodes=3 num-server-rounds=2",
+        )
         b0_after_2 = load_file(str(first / "shared_state.safetensors"))
         deployment.stop_node(0)  # a restarted SuperNode: a new process, nothing in memory
         deployment.start_node(0)
         started.append(deployment.processes["node-0"].pid)
-        resumed = deployment.run(APP, "deployed", tmp_path / "server",
-                                 f"{TINY} ranks='8,4,2' min-nodes=3 num-server-rounds=3 "
-                                 "resume=true")
-        started += [child.pid for p in deployment.processes.values()
-                    for child in psutil.Process(p.pid).children(recursive=True)]
+        resumed = deployment.run(
+            APP,
+            "deployed",
+            tmp_path / "server",
+            f"{TINY} ranks='8,4,2' min-nodes=3 num-server-rounds=3 resume=true",
+        )
+        started += [
+            child.pid
+            for p in deployment.processes.values()
+            for child in psutil.Process(p.pid).children(recursive=True)
+        ]
     assert not any(_alive(pid) for pid in started)  # every process and its children stopped
 
     summary = json.loads((resumed / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["resumed_after_round"] == 2
     train = [r for r in read_jsonl(resumed / "metrics.jsonl") if r["phase"] == "train"]
     assert sorted((r["round"], r["client"], r["rank"]) for r in train) == [
-        (t, c, rank) for t in (1, 2, 3) for c, rank in enumerate([8, 4, 2])]
+        (t, c, rank) for t in (1, 2, 3) for c, rank in enumerate([8, 4, 2])
+    ]
     # round 3 starts, on every node and on the restarted one too, from the private
     # state each node saved on its own disk in round 2
     assert {r["client"]: r["private_state_round"] for r in train if r["round"] == 3} == {
-        0: 2, 1: 2, 2: 2}
+        0: 2,
+        1: 2,
+        2: 2,
+    }
     assert [r["round"] for r in read_jsonl(resumed / "rounds.jsonl")] == [1, 2, 3]
     b0_after_3 = load_file(str(resumed / "shared_state.safetensors"))
     assert b0_after_3.keys() == b0_after_2.keys()
@@ -69,7 +87,9 @@ def test_superlink_and_three_authenticated_supernodes_over_tls(tmp_path):
     # private factors live only in each node's own state-dir, never on the server side
     for i in range(3):
         assert {p.name for p in (tmp_path / f"node-{i}").iterdir()} == {
-            f"client-{i}.round-2.safetensors", f"client-{i}.round-3.safetensors"}
+            f"client-{i}.round-2.safetensors",
+            f"client-{i}.round-3.safetensors",
+        }
     server_files = [p for p in (tmp_path / "server").rglob("*") if p.is_file()]
     assert not any("private" in str(p) or "client-" in p.name for p in server_files)
     checkpoint = load_file(str(resumed / "checkpoint" / "shared-round-3.safetensors"))
@@ -83,6 +103,7 @@ def test_certificates_and_node_keys_load_as_flower_reads_them(tmp_path):
         load_ssh_private_key,
         load_ssh_public_key,
     )
+
     certs = make_certificates(tmp_path, ["localhost", "127.0.0.1"])
     context = ssl.create_default_context(cafile=str(certs.ca))
     context.load_cert_chain(str(certs.certificate), str(certs.key))
@@ -102,16 +123,22 @@ def test_simulation_runs_across_a_two_node_ray_cluster(tmp_path):
     from ray._private import state
 
     with ray_cluster(num_cpus=1, worker_nodes=1) as address:
-        run_dir = run_simulation(APP, "two-nodes", num_supernodes=4, num_cpus=1,
-                                 run_config=f"{TINY} ranks='8,4,2,2' num-server-rounds=2",
-                                 output_dir=tmp_path, flwr_home=tmp_path / "flwr-home",
-                                 timeout=600, log_path=tmp_path / "run.log",
-                                 ray_address=address)
+        run_dir = run_simulation(
+            APP,
+            "two-nodes",
+            num_supernodes=4,
+            num_cpus=1,
+            run_config=f"{TINY} ranks='8,4,2,2' num-server-rounds=2",
+            output_dir=tmp_path,
+            flwr_home=tmp_path / "flwr-home",
+            timeout=600,
+            log_path=tmp_path / "run.log",
+            ray_address=address,
+        )
         ray.init(address=address, logging_level="ERROR")
         try:
             nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
-            actors = [a for a in state.actors().values()
-                      if a["ActorClassName"] == "ClientAppActor"]
+            actors = [a for a in state.actors().values() if a["ActorClassName"] == "ClientAppActor"]
         finally:
             ray.shutdown()
     assert len(nodes) == 2

@@ -42,15 +42,29 @@ def test_metrics_by_hand():
 
 def _fake_run(path, strategy, accuracies, ranks=(8, 8, 2, 2)):
     recorder = RunRecorder(path)
-    recorder.write_config({"strategy": strategy, "clients": [
-        {"client": c, "rank": r, "num_examples": 10} for c, r in enumerate(ranks)]})
+    recorder.write_config(
+        {
+            "strategy": strategy,
+            "clients": [{"client": c, "rank": r, "num_examples": 10} for c, r in enumerate(ranks)],
+        }
+    )
     for server_round, scores in enumerate(accuracies, start=1):
-        for client, (acc, rank) in enumerate(zip(scores, ranks)):
+        for client, (acc, rank) in enumerate(zip(scores, ranks, strict=True)):
             for phase, up in (("train", 100), ("evaluate", 0)):
-                recorder.client_row({"round": server_round, "client": client, "rank": rank,
-                                     "phase": phase, "num_examples": 10, "loss": 1.0,
-                                     "accuracy": acc, "bytes_up": up, "bytes_down": 50,
-                                     "seconds": 0.1})
+                recorder.client_row(
+                    {
+                        "round": server_round,
+                        "client": client,
+                        "rank": rank,
+                        "phase": phase,
+                        "num_examples": 10,
+                        "loss": 1.0,
+                        "accuracy": acc,
+                        "bytes_up": up,
+                        "bytes_down": 50,
+                        "seconds": 0.1,
+                    }
+                )
     recorder.finish("completed", wall_seconds=12.0)
     return path
 
@@ -72,13 +86,24 @@ def test_run_directory_functions(tmp_path):
     assert table.loc["fed", "bytes_up_per_client_round"] == 100
     assert table.loc["fed", "bytes_down_per_client_round"] == 50  # the training phase
     assert fairness.communication(fed, phase="evaluate") == {
-        "bytes_up_per_client_round": 0.0, "bytes_down_per_client_round": 50.0}
+        "bytes_up_per_client_round": 0.0,
+        "bytes_down_per_client_round": 50.0,
+    }
     assert fairness.primary_metric(fed) == "accuracy"
     assert json.loads((fed / "summary.json").read_text())["status"] == "completed"
 
 
 def test_instruction_runs_are_scored_by_rouge1(tmp_path):
     recorder = RunRecorder(tmp_path / "inst")
-    recorder.client_row({"round": 1, "client": 0, "rank": 8, "phase": "evaluate",
-                         "accuracy": 0.3, "rouge1": 0.6, "exact_match": 0.5})
+    recorder.client_row(
+        {
+            "round": 1,
+            "client": 0,
+            "rank": 8,
+            "phase": "evaluate",
+            "accuracy": 0.3,
+            "rouge1": 0.6,
+            "exact_match": 0.5,
+        }
+    )
     assert fairness.primary_metric(tmp_path / "inst") == "rouge1"

@@ -18,10 +18,10 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedalora.aggregation import accumulate_decomposed
 from fedalora.checkpoint import load_checkpoint, save_checkpoint
-from fedalora.config import ConfigError
+from fedalora.errors import ConfigError
 from fedalora.outputs import RunRecorder, read_jsonl
-from strategies import STRATEGIES
-from strategies.common import ARRAYS, CONFIG, METRICS, to_numpy, to_record
+from protocol import ARRAYS, CONFIG, METRICS, to_numpy, to_record
+from strategies import MethodStrategy, discover_nodes, run_rounds
 
 from .conftest import tiny_config
 
@@ -42,8 +42,10 @@ def good_update(strategy, node_id: int, server_round: int, shared: dict) -> dict
     _, rank, _ = NODES[node_id]
     rng = np.random.default_rng([node_id, server_round])
     offset = float(sum(np.abs(v).sum() for v in shared.values()))
-    return {k: (0.1 * rng.normal(size=s) + 1e-3 * offset).astype(np.float32)
-            for k, s in strategy.upload_shapes(rank).items()}
+    return {
+        k: (0.1 * rng.normal(size=s) + 1e-3 * offset).astype(np.float32)
+        for k, s in strategy.method.upload_shapes(LAYERS, rank).items()
+    }
 
 
 class ScriptedGrid:
@@ -71,47 +73,85 @@ class ScriptedGrid:
     def _answer(self, message: Message, node_id: int) -> Message | None:
         partition, rank, examples = NODES[node_id]
         if message.metadata.message_type == MessageType.QUERY:
-            return Message(RecordDict({CONFIG: ConfigRecord(
-                {"partition-id": partition, "rank": rank, "num-examples": examples})}),
-                reply_to=message)
+            return Message(
+                RecordDict(
+                    {
+                        CONFIG: ConfigRecord(
+                            {"partition-id": partition, "rank": rank, "num-examples": examples}
+                        )
+                    }
+                ),
+                reply_to=message,
+            )
         server_round = int(message.content[CONFIG]["server-round"])
-        metrics = {"num-examples": examples, "loss": 1.0, "accuracy": 0.5 + partition / 10,
-                   "seconds": 0.1}
+        metrics = {
+            "num_examples": examples,
+            "loss": 1.0,
+            "accuracy": 0.5 + partition / 10,
+            "seconds": 0.1,
+        }
         if message.metadata.message_type == MessageType.EVALUATE:
             fault = self.evaluate_faults.get((node_id, server_round))
             reply = Message(RecordDict({METRICS: MetricRecord(metrics)}), reply_to=message)
             return fault(reply, {}) if fault else reply
         key = (node_id, server_round)
         self.attempts[key] = attempt = self.attempts.get(key, 0) + 1
-        update = good_update(self.strategy, node_id, server_round,
-                             to_numpy(message.content[ARRAYS]))
-        reply = Message(RecordDict({ARRAYS: to_record(update),
-                                    METRICS: MetricRecord({**metrics, "rank": rank})}),
-                        reply_to=message)
+        update = good_update(
+            self.strategy, node_id, server_round, to_numpy(message.content[ARRAYS])
+        )
+        reply = Message(
+            RecordDict(
+                {ARRAYS: to_record(update), METRICS: MetricRecord({**metrics, "rank": rank})}
+            ),
+            reply_to=message,
+        )
         fault = self.faults.get((node_id, server_round, attempt)) or self.faults.get(key)
         return fault(reply, update) if fault else reply
 
 
 def make_strategy(tmp_path: Path, name: str = "fedalora-hetero", **overrides):
-    config = tiny_config(**{"strategy": name, "ranks": "3,2,1,2", "min_nodes": 2,
-                            "num_server_rounds": 2, **overrides})
+    config = tiny_config(
+        **{
+            "strategy": name,
+            "ranks": "3,2,1,2",
+            "min_nodes": 2,
+            "num_server_rounds": 2,
+            **overrides,
+        }
+    )
     recorder = RunRecorder(tmp_path)
     recorder.start()
-    return STRATEGIES[name](config, LAYERS, recorder)
+    return MethodStrategy(config, LAYERS, recorder)
+
+
+def discover(strategy, grid) -> None:
+    strategy.connect(discover_nodes(grid, strategy.config.min_nodes, timeout=5))
+
+
+def run_all(strategy, grid, **kwargs):
+    config = strategy.config
+    return run_rounds(
+        strategy,
+        grid,
+        num_rounds=config.num_server_rounds,
+        retries=config.round_retries,
+        timeout=5,
+        **kwargs,
+    )
 
 
 def run(tmp_path, faults=None, evaluate_faults=None, **overrides):
     strategy = make_strategy(tmp_path, **overrides)
     grid = ScriptedGrid(strategy, faults, evaluate_faults)
-    strategy.discover(grid, timeout=5)
-    evaluations = strategy.run(grid, ConfigRecord(), ConfigRecord())
+    discover(strategy, grid)
+    evaluations = run_all(strategy, grid)
     return strategy, grid, evaluations
 
 
 def expected_shared(tmp_path, accepted_per_round: dict[int, list[int]]) -> dict:
     """Fed-ALoRA's B0 from the given nodes' good updates only, round by round."""
     strategy = make_strategy(tmp_path / "reference")
-    strategy.discover(ScriptedGrid(strategy), timeout=5)
+    discover(strategy, ScriptedGrid(strategy))
     shared = strategy.shared
     for server_round, node_ids in sorted(accepted_per_round.items()):
         updates = [good_update(strategy, n, server_round, shared) for n in node_ids]
@@ -128,23 +168,32 @@ def assert_same(actual: dict, expected: dict) -> None:
 def _with_arrays(transform) -> Fault:
     def fault(reply, update):
         arrays = transform({k: v.copy() for k, v in update.items()})
-        return Message(RecordDict({ARRAYS: to_record(arrays), METRICS: reply.content[METRICS]}),
-                       reply_to=_original(reply))
+        return Message(
+            RecordDict({ARRAYS: to_record(arrays), METRICS: reply.content[METRICS]}),
+            reply_to=_original(reply),
+        )
+
     return fault
 
 
 def _with_metrics(**changes) -> Fault:
     def fault(reply, update):
         metrics = {**dict(reply.content[METRICS]), **changes}
-        return Message(RecordDict({ARRAYS: to_record(update), METRICS: MetricRecord(metrics)}),
-                       reply_to=_original(reply))
+        return Message(
+            RecordDict({ARRAYS: to_record(update), METRICS: MetricRecord(metrics)}),
+            reply_to=_original(reply),
+        )
+
     return fault
 
 
 def _original(reply: Message) -> Message:
     """A stand-in for the message ``reply`` answers (Message needs one to reply to)."""
-    return Message(RecordDict(), dst_node_id=reply.metadata.dst_node_id,
-                   message_type=reply.metadata.message_type)
+    return Message(
+        RecordDict(),
+        dst_node_id=reply.metadata.dst_node_id,
+        message_type=reply.metadata.message_type,
+    )
 
 
 def _first(update: dict) -> str:
@@ -155,48 +204,74 @@ def _set_first(value: float):
     def transform(update):
         update[_first(update)][0, 0] = value
         return update
+
     return transform
 
 
 def _error(code: int, reason: str) -> Fault:
-    return lambda reply, update: Message(Error(code=code, reason=reason),
-                                         reply_to=_original(reply))
+    return lambda reply, update: Message(Error(code=code, reason=reason), reply_to=_original(reply))
 
 
 # kind of fault -> (fault on node 103 in round 1, what the log must say)
 REJECTED_OR_LOST = {
-    "raises": (_error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, "RuntimeError: CUDA out of memory"),
-               "train failed: RuntimeError: CUDA out of memory"),
-    "crashes": (_error(ErrorCode.CLIENT_APP_CRASHED, "ClientApp process exited"),
-                "train failed: ClientApp process exited"),
-    "disconnects": (_error(ErrorCode.NODE_UNAVAILABLE, "node is offline"),
-                    "train failed: node is offline"),
+    "raises": (
+        _error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, "RuntimeError: CUDA out of memory"),
+        "train failed: RuntimeError: CUDA out of memory",
+    ),
+    "crashes": (
+        _error(ErrorCode.CLIENT_APP_CRASHED, "ClientApp process exited"),
+        "train failed: ClientApp process exited",
+    ),
+    "disconnects": (
+        _error(ErrorCode.NODE_UNAVAILABLE, "node is offline"),
+        "train failed: node is offline",
+    ),
     "times out": (lambda reply, update: None, "no train reply from node 103"),
-    "wrong shape": (_with_arrays(lambda u: {**u, _first(u): np.zeros((5, 5), np.float32)}),
-                    "has shape (5, 5)"),
+    "wrong shape": (
+        _with_arrays(lambda u: {**u, _first(u): np.zeros((5, 5), np.float32)}),
+        "has shape (5, 5)",
+    ),
     "missing key": (_with_arrays(lambda u: dict(list(u.items())[1:])), "keys differ"),
-    "extra key": (_with_arrays(lambda u: {**u, "l0.q.A": np.zeros((1, 6), np.float32)}),
-                  "keys differ"),
+    "extra key": (
+        _with_arrays(lambda u: {**u, "l0.q.A": np.zeros((1, 6), np.float32)}),
+        "keys differ",
+    ),
     "NaN": (_with_arrays(_set_first(np.nan)), "contains NaN or Inf"),
     "Inf": (_with_arrays(_set_first(-np.inf)), "contains NaN or Inf"),
-    "integer dtype": (_with_arrays(lambda u: {**u, _first(u): u[_first(u)].astype(np.int32)}),
-                      "expected a float array"),
-    "implausible norm": (_with_arrays(lambda u: {k: v * 1e3 for k, v in u.items()}),
-                         "times the round's median"),
-    "absurd norm": (_with_arrays(lambda u: {k: v * 1e6 for k, v in u.items()}),
-                    "exceeds max-update-rms=100"),
+    "integer dtype": (
+        _with_arrays(lambda u: {**u, _first(u): u[_first(u)].astype(np.int32)}),
+        "expected a float array",
+    ),
+    "implausible norm": (
+        _with_arrays(lambda u: {k: v * 1e3 for k, v in u.items()}),
+        "times the round's median",
+    ),
+    "absurd norm": (
+        _with_arrays(lambda u: {k: v * 1e6 for k, v in u.items()}),
+        "exceeds max-update-rms=100",
+    ),
     "wrong rank": (_with_metrics(rank=2), "reports rank 2 but has rank 1"),
-    "zero examples": (_with_metrics(**{"num-examples": 0}), "num-examples is 0"),
+    "zero examples": (_with_metrics(num_examples=0), "num_examples is 0"),
     "NaN loss": (_with_metrics(loss=float("nan")), "training loss is nan"),
-    "no metrics": (lambda reply, update: Message(RecordDict({ARRAYS: to_record(update)}),
-                                                 reply_to=_original(reply)),
-                   "no 'metrics' record"),
-    "metrics lack keys": (lambda reply, update: Message(
-        RecordDict({ARRAYS: to_record(update), METRICS: MetricRecord({"loss": 1.0})}),
-        reply_to=_original(reply)), "metrics lack"),
-    "no arrays": (lambda reply, update: Message(RecordDict({METRICS: reply.content[METRICS]}),
-                                                reply_to=_original(reply)),
-                  "no 'arrays' record"),
+    "no metrics": (
+        lambda reply, update: Message(
+            RecordDict({ARRAYS: to_record(update)}), reply_to=_original(reply)
+        ),
+        "no 'metrics' record",
+    ),
+    "metrics lack keys": (
+        lambda reply, update: Message(
+            RecordDict({ARRAYS: to_record(update), METRICS: MetricRecord({"loss": 1.0})}),
+            reply_to=_original(reply),
+        ),
+        "metrics lack",
+    ),
+    "no arrays": (
+        lambda reply, update: Message(
+            RecordDict({METRICS: reply.content[METRICS]}), reply_to=_original(reply)
+        ),
+        "no 'arrays' record",
+    ),
 }
 
 
@@ -207,8 +282,9 @@ def test_a_bad_or_lost_reply_is_left_out_and_the_round_completes(tmp_path, caplo
         strategy, _, evaluations = run(tmp_path, {(103, 1): fault})
     assert reason in caplog.text and "client 2" in caplog.text
     # round 1 from nodes 101, 102, 104 (weights renormalised over them), round 2 from all
-    assert_same(strategy.shared, expected_shared(tmp_path, {1: [101, 102, 104],
-                                                            2: [101, 102, 103, 104]}))
+    assert_same(
+        strategy.shared, expected_shared(tmp_path, {1: [101, 102, 104], 2: [101, 102, 103, 104]})
+    )
     rounds = read_jsonl(tmp_path / "rounds.jsonl")
     assert [r["attempts"] for r in rounds] == [1, 1] and not any(r["skipped"] for r in rounds)
     assert rounds[0]["failed"] + rounds[0]["rejected"] == 1
@@ -221,18 +297,20 @@ def test_a_reply_from_a_node_that_was_not_asked_is_ignored(tmp_path, caplog):
             replies = super().send_and_receive(messages, timeout)
             for reply in replies:
                 if reply.metadata.src_node_id == 104 and MessageType.TRAIN in str(
-                        reply.metadata.message_type):
+                    reply.metadata.message_type
+                ):
                     reply.metadata.__dict__["_src_node_id"] = 999
             return replies
 
     strategy = make_strategy(tmp_path)
     grid = Impostor(strategy)
-    strategy.discover(grid, timeout=5)
+    discover(strategy, grid)
     with caplog.at_level(logging.WARNING, logger="flwr"):
-        strategy.run(grid, ConfigRecord(), ConfigRecord())
+        run_all(strategy, grid)
     assert "reply from node 999, which was not asked" in caplog.text
-    assert_same(strategy.shared, expected_shared(tmp_path, {1: [101, 102, 103],
-                                                            2: [101, 102, 103]}))
+    assert_same(
+        strategy.shared, expected_shared(tmp_path, {1: [101, 102, 103], 2: [101, 102, 103]})
+    )
 
 
 def test_too_few_replies_retry_the_round_with_a_fresh_attempt(tmp_path, caplog):
@@ -242,8 +320,10 @@ def test_too_few_replies_retry_the_round_with_a_fresh_attempt(tmp_path, caplog):
         strategy, grid, _ = run(tmp_path, faults)
     assert "fewer than min-nodes=2" in caplog.text and "retrying (1 of 1)" in caplog.text
     assert grid.attempts[(101, 1)] == 2
-    assert_same(strategy.shared, expected_shared(tmp_path, {1: [101, 102, 103, 104],
-                                                            2: [101, 102, 103, 104]}))
+    assert_same(
+        strategy.shared,
+        expected_shared(tmp_path, {1: [101, 102, 103, 104], 2: [101, 102, 103, 104]}),
+    )
     assert [r["attempts"] for r in read_jsonl(tmp_path / "rounds.jsonl")] == [2, 1]
 
 
@@ -275,13 +355,17 @@ def test_a_node_failing_discovery_stops_the_run_before_training(tmp_path):
     class Broken(ScriptedGrid):
         def _answer(self, message, node_id):
             if node_id == 102:
-                return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
-                                     reason="run-config 'dataset': file 'x.csv' does not "
-                                            "exist"), reply_to=message)
+                return Message(
+                    Error(
+                        code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                        reason="run-config 'dataset': file 'x.csv' does not exist",
+                    ),
+                    reply_to=message,
+                )
             return super()._answer(message, node_id)
 
-    with pytest.raises(ConfigError, match="node 102 failed before training.*'dataset'"):
-        strategy.discover(Broken(strategy), timeout=5)
+    with pytest.raises(ConfigError, match=r"node 102 failed before training.*'dataset'"):
+        discover(strategy, Broken(strategy))
 
 
 @pytest.mark.parametrize("name", ["fedalora-hetero", "hetlora", "flora", "zeropad"])
@@ -291,21 +375,24 @@ def test_checkpoint_resume_equals_an_uninterrupted_run_bit_for_bit(tmp_path, nam
     def fresh(folder, rounds):
         strategy = make_strategy(tmp_path / folder, name, num_server_rounds=rounds, **ranks)
         grid = ScriptedGrid(strategy)
-        strategy.discover(grid, timeout=5)
+        discover(strategy, grid)
         return strategy, grid
 
     whole, grid = fresh("whole", 4)
-    whole.run(grid, ConfigRecord(), ConfigRecord())
+    run_all(whole, grid)
 
     # the run dies after round 2's checkpoint: rounds 1-2, checkpoints, then nothing kept
     first_half, grid = fresh("killed", 2)
-    first_half.run(grid, ConfigRecord(), ConfigRecord(), on_round_end=lambda r: save_checkpoint(
-        tmp_path / "killed", first_half.checkpoint(r)))
+    run_all(
+        first_half,
+        grid,
+        on_round_end=lambda r: save_checkpoint(tmp_path / "killed", first_half.checkpoint(r)),
+    )
     saved = load_checkpoint(tmp_path / "killed")
     assert saved.server_round == 2 and saved.rng_state["next-round"] == 3
     resumed, grid = fresh("killed", 4)
     resumed.restore(saved)
-    resumed.run(grid, ConfigRecord(), ConfigRecord(), first_round=3)
+    run_all(resumed, grid, first_round=3)
     assert resumed.shared_round == whole.shared_round == 4
     assert_same(resumed.shared, whole.shared)
     for node in whole.nodes.values():
@@ -326,13 +413,13 @@ def test_resume_refuses_other_clients_or_state_shapes(tmp_path):
     strategy, _, _ = run(tmp_path)
     saved = strategy.checkpoint(2)
     other = make_strategy(tmp_path / "other")
-    other.discover(ScriptedGrid(other), timeout=5)
+    discover(other, ScriptedGrid(other))
     del other.nodes[104]
-    with pytest.raises(ConfigError, match="'resume'.*clients \\[0, 1, 2, 3\\].*\\[0, 1, 2\\]"):
+    with pytest.raises(ConfigError, match=r"'resume'.*clients \[0, 1, 2, 3\].*\[0, 1, 2\]"):
         other.restore(saved)
     wider = make_strategy(tmp_path / "wider", intermediate_rank=8)
-    wider.discover(ScriptedGrid(wider), timeout=5)
-    with pytest.raises(ConfigError, match="'resume'.*does not fit"):
+    discover(wider, ScriptedGrid(wider))
+    with pytest.raises(ConfigError, match=r"'resume'.*does not fit"):
         wider.restore(saved)
 
 
@@ -340,13 +427,24 @@ def test_nothing_is_pickled_anywhere():
     """What crosses the network is Flower records; what is read back from disk is
     safetensors or JSON. No module of ours may use pickle-based I/O."""
     root = Path(__file__).resolve().parents[1]
-    banned = re.compile(r"\bimport pickle\b|\bpickle\.|cloudpickle|joblib|torch\.load\(|"
-                        r"allow_pickle\s*=\s*True|np\.load\(|numpy\.load\(|\.npz\b")
-    offenders = [f"{path.relative_to(root)}:{number}"
-                 for folder in ("fedalora", "clients", "server", "strategies", "benchmarks")
-                 for path in (root / folder).rglob("*.py")
-                 for number, line in enumerate(path.read_text().splitlines(), 1)
-                 if banned.search(line)]
+    banned = re.compile(
+        r"\bimport pickle\b|\bpickle\.|cloudpickle|joblib|torch\.load\(|"
+        r"allow_pickle\s*=\s*True|np\.load\(|numpy\.load\(|\.npz\b"
+    )
+    sources = [
+        *root.glob("*.py"),
+        *(
+            path
+            for folder in ("fedalora", "clients", "server", "strategies", "benchmarks")
+            for path in (root / folder).rglob("*.py")
+        ),
+    ]
+    offenders = [
+        f"{path.relative_to(root)}:{number}"
+        for path in sources
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if banned.search(line)
+    ]
     assert offenders == []
 
 
@@ -373,25 +471,34 @@ def _bad_data(tmp_path: Path, kind: str) -> dict:
     raise ValueError(kind)
 
 
-@pytest.mark.parametrize("kind, key, fix", [
-    ("missing data file", "dataset", "give an existing .json/.jsonl/.csv file"),
-    ("empty data file", "dataset", "at least one row per client"),
-    ("more clients than examples", "partitioning", "use fewer clients or more data"),
-    ("empty partition", "partitioning", "use fewer clients, more data"),
-    ("unreadable model path", "model", "readable local path"),
-    ("rank above the layer", "lora-rank", "use a rank <= 384"),
-])
-def test_bad_data_or_model_fails_at_discovery_naming_the_field_and_the_fix(tmp_path, kind, key,
-                                                                           fix):
+@pytest.mark.parametrize(
+    "kind, key, fix",
+    [
+        ("missing data file", "dataset", "give an existing .json/.jsonl/.csv file"),
+        ("empty data file", "dataset", "at least one row per client"),
+        ("more clients than examples", "partitioning", "use fewer clients or more data"),
+        ("empty partition", "partitioning", "use fewer clients, more data"),
+        ("unreadable model path", "model", "readable local path"),
+        ("rank above the layer", "lora-rank", "use a rank <= 384"),
+    ],
+)
+def test_bad_data_or_model_fails_at_discovery_naming_the_field_and_the_fix(
+    tmp_path, kind, key, fix
+):
     from clients import client_app
+
     values = _bad_data(tmp_path, kind)
     node = {"partition-id": 0, "num-partitions": values.pop("clients", 3)}
     if "lora-rank" in values:
         node["lora-rank"] = values.pop("lora-rank")
-    config = tiny_config(strategy="fedalora-hetero", ranks="8,4,2", **{
-        k.replace("-", "_"): v for k, v in values.items()})
-    context = Context(run_id=1, node_id=1, state=RecordDict(), node_config=node,
-                      run_config=config.to_run_config())
+    config = tiny_config(
+        strategy="fedalora-hetero",
+        ranks="8,4,2",
+        **{k.replace("-", "_"): v for k, v in values.items()},
+    )
+    context = Context(
+        run_id=1, node_id=1, state=RecordDict(), node_config=node, run_config=config.to_run_config()
+    )
     query = Message(RecordDict(), dst_node_id=1, message_type=MessageType.QUERY)
     with pytest.raises(ConfigError) as info:
         client_app.query(query, context)

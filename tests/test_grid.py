@@ -9,15 +9,20 @@ import pandas as pd
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
-from grid import plan  # noqa: E402
+from grid import plan
 
 
 def test_plan_drops_homogeneous_only_strategies_from_heterogeneous_ranks():
     runs = plan(["homogeneous", "heterogeneous"], ["fedit", "fedalora-hetero", "local"])
-    assert runs == [("homogeneous", "fedit"), ("homogeneous", "fedalora-hetero"),
-                    ("homogeneous", "local"), ("homogeneous", "centralised"),
-                    ("heterogeneous", "fedalora-hetero"), ("heterogeneous", "local"),
-                    ("heterogeneous", "centralised")]
+    assert runs == [
+        ("homogeneous", "fedit"),
+        ("homogeneous", "fedalora-hetero"),
+        ("homogeneous", "local"),
+        ("homogeneous", "centralised"),
+        ("heterogeneous", "fedalora-hetero"),
+        ("heterogeneous", "local"),
+        ("heterogeneous", "centralised"),
+    ]
     default = plan(["heterogeneous"], None)
     assert ("heterogeneous", "fedsa-lora") not in default and len(default) == 8
 
@@ -25,10 +30,25 @@ def test_plan_drops_homogeneous_only_strategies_from_heterogeneous_ranks():
 @pytest.mark.slow
 def test_instruction_smoke_grid_writes_the_table(tmp_path):
     out = tmp_path / "grid"
-    subprocess.run([sys.executable, "benchmarks/grid.py", "--track", "instruction", "--preset",
-                    "smoke", "--settings", "heterogeneous", "--strategies", "fedalora-hetero",
-                    "--output-dir", str(out)], cwd=Path(__file__).parents[1], check=True,
-                   timeout=900)
+    subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/grid.py",
+            "--track",
+            "instruction",
+            "--preset",
+            "smoke",
+            "--settings",
+            "heterogeneous",
+            "--strategies",
+            "fedalora-hetero",
+            "--output-dir",
+            str(out),
+        ],
+        cwd=Path(__file__).parents[1],
+        check=True,
+        timeout=900,
+    )
     table = pd.read_csv(out / "table.csv").set_index("strategy")
     assert list(table.index) == ["fedalora-hetero", "local", "centralised"]
     local = pd.read_json(out / "heterogeneous-local" / "metrics.jsonl", lines=True)

@@ -42,10 +42,14 @@ def test_the_packaged_set_has_eight_tasks_one_per_client():
     base = load_base_model("smollm2", 0, num_hidden_layers=2)
     seen = set()
     for partition_id in range(len(TASKS)):
-        data = load_client_data("instructions", "task", partition_id, len(TASKS), 0.1, 0,
-                                base.tokenizer, 64)
-        tasks = {t for t, r in zip(dataset["task"], dataset["response"])
-                 if r in set(data.test["references"])}
+        data = load_client_data(
+            "instructions", "task", partition_id, len(TASKS), 0.1, 0, base.tokenizer, 64
+        )
+        tasks = {
+            t
+            for t, r in zip(dataset["task"], dataset["response"], strict=True)
+            if r in set(data.test["references"])
+        }
         assert data.num_labels == 0 and data.num_train > 0 and data.num_test > 0
         seen.add(frozenset(tasks))
     assert len(seen) == len(TASKS)  # every client got a different task
@@ -54,11 +58,15 @@ def test_the_packaged_set_has_eight_tasks_one_per_client():
 def test_the_prompt_is_masked_out_of_the_loss():
     base = load_base_model("smollm2", 0, num_hidden_layers=2)
     data = load_client_data("instructions", "task", 0, len(TASKS), 0.1, 0, base.tokenizer, 48)
-    for ids, labels, prompt in zip(data.train["input_ids"][:20], data.train["labels"][:20],
-                                   data.train["prompt_ids"][:20]):
+    for ids, labels, prompt in zip(
+        data.train["input_ids"][:20],
+        data.train["labels"][:20],
+        data.train["prompt_ids"][:20],
+        strict=True,
+    ):
         assert len(ids) == len(labels) <= 48 and ids[: len(prompt)] == prompt
         assert labels[: len(prompt)] == [IGNORE] * len(prompt)
-        assert labels[len(prompt):] == ids[len(prompt):]  # the response (and eos) is learned
+        assert labels[len(prompt) :] == ids[len(prompt) :]  # the response (and eos) is learned
         assert ids[-1] == base.tokenizer.eos_token_id
     batch = collate(data.train, [0, 1, 2], base.tokenizer, torch.device("cpu"))
     lengths = [len(data.train["input_ids"][i]) for i in range(3)]
@@ -67,18 +75,30 @@ def test_the_prompt_is_masked_out_of_the_loss():
         assert batch["attention_mask"][row].sum() == length
     logits = torch.zeros(*batch["labels"].shape, base.model.config.vocab_size)
     counted = _hits(logits, batch["labels"])[1]
-    assert counted == sum(len(data.train["labels"][i]) - len(data.train["prompt_ids"][i])
-                          for i in range(3))
+    assert counted == sum(
+        len(data.train["labels"][i]) - len(data.train["prompt_ids"][i]) for i in range(3)
+    )
 
 
 def test_an_instruction_client_trains_and_scores_its_answers():
-    config = tiny_config(strategy="fedalora", ranks="4", model="smollm2", dataset="instructions",
-                         partitioning="task", max_length=48, max_new_tokens=3,
-                         test_fraction=0.02, batch_size=4, local_steps=2)
+    config = tiny_config(
+        strategy="fedalora",
+        ranks="4",
+        model="smollm2",
+        dataset="instructions",
+        partitioning="task",
+        max_length=48,
+        max_new_tokens=3,
+        test_fraction=0.02,
+        batch_size=4,
+        local_steps=2,
+    )
     client = FederatedClient(config, 0, len(TASKS), 4)
     assert client.base.head_modules == []  # a causal LM: no new head
-    shared = {f"{m}.lora_B": np.zeros((d_out, 4), np.float32)
-              for m, (d_out, _) in client.base.layer_shapes().items()}
+    shared = {
+        f"{m}.lora_B": np.zeros((d_out, 4), np.float32)
+        for m, (d_out, _) in client.base.layer_shapes().items()
+    }
     upload, private, metrics = client.train(shared, None, 1)
     assert np.isfinite(metrics["loss"]) and 0 <= metrics["accuracy"] <= 1
     assert set(upload) == set(shared)
@@ -88,8 +108,13 @@ def test_an_instruction_client_trains_and_scores_its_answers():
 
 
 def test_instruction_data_refuses_label_partitioning():
-    config = tiny_config(strategy="fedalora", ranks="4", model="smollm2",
-                         dataset="instructions", partitioning="dirichlet:0.5")
+    config = tiny_config(
+        strategy="fedalora",
+        ranks="4",
+        model="smollm2",
+        dataset="instructions",
+        partitioning="dirichlet:0.5",
+    )
     with pytest.raises(ConfigError, match="partitioning"):
         FederatedClient(config, 0, 8, 4)
 

@@ -17,42 +17,62 @@ import pytest
 from safetensors.numpy import load_file
 
 from fedalora.adapters import load_peft_adapter
+from fedalora.methods import registered_methods
 from fedalora.models import load_base_model
 from fedalora.outputs import read_jsonl
-from fedalora.sharing import SHARING
 from fedalora.simulate import SimulationFailed, ray_cluster, run_simulation
 
-from .comm_formulas import floats_per_layer
+from .comm_formulas import ORACLE, Layer, floats_per_layer
 
 APP = Path(__file__).resolve().parents[1]
-TINY = ("num-hidden-layers=2 local-steps=3 batch-size=8 max-length=32 dataset='bbc-news' "
-        "num-server-rounds=2 lr=0.001 intermediate-rank=4")
+TINY = (
+    "num-hidden-layers=2 local-steps=3 batch-size=8 max-length=32 dataset='bbc-news' "
+    "num-server-rounds=2 lr=0.001"
+)
 D_M = 4
-#: run name -> (strategy, ranks, extra run-config): every strategy homogeneous, and
+BUILT_IN = registered_methods(built_in=True)
+#: run name -> (strategy, ranks, extra run-config): every method homogeneous, and
 #: heterogeneous where it can be; one run twice for determinism, the second time with
-#: its private state on disk.
-RUNS = {f"{name}-{setting}": (name, ranks, "")
-        for name, spec in SHARING.items()
-        for setting, ranks in [("homo", "4"), ("hetero", "8,4,2")]
-        if setting == "homo" or spec.heterogeneous}
+#: its private state on disk; and a method written outside the package, by import path.
+RUNS = {
+    f"{name}-{setting}": (
+        name,
+        ranks,
+        f"intermediate-rank={D_M}" if "intermediate-rank" in cls.Options.fields_by_key() else "",
+    )
+    for name, cls in BUILT_IN.items()
+    for setting, ranks in [("homo", "4"), ("hetero", "8,4,2")]
+    if setting == "homo" or cls.heterogeneous
+}
 RUNS["hetlora-hetero"] = ("hetlora", "8,4,2", "rank-decay=0.5 rank-penalty=0.01")
-RUNS["fedalora-hetero-again"] = ("fedalora-hetero", "8,4,2", "state-store='disk'")
-#: The server's checkpoint holds exactly these per-module arrays.
-SHARED_SUFFIXES = {"fedalora": {"lora_B"}, "fedalora-hetero": {"B0"},
-                   "fedit": {"lora_A", "lora_B"}, "zeropad": {"lora_A", "lora_B"},
-                   "hetlora": {"lora_A", "lora_B"}, "flexlora": {"lora_A", "lora_B"},
-                   "ffa-lora": {"lora_B"}, "fedsa-lora": {"lora_A"},
-                   "flora": {"stack_A", "stack_B"}, "local": set()}
-#: Strategies whose A never leaves the client, and the names of their private tensors.
-PRIVATE_A = {"fedalora": (".lora_A",), "fedalora-hetero": (".A", ".M"), "local": (".lora_A",)}
+RUNS["fedalora-hetero-again"] = (
+    "fedalora-hetero",
+    "8,4,2",
+    f"intermediate-rank={D_M} state-store='disk'",
+)
+RUNS["ema-b-hetero"] = ("tests.ema_method:EmaBLoRA", "8,4,2", "")
+#: Methods whose A never leaves the client, and the names of their private tensors.
+PRIVATE_A = {
+    name: tuple(f".{t}" for t in facts.private if t in ("A", "M", "lora_A"))
+    for name, facts in ORACLE.items()
+    if {"A", "lora_A"} & facts.private
+}
 pytestmark = pytest.mark.slow
 
 
 def _simulate(tmp: Path, name: str, extra: str, ray_address: str | None = None) -> Path:
-    return run_simulation(APP, name, num_supernodes=3, run_config=f"{TINY} {extra}",
-                          output_dir=tmp / "outputs", flwr_home=tmp / f"flwr-home-{name}",
-                          num_cpus=2, timeout=600, log_path=tmp / f"{name}.log",
-                          ray_address=ray_address)
+    return run_simulation(
+        APP,
+        name,
+        num_supernodes=3,
+        run_config=f"{TINY} {extra}",
+        output_dir=tmp / "outputs",
+        flwr_home=tmp / f"flwr-home-{name}",
+        num_cpus=2,
+        timeout=600,
+        log_path=tmp / f"{name}.log",
+        ray_address=ray_address,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -67,10 +87,12 @@ def runs(tmp_path_factory, shared_ray) -> dict[str, Path]:
     """All runs, two at a time on one Ray cluster (start-up is most of a tiny run)."""
     tmp = tmp_path_factory.mktemp("sim")
     with ThreadPoolExecutor(2) as pool:
-        futures = {name: pool.submit(_simulate, tmp, name,
-                                     f"strategy='{strategy}' ranks='{ranks}' {extra}",
-                                     shared_ray)
-                   for name, (strategy, ranks, extra) in RUNS.items()}
+        futures = {
+            name: pool.submit(
+                _simulate, tmp, name, f"strategy='{strategy}' ranks='{ranks}' {extra}", shared_ray
+            )
+            for name, (strategy, ranks, extra) in RUNS.items()
+        }
         return {name: future.result() for name, future in futures.items()}
 
 
@@ -78,21 +100,36 @@ def _config(run_dir: Path) -> dict:
     return json.loads((run_dir / "config.json").read_text())
 
 
-def test_every_strategy_completes_and_follows_the_output_contract(runs):
-    assert {_config(d)["strategy"] for d in runs.values()} == set(SHARING)
+def test_every_method_completes_and_follows_the_output_contract(runs):
+    assert {_config(d)["strategy"] for d in runs.values()} >= set(BUILT_IN)
     for run_dir in runs.values():
         config = _config(run_dir)
         assert [c["client"] for c in config["clients"]] == [0, 1, 2]
         rows = read_jsonl(run_dir / "metrics.jsonl")
         assert len(rows) == 2 * 3 * 2  # rounds x clients x phases
         for row in rows:
-            assert {"round", "client", "rank", "phase", "num_examples", "loss", "accuracy",
-                    "bytes_up", "bytes_down", "seconds"} <= row.keys()
+            assert {
+                "round",
+                "client",
+                "rank",
+                "phase",
+                "num_examples",
+                "loss",
+                "accuracy",
+                "bytes_up",
+                "bytes_down",
+                "seconds",
+            } <= row.keys()
             assert np.isfinite(row["loss"]) and 0 <= row["accuracy"] <= 1
         rounds = read_jsonl(run_dir / "rounds.jsonl")
         assert [r["round"] for r in rounds] == [1, 2]
-        assert {"mean_accuracy", "worst_accuracy", "bytes_up", "bytes_down",
-                "aggregate_seconds"} <= rounds[0].keys()
+        assert {
+            "mean_accuracy",
+            "worst_accuracy",
+            "bytes_up",
+            "bytes_down",
+            "aggregate_seconds",
+        } <= rounds[0].keys()
         summary = json.loads((run_dir / "summary.json").read_text())
         assert summary["status"] == "completed", run_dir.name
         assert summary["final_mean_accuracy"] == rounds[-1]["mean_accuracy"]
@@ -104,15 +141,17 @@ def test_bytes_in_metrics_equal_what_each_rule_moves(runs):
     for name, run_dir in runs.items():
         config = _config(run_dir)
         strategy, layers = config["strategy"], config["adapted_layers"].values()
+        if strategy not in ORACLE:
+            continue
         ranks = [c["rank"] for c in config["clients"]]
         rows = read_jsonl(run_dir / "metrics.jsonl")
         for row in rows:
             first = row["phase"] == "train" and row["round"] == 1
-            per_layer = [(floats_per_layer(strategy, "up", row["rank"], ranks, d_out, d_in,
-                                           D_M, first),
-                          floats_per_layer(strategy, "down", row["rank"], ranks, d_out, d_in,
-                                           D_M, first)) for d_out, d_in in layers]
-            up, down = (4 * sum(col) for col in zip(*per_layer))
+            seen = [Layer(row["rank"], ranks, d_out, d_in, D_M, first) for d_out, d_in in layers]
+            up, down = (
+                4 * sum(floats_per_layer(strategy, direction, layer) for layer in seen)
+                for direction in ("up", "down")
+            )
             assert row["bytes_down"] == down, (name, row)
             assert row["bytes_up"] == (up if row["phase"] == "train" else 0), (name, row)
         for summary in read_jsonl(run_dir / "rounds.jsonl"):
@@ -125,9 +164,11 @@ def test_server_checkpoint_holds_only_the_shared_state(runs):
     base = load_base_model("minilm", 5, num_hidden_layers=2)
     for name, run_dir in runs.items():
         strategy = _config(run_dir)["strategy"]
+        if strategy not in ORACLE:
+            continue
         modules = _config(run_dir)["adapted_layers"]
         shared = load_file(str(run_dir / "shared_state.safetensors"))
-        assert set(shared) == {f"{m}.{s}" for m in modules for s in SHARED_SUFFIXES[strategy]}
+        assert set(shared) == {f"{m}.{s}" for m in modules for s in ORACLE[strategy].shared}
         assert all(np.abs(v).max() > 0 for v in shared.values())  # training reached the server
         if strategy not in PRIVATE_A or not shared:
             continue
@@ -136,8 +177,9 @@ def test_server_checkpoint_holds_only_the_shared_state(runs):
             for key, value in adapter.state_dict().items():
                 if "lora_A" in key:
                     a = value.numpy()
-                    assert not any(v.shape == a.shape and np.allclose(v, a)
-                                   for v in shared.values()), (name, key)
+                    assert not any(
+                        v.shape == a.shape and np.allclose(v, a) for v in shared.values()
+                    ), (name, key)
 
 
 def test_logs_never_name_a_private_tensor(runs):
@@ -151,8 +193,9 @@ def test_logs_never_name_a_private_tensor(runs):
 
 def test_same_seed_gives_the_same_run_whichever_state_store(runs):
     files = sorted((runs["fedalora-hetero-again"] / "private-state").iterdir())
-    assert [f.name for f in files] == [f"client-{k}.round-{t}.safetensors"
-                                       for k in range(3) for t in (1, 2)]
+    assert [f.name for f in files] == [
+        f"client-{k}.round-{t}.safetensors" for k in range(3) for t in (1, 2)
+    ]
     assert any(k.endswith(".A") for k in load_file(str(files[0])))
     assert not (runs["fedalora-hetero-hetero"] / "private-state").exists()
     first = load_file(str(runs["fedalora-hetero-hetero"] / "shared_state.safetensors"))
@@ -160,8 +203,10 @@ def test_same_seed_gives_the_same_run_whichever_state_store(runs):
     assert all(np.array_equal(first[k], second[k]) for k in first)
 
     def strip(run):
-        rows = [{k: v for k, v in row.items() if k != "seconds"}
-                for row in read_jsonl(runs[run] / "metrics.jsonl")]
+        rows = [
+            {k: v for k, v in row.items() if k != "seconds"}
+            for row in read_jsonl(runs[run] / "metrics.jsonl")
+        ]
         return sorted(rows, key=lambda row: (row["round"], row["phase"], row["client"]))
 
     assert strip("fedalora-hetero-hetero") == strip("fedalora-hetero-again")
@@ -183,8 +228,12 @@ def test_fairness_notebook_runs_on_tiny_runs_and_renders_its_figures(runs, monke
     chosen = [runs[n] for n in ("fedalora-hetero-hetero", "zeropad-hetero", "local-hetero")]
     monkeypatch.setenv("FEDALORA_RUNS", ":".join(map(str, chosen)))
     notebook = nbformat.read(APP / "notebooks" / "client_fairness.ipynb", as_version=4)
-    NotebookClient(notebook, timeout=300, kernel_name="python3",
-                   resources={"metadata": {"path": str(APP / "notebooks")}}).execute()
+    NotebookClient(
+        notebook,
+        timeout=300,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(APP / "notebooks")}},
+    ).execute()
     outputs = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     assert sum("image/png" in o.get("data", {}) for o in outputs) == 4
@@ -192,19 +241,37 @@ def test_fairness_notebook_runs_on_tiny_runs_and_renders_its_figures(runs, monke
     assert "Delta_m% reference:" in text and "local-hetero" in text
 
 
-def test_a_killed_run_resumes_to_the_uninterrupted_result_bit_for_bit(runs, tmp_path,
-                                                                      shared_ray):
+def test_a_killed_run_resumes_to_the_uninterrupted_result_bit_for_bit(runs, tmp_path, shared_ray):
     """The run is killed (SIGTERM to the launcher, which stops the SuperLink's process
     group) once round 1's checkpoint exists, then resumed from it."""
     strategy, ranks, extra = RUNS["fedalora-hetero-again"]
     run_config = f"{TINY} strategy='{strategy}' ranks='{ranks}' {extra}"
     output = tmp_path / "outputs"
     state = output / "killed" / "checkpoint" / "state.json"
-    launcher = subprocess.Popen(  # noqa: S603
-        [sys.executable, "-m", "fedalora.simulate", "--app", str(APP), "--run-name", "killed",
-         "--num-supernodes", "3", "--num-cpus", "2", "--ray-address", shared_ray,
-         "--output-dir", str(output), "--run-config", run_config],
-        cwd=APP, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    launcher = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fedalora.simulate",
+            "--app",
+            str(APP),
+            "--run-name",
+            "killed",
+            "--num-supernodes",
+            "3",
+            "--num-cpus",
+            "2",
+            "--ray-address",
+            shared_ray,
+            "--output-dir",
+            str(output),
+            "--run-config",
+            run_config,
+        ],
+        cwd=APP,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 300
     while not (state.exists() and json.loads(state.read_text())["round"] >= 1):
         assert launcher.poll() is None and time.monotonic() < deadline
@@ -215,23 +282,50 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result_bit_for_bit(runs, tmp_
     assert not summary.exists() or json.loads(summary.read_text())["status"] != "completed"
     assert json.loads(state.read_text())["round"] == 1  # killed in round 2
 
-    resumed = _simulate(tmp_path, "killed",
-                        f"strategy='{strategy}' ranks='{ranks}' {extra} resume=true", shared_ray)
+    resumed = _simulate(
+        tmp_path, "killed", f"strategy='{strategy}' ranks='{ranks}' {extra} resume=true", shared_ray
+    )
     whole = runs["fedalora-hetero-again"]
     assert json.loads((resumed / "summary.json").read_text())["resumed_after_round"] == 1
     final, expected = (load_file(str(run / "shared_state.safetensors")) for run in (resumed, whole))
     assert final.keys() == expected.keys()
     assert all(np.array_equal(final[k], expected[k]) for k in expected)
-    scores = [{(r["round"], r["client"], r["phase"]): (r["loss"], r["accuracy"])
-               for r in read_jsonl(run / "metrics.jsonl")} for run in (resumed, whole)]
+    scores = [
+        {
+            (r["round"], r["client"], r["phase"]): (r["loss"], r["accuracy"])
+            for r in read_jsonl(run / "metrics.jsonl")
+        }
+        for run in (resumed, whole)
+    ]
     assert scores[0] == scores[1]
 
 
-@pytest.mark.parametrize("name, extra, expected", [
-    ("rank-too-big", "strategy='fedalora-hetero' ranks='8,4,999'", ["'ranks'", "<= 384"]),
-    ("homogeneous-only", "strategy='fedit' ranks='8,4,2'",
-     ["'ranks'", "fedit", "fedalora-hetero", "flexlora"]),
-])
+def test_a_method_of_ones_own_runs_with_heterogeneous_ranks(runs):
+    """``tests.ema_method``, named by import path, trains, aggregates and exports like a
+    built-in method: B (padded to rank 8) moves, each client's A stays."""
+    run_dir = runs["ema-b-hetero"]
+    assert _config(run_dir)["strategy"] == "tests.ema_method:EmaBLoRA"
+    shared = load_file(str(run_dir / "shared_state.safetensors"))
+    modules = _config(run_dir)["adapted_layers"]
+    assert {k: v.shape for k, v in shared.items()} == {f"{m}.lora_B": (384, 8) for m in modules}
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    assert {(r["client"], r["rank"]) for r in rows} == {(0, 8), (1, 4), (2, 2)}
+    assert {r["bytes_up"] for r in rows if r["phase"] == "train" and r["client"] == 2} == {
+        4 * 384 * 2 * len(modules)
+    }
+
+
+@pytest.mark.parametrize(
+    "name, extra, expected",
+    [
+        ("rank-too-big", "strategy='fedalora-hetero' ranks='8,4,999'", ["'ranks'", "<= 384"]),
+        (
+            "homogeneous-only",
+            "strategy='fedit' ranks='8,4,2'",
+            ["'ranks'", "fedit", "fedalora-hetero", "flexlora"],
+        ),
+    ],
+)
 def test_bad_config_fails_before_training_and_is_not_completed(tmp_path, name, extra, expected):
     with pytest.raises(SimulationFailed) as info:
         _simulate(tmp_path, name, extra)

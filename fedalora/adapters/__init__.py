@@ -1,13 +1,23 @@
-"""Client-side adapters: the layer math and its wiring into a model."""
+"""Client-side adapters: a client's model for a round (``ClientAdapter``), PEFT's LoRA
+layer and Fed-ALoRA's decomposed layer, and the export as a PEFT adapter."""
 
-from .decomposed import DecomposedLoRALinear
-from .wiring import (
-                     ClientAdapter,
-                     DecomposedAdapter,
-                     LoRAAdapter,
-                     export_peft_adapter,
-                     load_peft_adapter,
+from .adapter import (
+    ClientAdapter,
+    PeftFactors,
+    export_peft_adapter,
+    load_peft_adapter,
+    method_state,
 )
+from .decomposed import DecomposedAdapter, DecomposedLoRALinear
+from .lora import LoRAAdapter
 
-__all__ = ["ClientAdapter", "DecomposedAdapter", "DecomposedLoRALinear", "LoRAAdapter",
-           "export_peft_adapter", "load_peft_adapter"]
+__all__ = [
+    "ClientAdapter",
+    "DecomposedAdapter",
+    "DecomposedLoRALinear",
+    "LoRAAdapter",
+    "PeftFactors",
+    "export_peft_adapter",
+    "load_peft_adapter",
+    "method_state",
+]

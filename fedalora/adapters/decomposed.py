@@ -1,4 +1,4 @@
-"""Fed-ALoRA's rank-reconciling layer: DeltaW = s (B0 + B2 B1) M A.
+"""Fed-ALoRA's rank-reconciling layer, DeltaW = s (B0 + B2 B1) M A, and its wiring.
 
 All clients share the intermediate dimension d_m, so the server can add every
 client's DeltaB = B2 B1 (d_out x d_m) into one B0 whatever the client's rank r.
@@ -18,22 +18,29 @@ import math
 import torch
 from torch import nn
 
+from .adapter import ClientAdapter, PeftFactors
+
 
 class DecomposedLoRALinear(nn.Module):
     """Wraps a frozen ``nn.Linear`` W0: y = W0 x + s (B0 h + B2 (B1 h)), h = M A x."""
 
-    def __init__(self, base: nn.Linear, rank: int, intermediate_rank: int, scale: float,
-                 dropout: float = 0.0) -> None:
+    B0: torch.Tensor  # a buffer: the shared state, frozen on the client
+
+    def __init__(
+        self, base: nn.Linear, rank: int, intermediate_rank: int, scale: float, dropout: float = 0.0
+    ) -> None:
         super().__init__()
         self.base = base
         self.rank, self.intermediate_rank, self.scale = rank, intermediate_rank, scale
         d_out, d_in = base.weight.shape
-        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
-        self.A = nn.Parameter(torch.empty(rank, d_in, **factory))
-        self.M = nn.Parameter(torch.empty(intermediate_rank, rank, **factory))
-        self.B1 = nn.Parameter(torch.empty(rank, intermediate_rank, **factory))
-        self.B2 = nn.Parameter(torch.zeros(d_out, rank, **factory))
-        self.register_buffer("B0", torch.zeros(d_out, intermediate_rank, **factory))
+        device, dtype = base.weight.device, base.weight.dtype
+        self.A = nn.Parameter(torch.empty(rank, d_in, device=device, dtype=dtype))
+        self.M = nn.Parameter(torch.empty(intermediate_rank, rank, device=device, dtype=dtype))
+        self.B1 = nn.Parameter(torch.empty(rank, intermediate_rank, device=device, dtype=dtype))
+        self.B2 = nn.Parameter(torch.zeros(d_out, rank, device=device, dtype=dtype))
+        self.register_buffer(
+            "B0", torch.zeros(d_out, intermediate_rank, device=device, dtype=dtype)
+        )
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.reset_private()
 
@@ -59,5 +66,62 @@ class DecomposedLoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = nn.functional.linear(nn.functional.linear(self.dropout(x), self.A), self.M)
         update = nn.functional.linear(h, self.B0) + nn.functional.linear(
-            nn.functional.linear(h, self.B1), self.B2)
+            nn.functional.linear(h, self.B1), self.B2
+        )
         return self.base(x) + self.scale * update
+
+
+class DecomposedAdapter(ClientAdapter):
+    """``DecomposedLoRALinear`` layers on the targets, tensors ``<module>.A``, ``.M``,
+    ``.B1``, ``.B2`` and ``.B0`` (d_m = ``intermediate_rank``)."""
+
+    def __init__(
+        self,
+        base_model: nn.Module,
+        targets: list[str],
+        head_modules: list[str],
+        rank: int,
+        scale: float,
+        dropout: float,
+        intermediate_rank: int,
+    ) -> None:
+        self.intermediate_rank = intermediate_rank
+        super().__init__(base_model, targets, head_modules, rank, scale, dropout)
+
+    def _attach(self, model: nn.Module, dropout: float) -> nn.Module:
+        model.requires_grad_(False)
+        for name in self.targets:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            layer = DecomposedLoRALinear(
+                getattr(parent, child), self.rank, self.intermediate_rank, self.scale, dropout
+            )
+            setattr(parent, child, layer)
+        return model
+
+    def layer(self, module: str) -> DecomposedLoRALinear:
+        layer = self.model.get_submodule(module)
+        assert isinstance(layer, DecomposedLoRALinear)
+        return layer
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        tensors: dict[str, torch.Tensor] = {}
+        for m in self.targets:
+            layer = self.layer(m)
+            tensors.update(
+                {
+                    f"{m}.A": layer.A,
+                    f"{m}.M": layer.M,
+                    f"{m}.B1": layer.B1,
+                    f"{m}.B2": layer.B2,
+                    f"{m}.B0": layer.B0,
+                }
+            )
+        return tensors
+
+    def peft_factors(self) -> PeftFactors:
+        with torch.no_grad():
+            return {
+                m: (self.layer(m).A.detach().clone(), self.scale * self.layer(m).up_projection())
+                for m in self.targets
+            }

@@ -1,0 +1,215 @@
+"""One client's trainable model for one round, and its export as a PEFT adapter.
+
+A ``ClientAdapter`` is the base model with adapter layers inserted into its target
+modules (PEFT LoRA, or Fed-ALoRA's decomposed layer) and a new head (a classifier
+the checkpoint lacks) trained on the client. It names every adapter tensor
+``<module>.<tensor>``; the federated method (``fedalora.methods``) decides which of
+them go up, come down and stay. Its private state is, by key prefix:
+
+- ``<module>.<tensor>``: the adapter tensors the method keeps on the client;
+- ``head.<name>``: the local head;
+- ``state.<name>``: the method's own per-client bookkeeping (``ClientAdapter.state``).
+"""
+
+from __future__ import annotations
+
+import copy
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+
+from ..types import Arrays, Tensors
+
+HEAD, STATE = "head.", "state."
+#: Per target module, PEFT's (lora_A, lora_B) with the client's scale folded into lora_B.
+PeftFactors = dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+class ClientAdapter(ABC):
+    """A client's copy of the base model with a rank-``rank`` adapter on ``targets``.
+
+    The frozen base weights are the base model's own tensors (``share_frozen_weights``);
+    only the adapter and the new head are the client's.
+    """
+
+    def __init__(
+        self,
+        base_model: nn.Module,
+        targets: list[str],
+        head_modules: list[str],
+        rank: int,
+        scale: float,
+        dropout: float,
+    ) -> None:
+        self.targets, self.head_modules = targets, head_modules
+        self.rank, self.scale = rank, scale
+        #: The method's per-client bookkeeping, kept privately between rounds.
+        self.state: Tensors = {}
+        self.model = self._attach(share_frozen_weights(base_model, head_modules), dropout)
+        for param in self._head_parameters().values():
+            param.requires_grad_(True)
+
+    @abstractmethod
+    def _attach(self, model: nn.Module, dropout: float) -> nn.Module:
+        """Insert the adapter layers into ``model`` and freeze everything else."""
+
+    @abstractmethod
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every adapter tensor, live, as ``<module>.<tensor>``."""
+
+    @abstractmethod
+    def peft_factors(self) -> PeftFactors:
+        """The adapter as PEFT LoRA factors, exactly (the scale folded into lora_B)."""
+
+    @property
+    def inner_model(self) -> nn.Module:
+        """The transformers model (inside any PEFT wrapper)."""
+        return self.model
+
+    def arrays(self, names: Iterable[str]) -> Arrays:
+        """The tensors ``<module>.<name>`` of every target, as float32 numpy copies."""
+        tensors = self.tensors()
+        return {f"{m}.{n}": _to_numpy(tensors[f"{m}.{n}"]) for m in self.targets for n in names}
+
+    def copy_in(self, arrays: Mapping[str, np.ndarray], names: Iterable[str]) -> None:
+        """Overwrite the tensors ``<module>.<name>`` of every target with ``arrays``,
+        which must hold exactly those keys with exactly their shapes."""
+        expected = {f"{m}.{n}" for m in self.targets for n in names}
+        if set(arrays) != expected:
+            raise ValueError(
+                f"the server's message does not fit this method's download: "
+                f"missing {sorted(expected - set(arrays))[:2]}, "
+                f"unknown {sorted(set(arrays) - expected)[:2]}"
+            )
+        tensors = self.tensors()
+        with torch.no_grad():
+            for key, value in arrays.items():
+                _copy_into(tensors[key], value)
+
+    def private_state(self, kept: Iterable[str]) -> Tensors:
+        """What stays on the client between rounds (detached copies): the adapter
+        tensors named in ``kept``, the head and the method's bookkeeping."""
+        tensors = self.tensors()
+        state = {
+            f"{m}.{n}": tensors[f"{m}.{n}"].detach().clone() for m in self.targets for n in kept
+        }
+        state.update({HEAD + k: v.detach().clone() for k, v in self._head_parameters().items()})
+        state.update({STATE + k: v.detach().clone() for k, v in self.state.items()})
+        return state
+
+    def load_private(
+        self, private: Mapping[str, torch.Tensor], kept: Iterable[str], strict: bool = True
+    ) -> None:
+        """Restore a private state; ``strict=False`` allows a subset (the head only)."""
+        tensors = self.tensors()
+        own = {f"{m}.{n}": tensors[f"{m}.{n}"] for m in self.targets for n in kept}
+        own.update({HEAD + k: v for k, v in self._head_parameters().items()})
+        restored = {k: v for k, v in private.items() if not k.startswith(STATE)}
+        unknown, missing = set(restored) - set(own), set(own) - set(restored)
+        if unknown or (strict and missing):
+            raise KeyError(
+                f"private state does not fit this adapter: unknown "
+                f"{sorted(unknown)[:3]}, missing {sorted(missing)[:3]}"
+            )
+        with torch.no_grad():
+            for key, value in restored.items():
+                if value.shape != own[key].shape:
+                    raise ValueError(
+                        f"private '{key}' has shape {tuple(value.shape)}, "
+                        f"expected {tuple(own[key].shape)}"
+                    )
+                own[key].copy_(value)
+        self.state.update(
+            {k[len(STATE) :]: v.clone() for k, v in private.items() if k.startswith(STATE)}
+        )
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def _head_parameters(self) -> dict[str, nn.Parameter]:
+        inner = self.inner_model
+        return {
+            f"{name}.{pname}": p
+            for name in self.head_modules
+            for pname, p in inner.get_submodule(name).named_parameters()
+        }
+
+
+def method_state(private: Mapping[str, torch.Tensor] | None) -> Tensors:
+    """The method's bookkeeping inside a private state (``state.<name>`` -> ``<name>``)."""
+    return {k[len(STATE) :]: v for k, v in (private or {}).items() if k.startswith(STATE)}
+
+
+def share_frozen_weights(base_model: nn.Module, head_modules: list[str]) -> nn.Module:
+    """A copy of ``base_model`` whose modules are new but whose frozen parameters and
+    buffers are the base model's own tensors (no copy): every client that a worker
+    serves shares one set of base weights and swaps only its adapter. The new head
+    (``head_modules``), which clients train, is copied."""
+    head = {
+        id(t)
+        for name in head_modules
+        for t in [
+            *base_model.get_submodule(name).parameters(),
+            *base_model.get_submodule(name).buffers(),
+        ]
+    }
+    shared = {
+        id(t): t for t in [*base_model.parameters(), *base_model.buffers()] if id(t) not in head
+    }
+    return copy.deepcopy(base_model, memo=dict(shared))
+
+
+def export_peft_adapter(
+    factors: PeftFactors, adapter: ClientAdapter, base_model: nn.Module, path: str | Path
+) -> Path:
+    """Write ``factors`` and ``adapter``'s head as a standard PEFT LoRA adapter that loads
+    on ``base_model``.
+
+    lora_alpha = r makes PEFT's scale 1; the client's scale is folded into lora_B, so
+    ``PeftModel.from_pretrained(base_model, path)`` reproduces the client's outputs.
+    """
+    rank = max(lora_a.shape[0] for lora_a, _ in factors.values())
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=rank,
+        lora_dropout=0.0,
+        target_modules=adapter.targets,
+        modules_to_save=adapter.head_modules or None,
+    )
+    peft_model = get_peft_model(copy.deepcopy(base_model), config)
+    inner = peft_model.get_base_model()
+    with torch.no_grad():
+        for module, (lora_a, lora_b) in factors.items():
+            layer: Any = inner.get_submodule(module)  # PEFT's LoRA layer
+            layer.lora_A["default"].weight.zero_()[: lora_a.shape[0]].copy_(lora_a)
+            layer.lora_B["default"].weight.zero_()[:, : lora_b.shape[1]].copy_(lora_b)
+        head = adapter._head_parameters()
+        for name in adapter.head_modules:
+            wrapper: Any = inner.get_submodule(name)  # PEFT's ModulesToSaveWrapper
+            saved = wrapper.modules_to_save["default"]
+            for pname, param in saved.named_parameters():
+                param.copy_(head[f"{name}.{pname}"])
+    path = Path(path)
+    peft_model.save_pretrained(str(path))
+    return path
+
+
+def load_peft_adapter(base_model: nn.Module, path: str | Path) -> PeftModel:
+    """Load an exported adapter onto a copy of ``base_model`` (for checks and inference)."""
+    return PeftModel.from_pretrained(copy.deepcopy(base_model), str(path))
+
+
+def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.detach().to("cpu", torch.float32).numpy().copy()
+
+
+def _copy_into(target: torch.Tensor, value: np.ndarray) -> None:
+    if tuple(value.shape) != tuple(target.shape):
+        raise ValueError(f"shape {tuple(value.shape)} does not fit {tuple(target.shape)}")
+    target.copy_(torch.as_tensor(value, dtype=target.dtype, device=target.device))

@@ -1,0 +1,24 @@
+"""List the registered methods: ``python -m fedalora.methods [package.module ...]`` (the
+named modules are imported first, so that methods of your own are listed too)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from .registry import registered_methods
+
+
+def main() -> None:
+    for module in sys.argv[1:]:
+        importlib.import_module(module)
+    for name, cls in registered_methods().items():
+        ranks = "any ranks" if cls.heterogeneous else "one rank"
+        print(f"{name}  ({cls.__module__}.{cls.__qualname__}; {ranks})")
+        print(f"    {cls.paper or 'no paper'}")
+        for key, field in cls.Options.fields_by_key().items():
+            print(f"    {key} = {field.default!r}: {field.metadata.get('help', '')}")
+
+
+if __name__ == "__main__":
+    main()

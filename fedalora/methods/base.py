@@ -1,0 +1,173 @@
+"""A federated LoRA method: everything one algorithm is, declared once, in one class.
+
+The server half follows Flower's strategies (an initial state, the per-client
+download, the aggregation as one pure function call); the client half follows PEFT's
+LoRA variants (hooks that the generic client calls at fixed points of a round). A
+method subclasses ``Method``, overrides what differs from plain PEFT LoRA and is
+registered with ``@register_method`` (``fedalora.methods.registry``):
+
+    server                                  client (``fedalora.client``)
+    ------                                  ----------------------------
+    initial_shared(layers, ranks)           client_rank(rank, state)
+    download(shared, client)  ----------->  make_adapter(base, rank, dropout)
+                                            load private state (``keeps``, head, state)
+                                            install(adapter, arrays, shared_round)
+                                            start_round(adapter)
+                                            train (+ loss_penalty(adapter))
+    upload_shapes(layers, rank)  <-------   after_training(adapter, upload(adapter))
+    aggregate(shared, updates, clients)     export_factors(adapter)
+
+Every array is named ``<module>.<tensor>``; ``uploads``, ``downloads`` and ``keeps``
+name the adapter tensors (``tensor_shapes``) that go up, come down and stay on the
+client. Everything the method needs from the run arrives in ``__init__``: its own
+options (``Options``, run-config keys checked in ``MethodOptions.validate``), the
+run seed and the LoRA scaling rule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from ..adapters import ClientAdapter, LoRAAdapter, PeftFactors
+from ..models import BaseModel
+from ..scaling import LoRAScaling
+from ..types import Arrays, LayerShapes, Shapes, Tensors
+
+
+@dataclass(frozen=True)
+class Paper:
+    """The publication a method implements."""
+
+    authors: str
+    title: str
+    venue: str
+    arxiv: str = ""
+
+    def __str__(self) -> str:
+        arxiv = f", arXiv:{self.arxiv}" if self.arxiv else ""
+        return f'{self.authors}, "{self.title}", {self.venue}{arxiv}'
+
+
+@dataclass(frozen=True)
+class Participant:
+    """What the server knows of a client: its partition, its current rank and the
+    number of its training examples (the weight n_i of p_i = n_i / sum(n))."""
+
+    partition_id: int
+    rank: int
+    num_examples: int
+
+
+@dataclass(frozen=True)
+class MethodOptions:
+    """A method's own run-config keys: subclass with one frozen dataclass field per key
+    (``rank_decay`` is run-config ``rank-decay``), each with a default and a
+    ``metadata={"help": ...}``; ``validate`` raises ConfigError naming the key."""
+
+    def validate(self) -> None:
+        """Check the values (nothing to check without fields)."""
+
+    @classmethod
+    def fields_by_key(cls) -> dict[str, dataclasses.Field[Any]]:
+        """Run-config key -> field."""
+        return {f.name.replace("_", "-"): f for f in dataclasses.fields(cls)}
+
+    def to_run_config(self) -> dict[str, Any]:
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+class Method(ABC):
+    """One federated LoRA algorithm (the defaults are plain PEFT LoRA at the client's
+    rank, nothing shared)."""
+
+    #: run-config ``strategy`` value.
+    name: ClassVar[str]
+    #: The publication it implements (None: a reference run of this project).
+    paper: ClassVar[Paper | None]
+    #: Whether clients of different ranks can take part in one federation.
+    heterogeneous: ClassVar[bool] = False
+    #: Whether a client may upload at a lower rank than it was discovered with.
+    ranks_can_shrink: ClassVar[bool] = False
+    #: The method's own run-config keys.
+    Options: ClassVar[type[MethodOptions]] = MethodOptions
+    #: Adapter tensors a client uploads, installs from the server, keeps between rounds.
+    uploads: ClassVar[tuple[str, ...]] = ()
+    downloads: ClassVar[tuple[str, ...]] = ()
+    keeps: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, options: MethodOptions, *, seed: int, scaling: LoRAScaling) -> None:
+        self.options, self.seed, self.scaling = options, seed, scaling
+
+    # ------------------------------------------------------------- server side
+    def tensor_shapes(self, d_out: int, d_in: int, rank: int) -> dict[str, tuple[int, ...]]:
+        """Shapes of one d_out x d_in layer's adapter tensors at ``rank``, by name."""
+        return {"lora_A": (rank, d_in), "lora_B": (d_out, rank)}
+
+    def upload_shapes(self, layers: LayerShapes, rank: int) -> Shapes:
+        """Array names and shapes that a client of ``rank`` uploads."""
+        return {
+            f"{m}.{name}": self.tensor_shapes(d_out, d_in, rank)[name]
+            for m, (d_out, d_in) in layers.items()
+            for name in self.uploads
+        }
+
+    @abstractmethod
+    def initial_shared(self, layers: LayerShapes, ranks: Sequence[int]) -> Arrays:
+        """The shared state before round 1, for clients of ``ranks``."""
+
+    @abstractmethod
+    def aggregate(
+        self, shared: Arrays, updates: Sequence[Arrays], clients: Sequence[Participant]
+    ) -> Arrays:
+        """The new shared state from the current one and the accepted updates
+        (``updates[i]`` from ``clients[i]``, sorted by partition id)."""
+
+    def download(self, shared: Arrays, client: Participant) -> Arrays:
+        """What ``client`` receives; the shared state itself by default."""
+        return shared
+
+    # ------------------------------------------------------------- client side
+    def client_rank(self, rank: int, state: Tensors) -> int:
+        """The rank the client trains at this round, given its bookkeeping ``state``."""
+        return rank
+
+    def make_adapter(self, base: BaseModel, rank: int, dropout: float) -> ClientAdapter:
+        """The client's adapter at ``rank`` on the shared base model (PEFT LoRA)."""
+        return LoRAAdapter(
+            base.model,
+            base.targets,
+            base.head_modules,
+            rank,
+            self.scaling.scale(rank),
+            dropout,
+            self.scaling.peft_fields(rank),
+        )
+
+    def install(self, adapter: ClientAdapter, arrays: Mapping[str, Any], shared_round: int) -> None:
+        """Install the server's message (produced by round ``shared_round``)."""
+        adapter.copy_in(arrays, self.downloads)
+
+    def start_round(self, adapter: ClientAdapter) -> None:  # noqa: B027 - a hook; most need no reset
+        """Reset what restarts every round, after the private and shared state are in."""
+
+    def loss_penalty(self, adapter: ClientAdapter) -> Callable[[], torch.Tensor] | None:
+        """A term added to the local training loss, or None."""
+        return None
+
+    def upload(self, adapter: ClientAdapter) -> Arrays:
+        """What the client sends after local training."""
+        return adapter.arrays(self.uploads)
+
+    def after_training(self, adapter: ClientAdapter, upload: Arrays) -> Arrays:
+        """The upload, changed by what the method does after local training."""
+        return upload
+
+    def export_factors(self, adapter: ClientAdapter) -> PeftFactors:
+        """The client's personalised model as exact PEFT LoRA factors."""
+        return adapter.peft_factors()

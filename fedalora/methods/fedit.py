@@ -1,0 +1,45 @@
+"""FedIT: FedAvg over both LoRA factors (one rank for every client).
+
+Paper: Zhang et al., "Towards Building the Federated GPT: Federated Instruction
+Tuning", ICASSP 2024 (arXiv:2305.05644).
+
+Rule, per adapted layer: clients upload A_i (r x d_in) and B_i (d_out x r); the
+server sets A <- sum_i p_i A_i and B <- sum_i p_i B_i (p_i = n_i / sum(n)) and
+broadcasts both. Inexact: (sum p_i B_i)(sum p_i A_i) != sum p_i B_i A_i when the
+clients differ. Round 1 starts from A = seeded Kaiming-uniform, B = 0. Scaling:
+s from run-config ``scaling``, the same for every client (one rank); the server
+averages factors and never needs s.
+Up and down per client per layer: r (d_in + d_out) floats each way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ..aggregation import weighted_average
+from ..types import Arrays, LayerShapes
+from .base import Method, Paper, Participant
+from .lora_factors import initial_lora
+from .registry import register_method
+
+
+@register_method
+class FedIT(Method):
+    """FedAvg over A and B."""
+
+    name = "fedit"
+    paper = Paper(
+        "Zhang et al.",
+        "Towards Building the Federated GPT: Federated Instruction Tuning",
+        "ICASSP 2024",
+        "2305.05644",
+    )
+    uploads = downloads = ("lora_A", "lora_B")
+
+    def initial_shared(self, layers: LayerShapes, ranks: Sequence[int]) -> Arrays:
+        return initial_lora(layers, max(ranks), self.seed)
+
+    def aggregate(
+        self, shared: Arrays, updates: Sequence[Arrays], clients: Sequence[Participant]
+    ) -> Arrays:
+        return weighted_average(updates, [c.num_examples for c in clients])

@@ -1,0 +1,44 @@
+"""Helpers of the methods that move PEFT LoRA factors (``<module>.lora_A``, r x d_in,
+and ``<module>.lora_B``, d_out x r)."""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Mapping
+
+import numpy as np
+
+from ..adapters.lora import LORA_A, LORA_B
+from ..types import Arrays, LayerShapes
+
+
+def seeded_lora_a(seed: int, module: str, rank: int, d_in: int) -> np.ndarray:
+    """A shared LoRA A (rank x d_in) that every party can regenerate from ``seed``.
+
+    Kaiming-uniform with a = sqrt(5), PEFT's init for lora_A: U(-1/sqrt(d_in), 1/sqrt(d_in)).
+    Rows are drawn in order, so the first r rows do not depend on ``rank``: a rank-r
+    client's A is the first r rows of the rank-r_max A.
+    """
+    rng = np.random.default_rng([seed, zlib.crc32(module.encode())])
+    bound = 1.0 / math.sqrt(d_in)
+    return rng.uniform(-bound, bound, size=(rank, d_in)).astype(np.float32)
+
+
+def initial_lora(
+    layers: LayerShapes, rank: int, seed: int, factors: tuple[str, ...] = (LORA_A, LORA_B)
+) -> Arrays:
+    """The global LoRA init a server broadcasts: A = ``seeded_lora_a``, B = 0."""
+    arrays: Arrays = {}
+    for m, (d_out, d_in) in layers.items():
+        if LORA_A in factors:
+            arrays[f"{m}.{LORA_A}"] = seeded_lora_a(seed, m, rank, d_in)
+        if LORA_B in factors:
+            arrays[f"{m}.{LORA_B}"] = np.zeros((d_out, rank), np.float32)
+    return arrays
+
+
+def padded_rank(shared: Mapping[str, np.ndarray]) -> int:
+    """The rank that LoRA factors padded to a common rank have (rows of A, columns of B)."""
+    key, value = next(iter(shared.items()))
+    return int(value.shape[0] if key.endswith(LORA_A) else value.shape[1])

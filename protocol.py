@@ -1,0 +1,71 @@
+"""The messages between the ServerApp and the ClientApps: record keys, config keys,
+metric names, array conversion and byte counting, in one place for both sides.
+
+A train or evaluate message carries ``arrays`` (what the method sends the node) and
+``config`` (``server-round``, ``shared-round``: the round whose aggregation produced
+the arrays, ``run-name`` and, for evaluation, ``final-round``). A reply carries
+``metrics`` (``REPLY_METRICS`` and any others, one spelling: snake_case, as in
+``metrics.jsonl``) and, from training, ``arrays`` (the upload). The discovery query's
+reply is a ``config`` record of ``partition-id``, ``rank`` and ``num-examples``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
+
+from fedalora.types import Arrays
+
+#: Record keys, both directions.
+ARRAYS, CONFIG, METRICS = "arrays", "config", "metrics"
+#: Keys of a train or evaluate message's config record.
+SERVER_ROUND, SHARED_ROUND, FINAL_ROUND, RUN_NAME = (
+    "server-round",
+    "shared-round",
+    "final-round",
+    "run-name",
+)
+#: Keys of the discovery reply (a node's partition, rank and training examples).
+PARTITION_ID, RANK, NUM_TRAIN_EXAMPLES = "partition-id", "rank", "num-examples"
+#: Metrics of every train and evaluate reply.
+NUM_EXAMPLES, LOSS, ACCURACY, SECONDS = "num_examples", "loss", "accuracy", "seconds"
+REPLY_METRICS = (NUM_EXAMPLES, LOSS, ACCURACY, SECONDS)
+#: Train-reply metrics: the rank of the upload, and the round of the private state the
+#: client started from (0: a fresh start).
+UPLOAD_RANK, PRIVATE_STATE_ROUND = "rank", "private_state_round"
+
+
+def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({key: Array(np.ascontiguousarray(value)) for key, value in arrays.items()})
+
+
+def to_numpy(record: ArrayRecord) -> Arrays:
+    return {key: array.numpy() for key, array in record.items()}
+
+
+def to_metrics(metrics: Mapping[str, float]) -> MetricRecord:
+    """A client's metrics as a MetricRecord (the example count an int, the rest floats)."""
+    return MetricRecord(
+        {key: int(value) if key == NUM_EXAMPLES else float(value) for key, value in metrics.items()}
+    )
+
+
+def number(record: ConfigRecord | MetricRecord, key: str) -> float:
+    """A record's numeric value ``key`` as a float; TypeError if it is not a number."""
+    value = record[key]
+    if not isinstance(value, int | float):
+        raise TypeError(f"'{key}' is {type(value).__name__}, expected a number")
+    return float(value)
+
+
+def payload_bytes(record: ArrayRecord) -> int:
+    """Bytes of array data in a record (element count x element size, no headers),
+    read from each Array's shape and dtype without deserialising the data."""
+    return int(
+        sum(
+            np.prod(array.shape, dtype=np.int64) * np.dtype(array.dtype).itemsize
+            for array in record.values()
+        )
+    )

@@ -1,0 +1,366 @@
+"""One Flower strategy for every federated method: per-node messages around the
+method's pure aggregation rule (``fedalora.methods``).
+
+It honours Flower's ``Strategy`` contract: ``configure_train`` / ``configure_evaluate``
+turn the current global ``arrays`` into one message per sampled node (the method's
+per-node ``download``), ``aggregate_train`` returns the new global arrays (None when
+too few updates were accepted) and ``aggregate_evaluate`` the clients' mean and worst
+score, so ``Strategy.start`` can drive it; ``round_loop.run_rounds`` adds resuming and
+retries. Hand it its nodes with ``connect`` (after discovery) and, to resume, the
+checkpoint with ``restore``. Its collaborators: ``RoundTally`` (traffic and timing),
+``ReplyScreen`` (which uploads may enter) and ``records`` (the run's rows).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterable, Sequence
+from logging import INFO, WARNING
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from flwr.supercore import log
+
+from fedalora.checkpoint import Checkpoint
+from fedalora.config import FedConfig, heterogeneous_methods, validate_rank
+from fedalora.errors import ConfigError
+from fedalora.outputs import RunRecorder
+from fedalora.types import Arrays, LayerShapes
+from protocol import (
+    ACCURACY,
+    ARRAYS,
+    CONFIG,
+    FINAL_ROUND,
+    LOSS,
+    METRICS,
+    NUM_EXAMPLES,
+    REPLY_METRICS,
+    SERVER_ROUND,
+    SHARED_ROUND,
+    number,
+    to_numpy,
+    to_record,
+)
+
+from .accounting import RoundTally
+from .discovery import Node
+from .records import client_row, log_round, round_row
+from .screening import ReplyScreen
+
+
+class MethodStrategy(Strategy):
+    """The federated method of ``config`` on the adapted layers ``layer_shapes``."""
+
+    def __init__(
+        self, config: FedConfig, layer_shapes: LayerShapes, recorder: RunRecorder | None = None
+    ) -> None:
+        self.config, self.method = config, config.method
+        self.layer_shapes = dict(layer_shapes)
+        self.recorder = recorder
+        self.nodes: dict[int, Node] = {}
+        self.shared: Arrays = {}
+        self.shared_round = 0  # the round whose aggregation produced ``shared``
+        self.tally = RoundTally()
+        self.screen = ReplyScreen(
+            self.method, self.layer_shapes, config.max_update_rms, config.max_norm_ratio
+        )
+
+    # ------------------------------------------------------------------ set-up
+    def connect(self, nodes: Iterable[Node]) -> ArrayRecord:
+        """Take the discovered nodes and start from the method's initial shared state;
+        returns it. ConfigError if a node's rank does not fit the model or the method."""
+        nodes = sorted(nodes, key=lambda n: n.partition_id)
+        for node in nodes:
+            validate_rank(f"lora-rank of node {node.node_id}", node.rank, self.layer_shapes)
+        ranks = sorted({n.rank for n in nodes})
+        if len(ranks) > 1 and not self.method.heterogeneous:
+            raise ConfigError(
+                "ranks",
+                f"strategy '{self.config.strategy}' needs one rank for "
+                f"every client, but the nodes report ranks {ranks}; use "
+                f"{', '.join(heterogeneous_methods())}",
+            )
+        self.nodes = {n.node_id: n for n in nodes}
+        self.shared = self.method.initial_shared(self.layer_shapes, [n.rank for n in nodes])
+        self.shared_round = 0
+        return self.arrays
+
+    def restore(self, checkpoint: Checkpoint) -> ArrayRecord:
+        """Continue from ``checkpoint`` with the connected nodes, which must be the
+        checkpoint's clients (ranks as they were then, e.g. after HetLoRA pruning);
+        returns the restored shared state."""
+        saved = {c["partition_id"]: c for c in checkpoint.clients}
+        found = {n.partition_id for n in self.nodes.values()}
+        if found != set(saved):
+            raise ConfigError(
+                "resume",
+                f"the checkpoint has clients {sorted(saved)} but the "
+                f"connected nodes are clients {sorted(found)}; start the same "
+                "nodes (partition-id) as the interrupted run",
+            )
+        for node_id, node in self.nodes.items():
+            if node.num_examples != saved[node.partition_id]["num_examples"]:
+                raise ConfigError(
+                    "resume",
+                    f"client {node.partition_id} now has "
+                    f"{node.num_examples} examples, the checkpoint "
+                    f"{saved[node.partition_id]['num_examples']}; resume with "
+                    "the same data and partitioning",
+                )
+            self.nodes[node_id] = dataclasses.replace(node, rank=saved[node.partition_id]["rank"])
+        expected = {k: v.shape for k, v in self.shared.items()}
+        saved_shapes = {k: v.shape for k, v in checkpoint.shared.items()}
+        foreign = [k for k in saved_shapes if k.rsplit(".", 1)[0] not in self.layer_shapes]
+        if foreign or (expected and saved_shapes != expected):  # FLoRA's stack grows
+            raise ConfigError(
+                "resume",
+                "the checkpoint's shared state does not fit this "
+                "strategy, model and ranks; resume with the same run-config",
+            )
+        self.shared = {k: np.array(v) for k, v in checkpoint.shared.items()}
+        self.shared_round = checkpoint.shared_round
+        return self.arrays
+
+    def checkpoint(self, server_round: int) -> Checkpoint:
+        """Everything the server needs to continue after ``server_round``."""
+        return Checkpoint(
+            server_round,
+            self.shared_round,
+            self.shared,
+            [
+                {"partition_id": n.partition_id, "rank": n.rank, "num_examples": n.num_examples}
+                for n in self.nodes.values()
+            ],
+            self.config.to_run_config(),
+        )
+
+    @property
+    def arrays(self) -> ArrayRecord:
+        """The current shared state as Flower's global arrays."""
+        return to_record(self.shared)
+
+    # ------------------------------------------------------------- train phase
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        if self.tally.server_round != server_round:
+            self.tally = RoundTally(server_round)
+        attempt = self.tally.attempts
+        self.tally.attempts += 1
+        self.shared = to_numpy(arrays)
+        sampled = self._sample(server_round, self.config.fraction_train, stream=0, attempt=attempt)
+        log(INFO, "configure_train: %d of %d nodes", len(sampled), len(self.nodes))
+        return self._messages(sampled, server_round, config, MessageType.TRAIN)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        candidates: list[tuple[Node, Arrays, MetricRecord]] = []
+        for reply, node in self._replies(replies, server_round, "train"):
+            upload, metrics = (
+                reply.content.array_records[ARRAYS],
+                reply.content.metric_records[METRICS],
+            )
+            self.tally.receive(upload)
+            update = to_numpy(upload)
+            problem, rank = self.screen.form_problem(node, update, metrics)
+            if problem:
+                self._reject(server_round, node, problem)
+                continue
+            if rank != node.rank:
+                log(
+                    INFO,
+                    "round %d: client %d pruned its rank %d -> %d",
+                    server_round,
+                    node.partition_id,
+                    node.rank,
+                    rank,
+                )
+                node = self.nodes[node.node_id] = dataclasses.replace(node, rank=rank)
+            candidates.append((node, update, metrics))
+        accepted = []
+        for candidate, problem in zip(
+            candidates,
+            self.screen.size_problems([update for _, update, _ in candidates]),
+            strict=True,
+        ):
+            if problem:
+                self._reject(server_round, candidate[0], problem)
+            else:
+                accepted.append(candidate)
+        if len(accepted) < self.config.min_nodes:
+            log(
+                WARNING,
+                "round %d: %d accepted updates, fewer than min-nodes=%d; the shared state is kept",
+                server_round,
+                len(accepted),
+                self.config.min_nodes,
+            )
+            return None, None
+        accepted.sort(key=lambda item: item[0].partition_id)
+        started = time.perf_counter()
+        self.shared = self.method.aggregate(
+            self.shared, [u for _, u, _ in accepted], [n for n, _, _ in accepted]
+        )
+        self.shared_round = server_round
+        self.tally.aggregate_seconds = time.perf_counter() - started
+        weights = np.array([number(m, NUM_EXAMPLES) for _, _, m in accepted])
+        mean_loss = float(np.average([number(m, LOSS) for _, _, m in accepted], weights=weights))
+        return self.arrays, MetricRecord({"train-loss": mean_loss})
+
+    # ---------------------------------------------------------- evaluate phase
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self.shared = to_numpy(arrays)
+        final = server_round == self.config.num_server_rounds
+        config[FINAL_ROUND] = final
+        sampled = (
+            list(self.nodes.values())
+            if final
+            else self._sample(server_round, self.config.fraction_evaluate, stream=1)
+        )
+        return self._messages(sampled, server_round, config, MessageType.EVALUATE)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        scores = [
+            number(reply.content.metric_records[METRICS], ACCURACY)
+            for reply, _ in self._replies(replies, server_round, "evaluate")
+        ]
+        row = round_row(self.tally, skipped=self.shared_round < server_round, scores=scores)
+        if self.recorder:
+            self.recorder.round_row(row)
+        log_round(row, self.config.num_server_rounds)
+        if not scores:
+            return None
+        return MetricRecord(
+            {"mean-accuracy": row["mean_accuracy"], "worst-accuracy": row["worst_accuracy"]}
+        )
+
+    def summary(self) -> None:
+        log(
+            INFO,
+            "\t├──> %s: %d nodes, ranks %s, fraction-train %.2f, fraction-evaluate "
+            "%.2f, min-nodes %d",
+            self.config.strategy,
+            len(self.nodes),
+            [n.rank for n in self.nodes.values()],
+            self.config.fraction_train,
+            self.config.fraction_evaluate,
+            self.config.min_nodes,
+        )
+
+    # ----------------------------------------------------------------- helpers
+    def _sample(
+        self, server_round: int, fraction: float, stream: int, attempt: int = 0
+    ) -> list[Node]:
+        """Seeded sample of max(fraction * N, min-nodes) nodes, capped at N; ``stream``
+        separates the training draw (0) from the evaluation draw (1), ``attempt`` a
+        retried round's draw from the first."""
+        nodes = list(self.nodes.values())
+        count = min(len(nodes), max(int(len(nodes) * fraction), self.config.min_nodes))
+        rng = np.random.default_rng([self.config.seed, server_round, stream, attempt])
+        chosen = sorted(rng.choice(len(nodes), size=count, replace=False))
+        return [nodes[i] for i in chosen]
+
+    def _messages(
+        self, nodes: Sequence[Node], server_round: int, config: ConfigRecord, message_type: str
+    ) -> list[Message]:
+        config[SERVER_ROUND] = server_round
+        config[SHARED_ROUND] = self.shared_round
+        self.tally.awaiting = {node.node_id for node in nodes}
+        messages = []
+        for node in nodes:
+            arrays = to_record(self.method.download(self.shared, node))
+            self.tally.send(node.node_id, arrays)
+            messages.append(
+                Message(
+                    RecordDict({ARRAYS: arrays, CONFIG: config}),
+                    dst_node_id=node.node_id,
+                    message_type=message_type,
+                )
+            )
+        return messages
+
+    def _replies(
+        self, replies: Iterable[Message], server_round: int, phase: str
+    ) -> list[tuple[Message, Node]]:
+        """Error-free replies from the nodes sent to; logs every failed or missing reply
+        and records one metrics row per good one."""
+        good, awaiting = [], set(self.tally.awaiting)
+        for reply in replies:
+            node = self.nodes.get(reply.metadata.src_node_id)
+            if node is None or node.node_id not in awaiting:
+                log(
+                    WARNING,
+                    "round %d: ignored a %s reply from node %d, which was not asked",
+                    server_round,
+                    phase,
+                    reply.metadata.src_node_id,
+                )
+                continue
+            awaiting.discard(node.node_id)
+            problem = (
+                f"{phase} failed: {reply.error.reason}"
+                if reply.has_error()
+                else _malformed(reply, phase)
+            )
+            if problem:
+                self.tally.failed += 1
+                log(
+                    WARNING,
+                    "round %d: node %d (client %d): %s",
+                    server_round,
+                    node.node_id,
+                    node.partition_id,
+                    problem,
+                )
+                continue
+            good.append((reply, node))
+            if self.recorder:
+                self.recorder.client_row(
+                    client_row(
+                        reply, node, server_round, phase, self.tally.sent.get(node.node_id, 0)
+                    )
+                )
+        for node_id in sorted(awaiting):
+            self.tally.failed += 1
+            log(
+                WARNING,
+                "round %d: no %s reply from node %d (client %d) within "
+                "round-timeout=%g s (disconnected or too slow)",
+                server_round,
+                phase,
+                node_id,
+                self.nodes[node_id].partition_id,
+                self.config.round_timeout,
+            )
+        return good
+
+    def _reject(self, server_round: int, node: Node, problem: str) -> None:
+        log(
+            WARNING,
+            "round %d: rejected update of node %d (client %d): %s",
+            server_round,
+            node.node_id,
+            node.partition_id,
+            problem,
+        )
+        self.tally.rejected += 1
+
+
+def _malformed(reply: Message, phase: str) -> str | None:
+    """What a reply lacks to be read, or None."""
+    if METRICS not in reply.content:
+        return f"malformed {phase} reply: no '{METRICS}' record"
+    missing = [k for k in REPLY_METRICS if k not in reply.content.metric_records[METRICS]]
+    if missing:
+        return f"malformed {phase} reply: metrics lack {missing}"
+    if phase == "train" and ARRAYS not in reply.content:
+        return f"malformed train reply: no '{ARRAYS}' record"
+    return None
