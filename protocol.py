@@ -3,10 +3,11 @@ metric names, array conversion and byte counting, in one place for both sides.
 
 A train or evaluate message carries ``arrays`` (what the method sends the node) and
 ``config`` (``server-round``, ``shared-round``: the round whose aggregation produced
-the arrays, ``run-name`` and, for evaluation, ``final-round``). A reply carries
-``metrics`` (``REPLY_METRICS`` and any others, one spelling: snake_case, as in
-``metrics.jsonl``) and, from training, ``arrays`` (the upload). The discovery query's
-reply is a ``config`` record of ``partition-id``, ``rank`` and ``num-examples``.
+the arrays, ``final-round`` and ``run-name``). A reply carries ``metrics``
+(``REPLY_METRICS`` and any others, one spelling: snake_case, as in ``metrics.jsonl``)
+and, from training, ``arrays`` (the upload); a train reply's metrics also score the
+client's local model right after training (``LOCAL_MODEL_PREFIX``). The discovery
+query's reply is a ``config`` record of ``partition-id``, ``rank`` and ``num-examples``.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ REPLY_METRICS = (NUM_EXAMPLES, LOSS, ACCURACY, SECONDS)
 #: Train-reply metrics: the rank of the upload, and the round of the private state the
 #: client started from (0: a fresh start).
 UPLOAD_RANK, PRIVATE_STATE_ROUND = "rank", "private_state_round"
+#: The prefix of a train reply's scores of the client's local model right after
+#: training (the paper's evaluation protocol).
+LOCAL_MODEL_PREFIX = "local_model."
 
 
 def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
@@ -45,11 +49,29 @@ def to_numpy(record: ArrayRecord) -> Arrays:
     return {key: array.numpy() for key, array in record.items()}
 
 
-def to_metrics(metrics: Mapping[str, float]) -> MetricRecord:
-    """A client's metrics as a MetricRecord (the example count an int, the rest floats)."""
+def to_metrics(
+    metrics: Mapping[str, float], local_model: Mapping[str, float] | None = None
+) -> MetricRecord:
+    """A client's metrics, and a train reply's local-model scores, as a MetricRecord
+    (example counts as ints, the rest as floats)."""
+    merged = {**metrics, **{LOCAL_MODEL_PREFIX + k: v for k, v in (local_model or {}).items()}}
     return MetricRecord(
-        {key: int(value) if key == NUM_EXAMPLES else float(value) for key, value in metrics.items()}
+        {
+            key: int(value) if key.endswith(NUM_EXAMPLES) else float(value)
+            for key, value in merged.items()
+        }
     )
+
+
+def split_local_model(metrics: MetricRecord) -> tuple[dict[str, float], dict[str, float]]:
+    """A reply's metrics as floats: (its own, the local-model scores it carries)."""
+    own, local = {}, {}
+    for key in metrics:
+        if key.startswith(LOCAL_MODEL_PREFIX):
+            local[key[len(LOCAL_MODEL_PREFIX) :]] = number(metrics, key)
+        else:
+            own[key] = number(metrics, key)
+    return own, local
 
 
 def number(record: ConfigRecord | MetricRecord, key: str) -> float:

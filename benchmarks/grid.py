@@ -1,77 +1,109 @@
-"""The benchmark grid: strategy x setting (homogeneous r=8, heterogeneous
-64,64,32,32,16,16,8,8) on one track, plus the ``local`` reference (Delta_m% is
-computed against it) and the ``centralised`` ALoRA multi-task reference.
+"""The benchmark grid: methods x rank settings x seeds on one track, plus the ``local``
+reference (Delta_m% is computed against it, seed by seed) and the ``centralised`` ALoRA
+multi-task reference. Every figure is reported as its mean over the seeds with a 95%
+Student-t interval, and each method's mean client metric as a paired difference (seed
+by seed) against Fed-ALoRA's, with what the interval allows one to read from it.
 
-Every federated run is a real ``flwr run`` simulation (``fedalora.simulate``) on one
-Ray cluster that the script starts and stops; the centralised reference runs in its
-own process (``python -m fedalora.centralised``). Writes ``table.csv`` and
-``table.md`` (per run: mean client metric, worst client, worst-10% mean, std, Jain's
-index, Delta_m% against ``local``, bytes up and down per client per training round,
-total wall seconds) into the output directory, next to the run directories.
+Clients are scored under the paper's protocol by default (each client's local model
+right after its last local training; ``--protocol evaluate``: its model after the last
+aggregation). The presets separate rank from data: clients come in groups that share
+one data distribution (a task, or one Dirichlet part; ``clients-per-group``), and every
+group has a client of every rank.
 
-    python benchmarks/grid.py                           # classification, default size
-    python benchmarks/grid.py --track instruction --preset small
+Every federated run is a real Flower simulation on one Ray cluster that the script
+starts and stops (``--mode in-process``: the same ServerApp, strategy and ClientApp in
+one process per run, no Ray, identical results); the centralised reference runs in its
+own process. Writes ``runs.csv`` (every run's figures), ``table.csv`` (mean, low and
+high per figure) and ``table.md`` into the output directory, next to the run
+directories.
+
+    python benchmarks/grid.py                                    # classification, 3 seeds
+    python benchmarks/grid.py --track instruction                # SmolLM2, 8 tasks x 3 ranks
+    python benchmarks/grid.py --track instruction --preset paper --mode in-process  # GPU
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
+import math
 import os
 import platform
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 from tqdm import tqdm
 
-from fedalora import fairness
+from fedalora.comparison import over_seeds, paired_gain, reading, run_figures
 from fedalora.config import FedConfig, parse_run_config
-from fedalora.methods import registered_methods
-from fedalora.outputs import read_jsonl
-from fedalora.simulate import SimulationFailed, ray_cluster, run_simulation
+from fedalora.methods import method_class, registered_methods
+from fedalora.outputs import LOCAL_MODEL, PROTOCOLS
+from fedalora.simulate import SimulationFailed, completed_run, ray_cluster, run_simulation
+from fedalora.stats import Interval
 
 ROOT = Path(__file__).resolve().parents[1]
-SETTINGS = {"homogeneous": "8", "heterogeneous": "64,64,32,32,16,16,8,8"}
-REFERENCES = ("local", "centralised")
-#: Per setting, the strategies of the default grid (``local`` and ``centralised`` added).
-DEFAULT_STRATEGIES = {
-    "homogeneous": ["fedalora", "fedit", "fedsa-lora", "ffa-lora", "flexlora", "flora"],
-    "heterogeneous": ["fedalora-hetero", "zeropad", "hetlora", "ffa-lora", "flexlora", "flora"],
-}
+LOCAL, CENTRALISED = "local", "centralised"
+#: The method every other is compared with, per setting.
+BASELINE = {"homogeneous": "fedalora", "heterogeneous": "fedalora-hetero"}
 
 
 @dataclass(frozen=True)
 class Preset:
-    """One track at one size: the run-config every run of the grid shares."""
+    """One track at one size: the run-config every run shares, the rank settings, the
+    methods per setting (``local`` and ``centralised`` are added) and the seeds."""
 
     num_clients: int
     metric: str
-    run_config: dict[str, object] = field(default_factory=dict)
-    strategies: dict[str, list[str]] = field(default_factory=lambda: DEFAULT_STRATEGIES)
+    run_config: dict[str, object]
+    settings: dict[str, str]
+    strategies: dict[str, list[str]]
+    seeds: int = 3
+    note: str = ""
 
 
+CLASSIFICATION = {
+    "model": "minilm",
+    "dataset": "20newsgroups",
+    "partitioning": "dirichlet:0.5",
+    "clients-per-group": 3,
+    "max-length": 48,
+    "test-fraction": 0.2,
+    "global-test-examples": 200,
+    "export-adapters": False,
+    "fraction-evaluate": 0.0,
+}
+INSTRUCTION = {
+    "model": "smollm2",
+    "dataset": "instructions",
+    "partitioning": "task",
+    "export-adapters": False,
+    "fraction-evaluate": 0.0,
+}
 PRESETS = {
     ("classification", "default"): Preset(
-        10,
+        12,
         "accuracy",
+        {**CLASSIFICATION, "num-server-rounds": 3, "local-steps": 8, "batch-size": 8, "lr": 0.005},
+        {"homogeneous": "8", "heterogeneous": "64,16,8"},
         {
-            "model": "minilm",
-            "dataset": "20newsgroups",
-            "partitioning": "dirichlet:0.5",
-            "num-server-rounds": 4,
-            "local-steps": 8,
-            "batch-size": 8,
-            "lr": 0.005,
-            "max-length": 48,
-            "test-fraction": 0.1,
-            "global-test-examples": 200,
-            "export-adapters": False,
+            "homogeneous": ["fedalora", "fedit", "flexlora"],
+            "heterogeneous": [
+                "fedalora-hetero",
+                "zeropad",
+                "hetlora",
+                "ffa-lora",
+                "flexlora",
+                "flora",
+            ],
         },
+        note="4 Dirichlet groups x 3 clients (ranks 64, 16, 8 in every group)",
     ),
     ("classification", "smoke"): Preset(
         3,
@@ -81,191 +113,248 @@ PRESETS = {
             "num-hidden-layers": 2,
             "dataset": "bbc-news",
             "partitioning": "iid",
+            "clients-per-group": 3,
             "num-server-rounds": 1,
             "local-steps": 2,
             "batch-size": 8,
             "max-length": 32,
+            "export-adapters": False,
         },
+        {"heterogeneous": "8,4,2"},
+        {"heterogeneous": ["fedalora-hetero", "zeropad"]},
+        seeds=2,
     ),
-    ("instruction", "small"): Preset(
-        8,
+    ("instruction", "default"): Preset(
+        24,
         "rouge1",
         {
-            "model": "smollm2",
-            "dataset": "instructions",
-            "partitioning": "task",
+            **INSTRUCTION,
+            "clients-per-group": 3,
             "num-server-rounds": 2,
             "local-steps": 8,
             "batch-size": 4,
             "lr": 0.003,
             "max-length": 64,
             "max-new-tokens": 6,
-            "test-fraction": 0.05,
-            "export-adapters": False,
+            "test-fraction": 0.4,
         },
-        {
-            "homogeneous": ["fedalora", "fedit", "flexlora"],
-            "heterogeneous": ["fedalora-hetero", "zeropad", "flexlora"],
-        },
+        {"heterogeneous": "64,16,8"},
+        {"heterogeneous": ["fedalora-hetero", "zeropad", "flexlora"]},
+        seeds=2,
+        note="8 tasks x 3 clients (ranks 64, 16, 8 on every task)",
     ),
     ("instruction", "smoke"): Preset(
         3,
         "rouge1",
         {
-            "model": "smollm2",
+            **INSTRUCTION,
             "num-hidden-layers": 2,
-            "dataset": "instructions",
             "partitioning": "iid",
             "num-server-rounds": 1,
             "local-steps": 1,
             "batch-size": 4,
             "max-length": 48,
             "max-new-tokens": 2,
-            "test-fraction": 0.01,
-            "export-adapters": False,
+            "test-fraction": 0.05,
         },
+        {"heterogeneous": "8,4,2"},
+        {"heterogeneous": ["fedalora-hetero"]},
+        seeds=1,
+    ),
+    ("instruction", "paper"): Preset(
+        8,
+        "rouge1",
+        {
+            **INSTRUCTION,
+            "num-server-rounds": 11,
+            "local-steps": 60,
+            "batch-size": 64,
+            "lr": 5e-4,
+            "lora-dropout": 0.05,
+            "max-length": 128,
+            "max-new-tokens": 16,
+            "test-fraction": 0.2,
+            "fraction-evaluate": 1.0,
+        },
+        {"homogeneous": "8", "heterogeneous": "64,64,32,32,16,16,8,8"},
+        {
+            "homogeneous": ["fedalora", "fedit", "fedsa-lora"],
+            "heterogeneous": ["fedalora-hetero", "zeropad"],
+        },
+        note="the paper's design (one task per client, its ranks, 11 rounds of about 10 "
+        "epochs at batch 64, lr 5e-4); meant for a GPU",
     ),
 }
 
 
-def plan(
-    settings: list[str],
-    strategies: list[str] | None,
-    defaults: dict[str, list[str]] = DEFAULT_STRATEGIES,
-) -> list[tuple[str, str]]:
-    """(setting, strategy) pairs to run (``strategies``, else the ``defaults`` of each
-    setting); strategies that cannot take a setting's ranks are left out of it, and
-    every setting gets both references."""
-    runs = []
-    for setting in settings:
-        heterogeneous = len(set(SETTINGS[setting].split(","))) > 1
-        chosen = strategies or defaults[setting]
-        for name in chosen:
-            if name in REFERENCES or (
-                heterogeneous and not registered_methods()[name].heterogeneous
-            ):
-                continue
-            runs.append((setting, name))
-        runs += [(setting, name) for name in REFERENCES]
-    return runs
+@dataclass(frozen=True)
+class Run:
+    setting: str
+    strategy: str
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.setting}-{self.strategy}-s{self.seed}"
 
 
-def run_one(
-    setting: str,
-    strategy: str,
-    preset: Preset,
-    extra: dict[str, object],
-    output_dir: Path,
-    ray_address: str,
-    log_dir: Path,
-) -> float:
-    """One run of the grid; returns its wall seconds (start-up included)."""
-    run_config = {**preset.run_config, **extra, "ranks": SETTINGS[setting]}
-    FedConfig.from_run_config({**run_config, "strategy": "fedalora-hetero"})  # fail early
-    name = f"{setting}-{strategy}"
-    started = time.perf_counter()
-    if strategy == "centralised":
-        text = " ".join(f"{k}={_toml(v)}" for k, v in run_config.items())
-        with (log_dir / f"{name}.log").open("w") as log:
-            subprocess.run(
+@dataclass
+class Grid:
+    preset: Preset
+    extra: dict[str, object]
+    output_dir: Path
+    mode: str
+    walls: dict[str, float] = field(default_factory=dict)
+
+    def run_config(self, run: Run) -> dict[str, object]:
+        """The run's run-config: the preset's, the extra keys, its ranks and seed, and
+        only the method options that its method takes."""
+        options = {k for c in registered_methods().values() for k in c.Options.fields_by_key()}
+        own = (
+            set()
+            if run.strategy == CENTRALISED
+            else set(method_class(run.strategy).Options.fields_by_key())
+        )
+        merged = {
+            **self.preset.run_config,
+            **self.extra,
+            "ranks": self.preset.settings[run.setting],
+            "seed": run.seed,
+        }
+        return {k: v for k, v in merged.items() if k not in options or k in own}
+
+    def execute(self, run: Run, ray_address: str | None) -> None:
+        """One run; its wall seconds (start-up included) go to ``walls``."""
+        run_config = self.run_config(run)
+        log = self.output_dir / "logs" / f"{run.name}.log"
+        started = time.perf_counter()
+        if run.strategy == CENTRALISED:
+            _subprocess(
                 [
-                    sys.executable,
                     "-m",
                     "fedalora.centralised",
                     "--num-clients",
-                    str(preset.num_clients),
+                    str(self.preset.num_clients),
                     "--run-config",
-                    text,
+                    _text(run_config),
                     "--output-dir",
-                    str(output_dir),
+                    str(self.output_dir),
                     "--run-name",
-                    name,
+                    run.name,
                 ],
-                cwd=ROOT,
-                check=True,
-                stdout=log,
-                stderr=subprocess.STDOUT,
+                log,
             )
-    else:
-        text = " ".join(f"{k}={_toml(v)}" for k, v in {**run_config, "strategy": strategy}.items())
-        run_simulation(
-            ROOT,
-            name,
-            num_supernodes=preset.num_clients,
-            run_config=text,
-            output_dir=output_dir,
-            ray_address=ray_address,
-            log_path=log_dir / f"{name}.log",
-            flwr_home=output_dir / ".flwr-home",
-        )
-    return time.perf_counter() - started
+        elif self.mode == "in-process":
+            _subprocess(
+                [
+                    "-m",
+                    "server.in_process",
+                    "--num-supernodes",
+                    str(self.preset.num_clients),
+                    "--run-config",
+                    _text({**run_config, "strategy": run.strategy}),
+                    "--output-dir",
+                    str(self.output_dir),
+                    "--run-name",
+                    run.name,
+                ],
+                log,
+            )
+            completed_run(self.output_dir / run.name, log)
+        else:
+            run_simulation(
+                ROOT,
+                run.name,
+                num_supernodes=self.preset.num_clients,
+                run_config=_text({**run_config, "strategy": run.strategy}),
+                output_dir=self.output_dir,
+                ray_address=ray_address,
+                log_path=log,
+                flwr_home=self.output_dir / ".flwr-home",
+            )
+        self.walls[run.name] = time.perf_counter() - started
 
 
-def results_table(
-    output_dir: Path, runs: list[tuple[str, str]], metric: str, walls: dict[str, float]
-) -> pd.DataFrame:
-    """One row per finished run, Delta_m% against the ``local`` run of its setting."""
+def plan(
+    preset: Preset, settings: list[str], strategies: list[str] | None, seeds: list[int]
+) -> list[Run]:
+    """The runs: for every setting the methods that can take its ranks (``strategies``,
+    else the preset's), then ``local`` and ``centralised``, each with every seed."""
+    runs = []
+    for setting in settings:
+        heterogeneous = len(set(preset.settings[setting].split(","))) > 1
+        chosen = [
+            s for s in strategies or preset.strategies[setting] if s not in (LOCAL, CENTRALISED)
+        ]
+        chosen = [s for s in chosen if not heterogeneous or method_class(s).heterogeneous]
+        runs += [Run(setting, s, seed) for s in [*chosen, LOCAL, CENTRALISED] for seed in seeds]
+    return runs
+
+
+def figures_of(grid: Grid, runs: list[Run], metric: str, protocol: str) -> pd.DataFrame:
+    """Every run's figures (one row per run), Delta_m% against the ``local`` run of the
+    same setting and seed."""
     rows = []
-    for setting, strategy in runs:
-        run_dir = output_dir / f"{setting}-{strategy}"
-        reference = output_dir / f"{setting}-local"
-        ref = (
-            fairness.client_scores(reference, metric)["metric"]
-            if (reference / "summary.json").exists()
-            else None
-        )
-        scores = fairness.client_scores(run_dir, metric)
-        tiers = scores.groupby("rank")["metric"].mean()
-        row = {
-            "setting": setting,
-            "strategy": strategy,
-            **fairness.summarise(scores["metric"], ref),
-            "lowest_rank_mean": float(tiers.iloc[0]),
-            "highest_rank_mean": float(tiers.iloc[-1]),
-            **fairness.communication(run_dir),
-            "wall_seconds": walls.get(run_dir.name, float("nan")),
-        }
-        frame = pd.DataFrame(read_jsonl(run_dir / "metrics.jsonl"))
-        final = frame[(frame["phase"] == "evaluate") & (frame["round"] == frame["round"].max())]
-        for column, name in (
-            ("global_accuracy", "official_test_mean"),
-            ("exact_match", "exact_match_mean"),
-        ):
-            if column in final:
-                row[name] = float(final[column].mean())
-        rows.append(row)
+    for run in runs:
+        reference = grid.output_dir / Run(run.setting, LOCAL, run.seed).name
+        figures = run_figures(grid.output_dir / run.name, reference, metric, protocol)
+        figures["wall_seconds"] = grid.walls.get(run.name, figures["wall_seconds"])
+        rows.append({"setting": run.setting, "strategy": run.strategy, "seed": run.seed, **figures})
     return pd.DataFrame(rows)
 
 
-def markdown(table: pd.DataFrame, header: str) -> str:
-    columns = {
-        "setting": "setting",
-        "strategy": "strategy",
-        "mean": "mean",
-        "worst": "worst",
-        "worst_10pct": "worst-10%",
-        "std": "std",
-        "jain": "Jain",
-        "delta_m_pct": "Delta_m%",
-        "lowest_rank_mean": "lowest-rank mean",
-        "highest_rank_mean": "highest-rank mean",
-        "official_test_mean": "official test",
-        "exact_match_mean": "exact match",
-        "bytes_up_per_client_round": "MB up",
-        "bytes_down_per_client_round": "MB down",
-        "wall_seconds": "wall s",
-    }
-    shown = table[[c for c in columns if c in table]].copy()
-    for col in ("bytes_up_per_client_round", "bytes_down_per_client_round"):
-        shown[col] = shown[col] / 1e6
-    shown["wall_seconds"] = shown["wall_seconds"].map(lambda v: "" if v != v else f"{v:.0f}")
+def summary_table(per_run: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """Per setting and method: every figure's mean and interval over the seeds, and the
+    paired difference of the mean metric against the setting's baseline; and the
+    readings of those differences."""
+    rows, readings = [], []
+    for (setting, strategy), runs in per_run.groupby(["setting", "strategy"], sort=False):
+        per_seed = _records(runs)
+        row: dict[str, Any] = {"setting": setting, "strategy": strategy, "seeds": len(per_seed)}
+        for key, interval in over_seeds(per_seed).items():
+            row.update(
+                {key: interval.mean, f"{key}_low": interval.low, f"{key}_high": interval.high}
+            )
+        baseline_name = BASELINE.get(str(setting))
+        baseline = per_run[(per_run["setting"] == setting) & (per_run["strategy"] == baseline_name)]
+        if baseline_name and strategy != baseline_name and not baseline.empty:
+            gain = paired_gain(per_seed, _records(baseline))
+            row.update({"gain": gain.mean, "gain_low": gain.low, "gain_high": gain.high})
+            readings.append(reading(gain, f"{setting}: {strategy} vs {baseline_name}, mean"))
+        rows.append(row)
+    return pd.DataFrame(rows), readings
+
+
+COLUMNS = {
+    "mean": "mean",
+    "worst": "worst",
+    "worst_10pct": "worst-10%",
+    "jain": "Jain",
+    "delta_m_pct": "Delta_m%",
+    "rank_gap": "low-high rank gap",
+    "global_accuracy": "official test",
+    "bytes_up_per_client_round": "MB up",
+    "bytes_down_per_client_round": "MB down",
+    "wall_seconds": "wall s",
+    "gain": "mean vs Fed-ALoRA (paired)",
+}
+
+
+def markdown(table: pd.DataFrame, header: str, readings: list[str]) -> str:
+    """The summary table, each cell 'mean ± half-width of the 95% interval'."""
+    shown = [c for c in COLUMNS if c in table and table[c].notna().any()]
     lines = [
-        "| " + " | ".join(columns[str(c)] for c in shown) + " |",
-        "|" + "---|" * len(shown.columns),
+        "| setting | method | seeds | " + " | ".join(COLUMNS[c] for c in shown) + " |",
+        "|---|---|---:|" + "---:|" * len(shown),
     ]
-    for _, row in shown.iterrows():
-        lines.append("| " + " | ".join(_cell(v) for v in row) + " |")
-    return header + "\n\n" + "\n".join(lines) + "\n"
+    for _, row in table.iterrows():
+        cells = [_cell(row, c) for c in shown]
+        lines.append(
+            f"| {row['setting']} | {row['strategy']} | {row['seeds']} | " + " | ".join(cells) + " |"
+        )
+    return (
+        header + "\n\n" + "\n".join(lines) + "\n\n" + "\n".join(f"- {r}" for r in readings) + "\n"
+    )
 
 
 def main() -> None:
@@ -274,13 +363,19 @@ def main() -> None:
         "--track", choices=["classification", "instruction"], default="classification"
     )
     parser.add_argument(
-        "--preset", default=None, help="default (classification), small (instruction) or smoke"
+        "--preset", default="default", help="default, smoke, or (instruction) paper"
     )
-    parser.add_argument("--settings", default="homogeneous,heterogeneous")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds per run (preset's)")
+    parser.add_argument("--first-seed", type=int, default=42)
+    parser.add_argument("--settings", default=None, help="comma-separated (preset's)")
+    parser.add_argument("--strategies", default=None, help="comma-separated (preset's)")
     parser.add_argument(
-        "--strategies", default=None, help="comma-separated (default: the grid's list per setting)"
+        "--protocol",
+        choices=PROTOCOLS,
+        default=LOCAL_MODEL,
+        help="local-model (the paper's) or evaluate (after aggregation)",
     )
-    parser.add_argument("--partitioning", default=None, help="e.g. iid, dirichlet:0.1")
+    parser.add_argument("--mode", choices=["ray", "in-process"], default="ray")
     parser.add_argument("--num-clients", type=int, default=None)
     parser.add_argument(
         "--run-config",
@@ -294,72 +389,100 @@ def main() -> None:
         help="keep runs that already completed in the output directory",
     )
     args = parser.parse_args()
-    preset_name = args.preset or ("default" if args.track == "classification" else "small")
-    if (args.track, preset_name) not in PRESETS:
+    if (args.track, args.preset) not in PRESETS:
         parser.error(
-            f"no preset '{preset_name}' for track '{args.track}'; choose one of "
+            f"no preset '{args.preset}' for track '{args.track}'; choose one of "
             f"{[p for t, p in PRESETS if t == args.track]}"
         )
-    preset = PRESETS[(args.track, preset_name)]
+    preset = PRESETS[(args.track, args.preset)]
     if args.num_clients:
-        preset = Preset(args.num_clients, preset.metric, preset.run_config, preset.strategies)
+        preset = replace(preset, num_clients=args.num_clients)
     extra = parse_run_config(args.run_config)
-    if args.partitioning:
-        extra["partitioning"] = args.partitioning
-    settings = [s.strip() for s in args.settings.split(",")]
-    unknown = [s for s in settings if s not in SETTINGS]
-    if unknown:
-        parser.error(f"--settings: unknown {unknown}; choose from {list(SETTINGS)}")
-    strategies = [s.strip() for s in args.strategies.split(",")] if args.strategies else None
-    known = [*registered_methods(), *REFERENCES]
-    bad = [s for s in strategies or [] if s not in known]
-    if bad:
+    for ranks in preset.settings.values():  # fail before any run
+        FedConfig.from_run_config({**preset.run_config, **extra, "ranks": ranks})
+    settings = args.settings.split(",") if args.settings else list(preset.settings)
+    if unknown := [s for s in settings if s not in preset.settings]:
+        parser.error(f"--settings: unknown {unknown}; choose from {list(preset.settings)}")
+    strategies = args.strategies.split(",") if args.strategies else None
+    known = [*registered_methods(), CENTRALISED]
+    if bad := [s for s in strategies or [] if s not in known]:
         parser.error(f"--strategies: unknown {bad}; choose from {known}")
-    output_dir = Path(args.output_dir or ROOT / "outputs" / f"grid-{args.track}-{preset_name}")
+    seeds = list(range(args.first_seed, args.first_seed + (args.seeds or preset.seeds)))
+    output_dir = Path(args.output_dir or ROOT / "outputs" / f"grid-{args.track}-{args.preset}")
     output_dir = output_dir.resolve()
-    log_dir = output_dir / "logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    runs = plan(settings, strategies, preset.strategies)
+    (output_dir / "logs").mkdir(parents=True, exist_ok=True)
     walls_file = output_dir / "wall_seconds.json"
-    walls = json.loads(walls_file.read_text()) if args.resume and walls_file.exists() else {}
+    grid = Grid(
+        preset,
+        extra,
+        output_dir,
+        args.mode,
+        json.loads(walls_file.read_text()) if args.resume and walls_file.exists() else {},
+    )
+    runs = plan(preset, settings, strategies, seeds)
     started = time.perf_counter()
-    with ray_cluster() as ray_address:
+    with ray_cluster() if args.mode == "ray" else contextlib.nullcontext() as ray_address:
         bar = tqdm(runs, unit="run", dynamic_ncols=True)
-        for setting, strategy in bar:
-            name = f"{setting}-{strategy}"
-            bar.set_description(name)
-            if args.resume and name in walls and _completed(output_dir / name):
+        for run in bar:
+            bar.set_description(run.name)
+            if args.resume and run.name in grid.walls and _completed(output_dir / run.name):
                 continue
             try:
-                walls[name] = run_one(
-                    setting, strategy, preset, extra, output_dir, ray_address, log_dir
-                )
+                grid.execute(run, ray_address)
             except (SimulationFailed, subprocess.CalledProcessError) as exc:
-                raise SystemExit(f"{name} failed: {exc}; see {log_dir / name}.log") from exc
-            walls_file.write_text(json.dumps(walls, indent=2))
-    elapsed = time.perf_counter() - started
-    table = results_table(output_dir, runs, preset.metric, walls)
+                raise SystemExit(f"{run.name} failed: {exc}; see {output_dir}/logs") from exc
+            walls_file.write_text(json.dumps(grid.walls, indent=2))
+    per_run = figures_of(grid, runs, preset.metric, args.protocol)
+    per_run.to_csv(output_dir / "runs.csv", index=False)
+    table, readings = summary_table(per_run)
     table.to_csv(output_dir / "table.csv", index=False)
     command = "python benchmarks/grid.py " + " ".join(sys.argv[1:])
     header = (
-        f"Track `{args.track}`, preset `{preset_name}` ({preset.num_clients} clients, "
-        f"metric `{preset.metric}`, {json.dumps({**preset.run_config, **extra})}).\n"
-        f"Command: `{command.strip()}`; machine: {platform.node()} "
+        f"Track `{args.track}`, preset `{args.preset}`: {preset.num_clients} clients"
+        f"{', ' + preset.note if preset.note else ''}; metric `{preset.metric}` under the "
+        f"`{args.protocol}` protocol; run-config {json.dumps({**preset.run_config, **extra})}; "
+        f"mode `{args.mode}`.\nSeeds {seeds[0]}..{seeds[-1]}: every cell is the mean over "
+        f"{len(seeds)} seeds ± the half-width of its 95% Student-t interval; differences "
+        f"are paired by seed.\nCommand: `{command.strip()}`; machine: {platform.node()} "
         f"({os.cpu_count()} CPUs, {platform.machine()}); date: "
-        f"{datetime.date.today().isoformat()}; the runs took {sum(walls.values()) / 60:.1f} "
-        "min in all."
+        f"{datetime.date.today().isoformat()}; the runs took "
+        f"{sum(grid.walls.values()) / 60:.1f} min in all."
     )
-    (output_dir / "table.md").write_text(markdown(table, header))
-    print(markdown(table, header))
+    text = markdown(table, header, readings)
+    (output_dir / "table.md").write_text(text)
+    print(text)
     print(
-        f"this invocation took {elapsed / 60:.1f} min; wrote {output_dir / 'table.csv'} "
-        f"and {output_dir / 'table.md'}"
+        f"this invocation took {(time.perf_counter() - started) / 60:.1f} min; wrote "
+        f"{output_dir / 'table.md'}, table.csv and runs.csv"
     )
+
+
+def _subprocess(arguments: list[str], log: Path) -> None:
+    with log.open("w") as handle:
+        subprocess.run(
+            [sys.executable, *arguments],
+            cwd=ROOT,
+            check=True,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def _records(runs: pd.DataFrame) -> list[dict[str, Any]]:
+    """The runs' figures, one mapping per seed, in seed order."""
+    return [
+        {str(k): v for k, v in row.items()} for row in runs.sort_values("seed").to_dict("records")
+    ]
 
 
 def _completed(run_dir: Path) -> bool:
     summary = run_dir / "summary.json"
     return summary.exists() and json.loads(summary.read_text()).get("status") == "completed"
+
+
+def _text(run_config: dict[str, object]) -> str:
+    """``key=value`` pairs as ``--run-config`` takes them."""
+    return " ".join(f"{k}={_toml(v)}" for k, v in run_config.items())
 
 
 def _toml(value: object) -> str:
@@ -368,10 +491,19 @@ def _toml(value: object) -> str:
     return f"'{value}'" if isinstance(value, str) else str(value)
 
 
-def _cell(value: object) -> str:
-    if isinstance(value, float):
-        return "" if value != value else f"{value:.3f}" if abs(value) < 1e4 else f"{value:.0f}"
-    return str(value)
+def _cell(row: pd.Series, key: str) -> str:
+    value = row[key]
+    if pd.isna(value):
+        return ""
+    scale = 1e-6 if key.startswith("bytes") else 1.0
+    low, high = row.get(f"{key}_low", math.nan), row.get(f"{key}_high", math.nan)
+    digits = 0 if key == "wall_seconds" else 3
+    text = f"{value * scale:+.{digits}f}" if key == "gain" else f"{value * scale:.{digits}f}"
+    if pd.isna(low):
+        return text
+    interval = Interval(value, float(low), float(high), 2)
+    suffix = "" if key != "gain" or interval.excludes_zero else " (n.s.)"
+    return f"{text} ± {interval.half_width * scale:.{digits}f}{suffix}"
 
 
 if __name__ == "__main__":

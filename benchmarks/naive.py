@@ -52,7 +52,7 @@ def run(config: FedConfig, rounds: int, naive: bool) -> list[float]:
         if naive or client is None:
             client = FederatedClient(config, PARTITION, NUM_CLIENTS, config.rank_for(PARTITION))
             shared = federation([client])[1]
-        _, private, _ = client.train(shared, private, server_round)
+        private = client.train(shared, private, server_round).private
         _, private = client.evaluate(shared, private)
         seconds.append(time.perf_counter() - started)
     return seconds

@@ -44,10 +44,15 @@ def plain_loop(config: FedConfig) -> tuple[float, list[float]]:
     for server_round in range(1, config.num_server_rounds + 1):
         uploads = []
         for k, (client, participant) in enumerate(zip(clients, participants, strict=True)):
-            upload, private[k], _ = client.train(
-                method.download(shared, participant), private[k], server_round, server_round - 1
+            result = client.train(
+                method.download(shared, participant),
+                private[k],
+                server_round,
+                server_round - 1,
+                final=server_round == config.num_server_rounds,
             )
-            uploads.append(upload)
+            uploads.append(result.upload)
+            private[k] = result.private
         shared = method.aggregate(shared, uploads, participants)
         accuracies = []
         for k, (client, participant) in enumerate(zip(clients, participants, strict=True)):

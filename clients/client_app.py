@@ -26,7 +26,7 @@ from flwr.clientapp import ClientApp
 from fedalora.client import FederatedClient
 from fedalora.config import FedConfig
 from fedalora.errors import ConfigError
-from fedalora.outputs import client_dir
+from fedalora.outputs import EVALUATE, LOCAL_MODEL, adapter_dir
 from fedalora.state import DiskStateStore, PrivateStateStore
 from fedalora.types import Tensors
 from protocol import (
@@ -104,11 +104,26 @@ def train(msg: Message, context: Context) -> Message:
     store = _store(context, client, config)
     private, private_round = store.load(server_round - 1)
     shared, shared_round = to_numpy(msg.content.array_records[ARRAYS]), number(config, SHARED_ROUND)
-    upload, private, metrics = client.train(shared, private, server_round, int(shared_round))
-    store.save(server_round, private)
-    metrics[PRIVATE_STATE_ROUND] = private_round
+    final = bool(config.get(FINAL_ROUND, False))
+    export = final and client.config.export_adapters
+    result = client.train(
+        shared,
+        private,
+        server_round,
+        int(shared_round),
+        final,
+        adapter_dir(_run_dir(client, config), client.partition_id, LOCAL_MODEL) if export else None,
+    )
+    store.save(server_round, result.private)
+    metrics = {**result.metrics, PRIVATE_STATE_ROUND: private_round}
     return Message(
-        RecordDict({ARRAYS: to_record(upload), METRICS: to_metrics(metrics)}), reply_to=msg
+        RecordDict(
+            {
+                ARRAYS: to_record(result.upload),
+                METRICS: to_metrics(metrics, result.local_model),
+            }
+        ),
+        reply_to=msg,
     )
 
 
@@ -131,7 +146,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         client.export(
             shared,
             private,
-            client_dir(_run_dir(client, config), client.partition_id) / "adapter",
+            adapter_dir(_run_dir(client, config), client.partition_id, EVALUATE),
             shared_round,
         )
     store.save(server_round, private)

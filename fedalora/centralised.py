@@ -7,10 +7,15 @@ ranks, data splits and number of steps per client as a federated run.
 - Different ranks: Fed-ALoRA's layer with B0 made one trainable Parameter shared by
   every client and B2 = 0 frozen, DeltaW_k = s B0 M_k A_k (B0 is d_out x d_m).
 
-Each step takes one batch from every client in a seeded random order; after every
-``local-steps`` steps (a "round") each client is scored on its own test split. The run
-directory has the federated runs' files (strategy ``centralised``, no bytes moved), so
-``fedalora.fairness`` reads it like any other run.
+One multi-task model, trained as ALoRA trains: each optimiser step takes one batch from
+every client, minimises the mean of their losses and updates every A and the shared B
+once, with the clients' local recipe (``FedConfig.recipe``) scheduled over all
+``num-server-rounds x local-steps`` steps. After every ``local-steps`` steps (a "round")
+each client is scored on its own test split; with no aggregation, that model is both
+its local model and its final one, so the rows of both protocols (``local-model``,
+``evaluate``) carry the same scores. The run directory has the federated runs' files
+(strategy ``centralised``, no bytes moved), so ``fedalora.fairness`` reads it like any
+other run.
 
     python -m fedalora.centralised --num-clients 8 --run-config "ranks='8'"
 """
@@ -20,8 +25,8 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -31,7 +36,7 @@ from .config import FedConfig, parse_run_config
 from .data import collate
 from .methods.fedalora import FedALoRA
 from .methods.fedalora_hetero import FedALoRAHetero
-from .outputs import RunRecorder
+from .outputs import PROTOCOLS, RunRecorder, final_figures, protocol_scores
 from .training import batch_indices
 
 STRATEGY = "centralised"
@@ -43,7 +48,7 @@ def run_centralised(config: FedConfig, num_clients: int, run_dir: str | Path) ->
     recorder = RunRecorder(run_dir)
     recorder.start()
     try:
-        rows = _train(config, num_clients, recorder)
+        last_round = _train(config, num_clients, recorder)
     except BaseException as exc:
         recorder.finish(
             "failed",
@@ -56,13 +61,13 @@ def run_centralised(config: FedConfig, num_clients: int, run_dir: str | Path) ->
         wall_seconds=time.perf_counter() - started,
         rounds=config.num_server_rounds,
         num_clients=num_clients,
-        final_mean_accuracy=float(np.mean([r["accuracy"] for r in rows])),
-        final_worst_accuracy=float(np.min([r["accuracy"] for r in rows])),
+        **final_figures(last_round),
     )
     return Path(run_dir)
 
 
-def _train(config: FedConfig, num_clients: int, recorder: RunRecorder) -> list[dict]:
+def _train(config: FedConfig, num_clients: int, recorder: RunRecorder) -> dict[str, Any]:
+    """Train and score round by round; returns the last round's row."""
     ranks = [config.rank_for(k) for k in range(num_clients)]
     homogeneous = len(set(ranks)) == 1
     member = config.with_strategy(FedALoRA.name if homogeneous else FedALoRAHetero.name)
@@ -83,9 +88,9 @@ def _train(config: FedConfig, num_clients: int, recorder: RunRecorder) -> list[d
         }
     )
     parameters = list({id(p): p for a in adapters for p in a.trainable_parameters()}.values())
-    optimizer = torch.optim.AdamW(parameters, lr=config.lr)
+    total_steps = config.num_server_rounds * config.local_steps
+    optimizer, scheduler = config.recipe.optimiser(parameters, total_steps)
     torch.manual_seed(config.seed)  # dropout
-    order = torch.Generator().manual_seed(config.seed)
     batches = [
         batch_indices(
             c.data.num_train,
@@ -94,43 +99,35 @@ def _train(config: FedConfig, num_clients: int, recorder: RunRecorder) -> list[d
         )
         for c in clients
     ]
-    rows: list[dict] = []
+    row: dict[str, Any] = {}
     for server_round in range(1, config.num_server_rounds + 1):
         round_started = time.perf_counter()
         for adapter in adapters:
             adapter.model.train()
         for _ in range(config.local_steps):
-            for k in torch.randperm(num_clients, generator=order).tolist():
+            optimizer.zero_grad(set_to_none=True)
+            for client, adapter, client_batches in zip(clients, adapters, batches, strict=True):
                 batch = collate(
-                    clients[k].data.train,
-                    next(batches[k]),
-                    clients[k].base.tokenizer,
-                    clients[k].device,
+                    client.data.train, next(client_batches), client.base.tokenizer, client.device
                 )
-                loss = adapters[k].model(**batch).loss
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-        rows = [
-            _score(client, adapter, server_round, final=server_round == config.num_server_rounds)
-            for client, adapter in zip(clients, adapters, strict=True)
-        ]
-        for row in rows:
-            recorder.client_row(row)
-        scores = [row["accuracy"] for row in rows]
-        recorder.round_row(
-            {
-                "round": server_round,
-                "mean_accuracy": float(np.mean(scores)),
-                "worst_accuracy": float(np.min(scores)),
-                "num_evaluated": len(rows),
-                "bytes_up": 0,
-                "bytes_down": 0,
-                "aggregate_seconds": 0.0,
-                "seconds": time.perf_counter() - round_started,
-            }
-        )
-    return rows
+                (adapter.model(**batch).loss / num_clients).backward()
+            config.recipe.step(parameters, optimizer, scheduler)
+        final = server_round == config.num_server_rounds
+        scores = [_score(c, a, server_round, final) for c, a in zip(clients, adapters, strict=True)]
+        for phase in PROTOCOLS:
+            for score in scores:
+                recorder.client_row({**score, "phase": phase})
+        accuracies = [score["accuracy"] for score in scores]
+        row = {
+            "round": server_round,
+            **{k: v for phase in PROTOCOLS for k, v in protocol_scores(phase, accuracies).items()},
+            "bytes_up": 0,
+            "bytes_down": 0,
+            "aggregate_seconds": 0.0,
+            "seconds": time.perf_counter() - round_started,
+        }
+        recorder.round_row(row)
+    return row
 
 
 def _share_b(adapters: list[ClientAdapter], homogeneous: bool) -> None:
@@ -158,7 +155,6 @@ def _score(client: FederatedClient, adapter: ClientAdapter, server_round: int, f
         "round": server_round,
         "client": client.partition_id,
         "rank": client.rank,
-        "phase": "evaluate",
         "num_examples": client.data.num_test,
         **metrics,
         "bytes_up": 0,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -18,6 +19,16 @@ from .metrics import generation_scores
 from .models import BaseModel, cached_base_model, select_device
 from .training import evaluate, generate_responses, train_steps
 from .types import Arrays, Tensors
+
+
+class TrainResult(NamedTuple):
+    """A client's round: what it uploads, the private state it keeps, its training
+    metrics, and the scores of its local model right after training."""
+
+    upload: Arrays
+    private: Tensors
+    metrics: dict[str, float]
+    local_model: dict[str, float]
 
 
 class FederatedClient:
@@ -55,6 +66,7 @@ class FederatedClient:
             config.seed,
             self.base.tokenizer,
             config.max_length,
+            1 if own_data else config.clients_per_group,
         )
         if config.global_test_examples:  # fail before training if there is no such split
             load_official_test(
@@ -101,8 +113,12 @@ class FederatedClient:
         private: Mapping[str, torch.Tensor] | None,
         server_round: int,
         shared_round: int = 0,
-    ) -> tuple[Arrays, Tensors, dict[str, float]]:
-        """One round of local training: (upload, new private state, metrics).
+        final: bool = False,
+        export_to: Path | None = None,
+    ) -> TrainResult:
+        """One round of local training, and the score of the trained local model (the
+        paper's protocol; in the ``final`` round also on the official test split), which
+        is exported as a PEFT adapter to ``export_to`` when given.
 
         ``metrics["rank"]`` is the rank of the upload (lower than before if the method
         cut it this round, as HetLoRA's rank self-pruning does).
@@ -119,7 +135,7 @@ class FederatedClient:
             self.base.tokenizer,
             steps=cfg.local_steps,
             batch_size=cfg.batch_size,
-            lr=cfg.lr,
+            recipe=cfg.recipe,
             device=self.device,
             generator=torch.Generator().manual_seed(seed),
             penalty=method.loss_penalty(adapter),
@@ -131,7 +147,13 @@ class FederatedClient:
             rank=method.client_rank(self.rank, adapter.state),
             seconds=time.perf_counter() - started,
         )
-        return upload, adapter.private_state(method.keeps), metrics
+        private_state = adapter.private_state(method.keeps)
+        started = time.perf_counter()
+        local_model = self.evaluate_adapter(adapter, final)
+        local_model.update(num_examples=self.data.num_test, seconds=time.perf_counter() - started)
+        if export_to is not None:
+            export_peft_adapter(method.export_factors(adapter), adapter, self.base.model, export_to)
+        return TrainResult(upload, private_state, metrics, local_model)
 
     def evaluate(
         self,

@@ -22,6 +22,7 @@ from .errors import ConfigError, require
 from .methods import Method, MethodOptions, method_class, registered_methods
 from .methods.fedalora_hetero import FedALoRAHetero
 from .scaling import SCALINGS, LoRAScaling
+from .training import LR_SCHEDULES, LocalRecipe
 
 DEVICES = ("auto", "cpu", "cuda")
 STATE_STORES = ("memory", "disk")
@@ -42,6 +43,9 @@ class FedConfig:
     local_steps: int = 10
     batch_size: int = 16
     lr: float = 1e-3
+    lr_schedule: str = "linear"
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
     lora_alpha: float = 2.0
     scaling: str = "constant"
     lora_dropout: float = 0.05
@@ -50,6 +54,7 @@ class FedConfig:
     num_hidden_layers: int = 0
     dataset: str = "bbc-news"
     partitioning: str = "dirichlet:0.5"
+    clients_per_group: int = 1
     test_fraction: float = 0.2
     max_length: int = 64
     global_test_examples: int = 0
@@ -128,14 +133,40 @@ class FedConfig:
         require(self.num_server_rounds > 0, "num-server-rounds", "must be >= 1")
         require(0.0 < self.fraction_train <= 1.0, "fraction-train", "must be in (0, 1]")
         require(
-            0.0 < self.fraction_evaluate <= 1.0,
+            0.0 <= self.fraction_evaluate <= 1.0,
             "fraction-evaluate",
-            "must be in (0, 1]; the last round always evaluates every node",
+            "must be in [0, 1]; the last round always evaluates every node (0: only it)",
         )
+        require(
+            self.clients_per_group >= 1,
+            "clients-per-group",
+            "must be >= 1 (clients that share one data group: a task, or one IID or "
+            "Dirichlet part)",
+        )
+        if self.clients_per_group > 1 and len(set(ranks)) > 1:
+            require(
+                self.clients_per_group % len(ranks) == 0,
+                "clients-per-group",
+                f"{self.clients_per_group} clients per group do not take each of the "
+                f"{len(ranks)} ranks '{self.ranks}' equally often; use a multiple of "
+                f"{len(ranks)}, so that every group has clients of every rank",
+            )
         require(self.min_nodes >= 1, "min-nodes", "must be >= 1")
         require(self.local_steps > 0, "local-steps", "must be >= 1")
         require(self.batch_size > 0, "batch-size", "must be >= 1")
         require(self.lr > 0 and math.isfinite(self.lr), "lr", "must be a positive number")
+        require(
+            self.lr_schedule in LR_SCHEDULES,
+            "lr-schedule",
+            f"choose one of: {', '.join(LR_SCHEDULES)} (linear: decay to 0 over each "
+            "round's steps, as the Fed-ALoRA reference)",
+        )
+        require(self.weight_decay >= 0, "weight-decay", "must be >= 0 (AdamW's decoupled decay)")
+        require(
+            self.max_grad_norm >= 0,
+            "max-grad-norm",
+            "must be >= 0 (the largest total gradient norm; 0 turns clipping off)",
+        )
         require(self.lora_alpha > 0, "lora-alpha", "must be positive")
         require(self.scaling in SCALINGS, "scaling", f"choose one of: {', '.join(SCALINGS)}")
         require(0.0 <= self.lora_dropout < 1.0, "lora-dropout", "must be in [0, 1)")
@@ -241,6 +272,12 @@ class FedConfig:
     def method(self) -> Method:
         """The federated method, set up with its options, the seed and the scaling."""
         return self.method_class(self.options, seed=self.seed, scaling=self.lora_scaling)
+
+    @property
+    def recipe(self) -> LocalRecipe:
+        """The clients' local optimiser (run-config lr, lr-schedule, weight-decay,
+        max-grad-norm)."""
+        return LocalRecipe(self.lr, self.weight_decay, self.max_grad_norm, self.lr_schedule)
 
     @property
     def lora_scaling(self) -> LoRAScaling:

@@ -98,7 +98,8 @@ def load_labelled_dataset(name: str) -> datasets.Dataset:
 def make_partitioner(
     dataset: datasets.Dataset, partitioning: str, num_partitions: int, seed: int
 ) -> Partitioner:
-    """flwr-datasets partitioner for 'iid', 'dirichlet:<alpha>' (over labels) or 'task'."""
+    """flwr-datasets partitioner of ``num_partitions`` parts for 'iid',
+    'dirichlet:<alpha>' (over labels) or 'task' (one part per value of a 'task' column)."""
     if num_partitions > len(dataset):
         raise ConfigError(
             "partitioning",
@@ -117,8 +118,9 @@ def make_partitioner(
         if num_tasks != num_partitions:
             raise ConfigError(
                 "partitioning",
-                f"'task' gives one client per task: the data has "
-                f"{num_tasks} tasks but the federation has {num_partitions} clients",
+                f"'task' gives one group of clients per task: the data has {num_tasks} "
+                f"tasks but the federation has {num_partitions} groups (clients / "
+                "clients-per-group)",
             )
         partitioner = NaturalIdPartitioner(partition_by="task")
     else:
@@ -152,12 +154,28 @@ def load_client_data(
     seed: int,
     tokenizer: PreTrainedTokenizerBase,
     max_length: int,
+    clients_per_group: int = 1,
 ) -> ClientData:
-    """Partition ``partition_id``'s tokenised split (cached per worker process)."""
+    """Partition ``partition_id``'s tokenised split (cached per worker process).
+
+    The data set is first split into ``num_partitions / clients_per_group`` groups by
+    ``partitioning`` (one per task, or IID, or Dirichlet over labels); client p takes an
+    equal, seeded random share of group p // clients_per_group, so the clients of a
+    group share one data distribution.
+    """
+    if num_partitions % clients_per_group:
+        raise ConfigError(
+            "clients-per-group",
+            f"{num_partitions} clients do not split into groups of {clients_per_group}; "
+            "use a number of clients that it divides",
+        )
     dataset = load_labelled_dataset(dataset_name)
+    group, member = divmod(partition_id, clients_per_group)
     partition = _cached_partitioner(
-        dataset_name, partitioning, num_partitions, seed
-    ).load_partition(partition_id)
+        dataset_name, partitioning, num_partitions // clients_per_group, seed
+    ).load_partition(group)
+    if clients_per_group > 1:
+        partition = partition.shuffle(seed=seed).shard(clients_per_group, member, contiguous=True)
     if len(partition) < 2:
         raise ConfigError(
             "partitioning",

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .outputs import CONFIG, METRICS, SUMMARY, read_jsonl
+from .outputs import CONFIG, LOCAL_MODEL, METRICS, PROTOCOLS, SUMMARY, read_jsonl
+from .stats import mean_interval
 
 
 # ------------------------------------------------------------- the metrics
@@ -95,21 +96,34 @@ def summarise(values: pd.Series, reference: pd.Series | None = None) -> dict[str
 
 # --------------------------------------------------------- run directories
 def client_scores(
-    run_dir: str | Path, metric: str = "accuracy", server_round: int | None = None
+    run_dir: str | Path,
+    metric: str = "accuracy",
+    server_round: int | None = None,
+    protocol: str = LOCAL_MODEL,
 ) -> pd.DataFrame:
-    """Evaluation scores of every client in one round (default: the last), indexed by
-    client, with its rank and example count."""
+    """Every client's score under ``protocol`` (``local-model``, the paper's: its model
+    right after its local training; ``evaluate``: its model after aggregation) in
+    ``server_round``, or by default its latest, indexed by client, with its rank, its
+    group (clients of one group share a data distribution: ``clients-per-group``) and
+    its example count."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     frame = pd.DataFrame(read_jsonl(Path(run_dir) / METRICS))
-    frame = frame[frame["phase"] == "evaluate"]
+    frame = frame[frame["phase"] == protocol]
     if frame.empty:
-        raise ValueError(f"{run_dir} has no evaluation rows in {METRICS}")
-    server_round = int(frame["round"].max()) if server_round is None else server_round
-    chosen = frame[frame["round"] == server_round]
-    return (
+        raise ValueError(f"{run_dir} has no '{protocol}' rows in {METRICS}")
+    if server_round is None:
+        chosen = frame.sort_values("round").groupby("client").tail(1)
+    else:
+        chosen = frame[frame["round"] == server_round]
+    scores = (
         chosen.set_index("client")
         .sort_index()[["rank", metric, "num_examples"]]
         .rename(columns={metric: "metric"})
     )
+    config = json.loads((Path(run_dir) / CONFIG).read_text())
+    per_group = int(config.get("clients-per-group", 1))
+    return scores.assign(group=scores.index // per_group)
 
 
 def primary_metric(run_dir: str | Path) -> str:
@@ -126,12 +140,44 @@ def by_rank_tier(scores: pd.DataFrame, reference: pd.Series | None = None) -> pd
     return pd.DataFrame.from_dict(rows, orient="index").rename_axis("rank")
 
 
-def over_rounds(run_dir: str | Path, metric: str = "accuracy") -> pd.DataFrame:
-    """``summarise`` for every round of a run (rows indexed by round)."""
+def rank_gaps(scores: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:
+    """Within-group (paired) rank gaps, from ``client_scores`` output: in every group
+    that has clients of more than one rank, each client's score minus the score of the
+    group's highest-rank client, then per rank the mean over groups with its Student-t
+    interval (``mean``, ``low``, ``high``, ``groups``). Groups share a data
+    distribution, so these differences are not confounded with data as a comparison of
+    rank tiers across clients is. Empty when no group mixes ranks."""
+    gaps: dict[int, list[float]] = {}
+    for _, group in scores.groupby("group"):
+        if group["rank"].nunique() < 2:
+            continue
+        top = group.loc[group["rank"] == group["rank"].max(), "metric"].mean()
+        for rank, members in group.groupby("rank"):
+            if int(str(rank)) != group["rank"].max():
+                gaps.setdefault(int(str(rank)), []).append(float(members["metric"].mean() - top))
+    rows = {}
+    for rank, values in sorted(gaps.items()):
+        interval = mean_interval(values, confidence)
+        rows[rank] = {
+            "mean": interval.mean,
+            "low": interval.low,
+            "high": interval.high,
+            "groups": interval.n,
+        }
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("rank")
+
+
+def over_rounds(
+    run_dir: str | Path, metric: str = "accuracy", protocol: str = LOCAL_MODEL
+) -> pd.DataFrame:
+    """``summarise`` for every round of a run under ``protocol`` (rows by round)."""
     frame = pd.DataFrame(read_jsonl(Path(run_dir) / METRICS))
-    rounds = sorted(frame.loc[frame["phase"] == "evaluate", "round"].unique())
+    rounds = sorted(frame.loc[frame["phase"] == protocol, "round"].unique())
     return pd.DataFrame.from_dict(
-        {int(r): summarise(client_scores(run_dir, metric, int(r))["metric"]) for r in rounds},
+        {
+            int(r): summarise(client_scores(run_dir, metric, int(r), protocol)["metric"])
+            for r in rounds
+        },
         orient="index",
     ).rename_axis("round")
 
@@ -151,12 +197,15 @@ def communication(run_dir: str | Path, phase: str = "train") -> dict[str, float]
 
 
 def compare_runs(
-    run_dirs: Iterable[str | Path], reference: str | Path | None = None, metric: str = "accuracy"
+    run_dirs: Iterable[str | Path],
+    reference: str | Path | None = None,
+    metric: str = "accuracy",
+    protocol: str = LOCAL_MODEL,
 ) -> pd.DataFrame:
-    """One row per run: strategy, ranks, the fairness figures of its last round
-    (Delta_m% against the ``reference`` run, e.g. a ``local`` run), communication and
-    wall time."""
-    ref = client_scores(reference, metric)["metric"] if reference is not None else None
+    """One row per run: strategy, ranks, the fairness figures of its clients' latest
+    scores under ``protocol`` (Delta_m% against the ``reference`` run, e.g. a ``local``
+    run), communication and wall time."""
+    ref = client_scores(reference, metric, None, protocol)["metric"] if reference else None
     rows = []
     for run_dir in map(Path, run_dirs):
         config = json.loads((run_dir / CONFIG).read_text())
@@ -166,7 +215,7 @@ def compare_runs(
                 "run": run_dir.name,
                 "strategy": config["strategy"],
                 "ranks": ",".join(str(c["rank"]) for c in config["clients"]),
-                **summarise(client_scores(run_dir, metric)["metric"], ref),
+                **summarise(client_scores(run_dir, metric, None, protocol)["metric"], ref),
                 **communication(run_dir),
                 "wall_seconds": summary.get("wall_seconds"),
             }
@@ -182,14 +231,29 @@ def main() -> None:
     parser.add_argument("runs", nargs="+", help="run directories (<output-dir>/<run-name>)")
     parser.add_argument("--reference", help="a strategy='local' run, for Delta_m%%")
     parser.add_argument("--metric", default="accuracy")
+    parser.add_argument(
+        "--protocol",
+        default=LOCAL_MODEL,
+        choices=PROTOCOLS,
+        help="local-model (the paper's): each client's model right after its local "
+        "training; evaluate: its model after aggregation",
+    )
     args = parser.parse_args()
-    table = compare_runs(args.runs, args.reference, args.metric)
+    table = compare_runs(args.runs, args.reference, args.metric, args.protocol)
     print(table.to_string(float_format=lambda v: f"{v:.4g}"))
-    reference = client_scores(args.reference, args.metric)["metric"] if args.reference else None
+    reference = (
+        client_scores(args.reference, args.metric, None, args.protocol)["metric"]
+        if args.reference
+        else None
+    )
     for run_dir in args.runs:
+        scores = client_scores(run_dir, args.metric, None, args.protocol)
         print(f"\n{Path(run_dir).name}, by rank tier:")
-        tiers = by_rank_tier(client_scores(run_dir, args.metric), reference)
-        print(tiers.to_string(float_format=lambda v: f"{v:.4g}"))
+        print(by_rank_tier(scores, reference).to_string(float_format=lambda v: f"{v:.4g}"))
+        gaps = rank_gaps(scores)
+        if not gaps.empty:
+            print("within-group gap to the group's highest rank (mean, 95% interval):")
+            print(gaps.to_string(float_format=lambda v: f"{v:.4g}"))
 
 
 if __name__ == "__main__":

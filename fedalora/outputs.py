@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,11 +13,45 @@ from safetensors.numpy import save_file
 
 CONFIG, METRICS, ROUNDS, SUMMARY = "config.json", "metrics.jsonl", "rounds.jsonl", "summary.json"
 SHARED_STATE = "shared_state.safetensors"
+#: The phases of ``metrics.jsonl`` rows: a client's local training; its local model
+#: scored right after that training, before aggregation (the paper's protocol:
+#: Fed-ALoRA scores each client's last local model); and its personalised model after
+#: aggregation (the shared state it receives plus its own private state).
+TRAIN, LOCAL_MODEL, EVALUATE = "train", "local-model", "evaluate"
+#: The evaluation protocols, the paper's first.
+PROTOCOLS = (LOCAL_MODEL, EVALUATE)
 
 
-def client_dir(run_dir: str | Path, partition_id: int) -> Path:
-    """Where client ``partition_id`` writes its exported adapter (``<dir>/adapter``)."""
-    return Path(run_dir) / "clients" / str(partition_id)
+def protocol_scores(phase: str, scores: Sequence[float]) -> dict[str, Any]:
+    """A round's client scores under one protocol: ``<phase>_mean_accuracy``,
+    ``<phase>_worst_accuracy`` (None without scores) and ``<phase>_clients``."""
+    prefix = phase.replace("-", "_")
+    return {
+        f"{prefix}_mean_accuracy": float(np.mean(scores)) if scores else None,
+        f"{prefix}_worst_accuracy": float(np.min(scores)) if scores else None,
+        f"{prefix}_clients": len(scores),
+    }
+
+
+def final_figures(last_round: Mapping[str, Any]) -> dict[str, Any]:
+    """summary.json's figures from the last round's row: ``final_<phase>_mean_accuracy``
+    and ``final_<phase>_worst_accuracy`` for both protocols."""
+    return {
+        f"final_{key}": last_round.get(key)
+        for phase in PROTOCOLS
+        for key in (
+            f"{phase.replace('-', '_')}_mean_accuracy",
+            f"{phase.replace('-', '_')}_worst_accuracy",
+        )
+    }
+
+
+def adapter_dir(run_dir: str | Path, partition_id: int, phase: str) -> Path:
+    """Where client ``partition_id`` exports the model that ``phase`` scores in the last
+    round: ``clients/<id>/local-model`` (its model right after its last local training)
+    or ``clients/<id>/adapter`` (its personalised model after the last aggregation)."""
+    name = {LOCAL_MODEL: "local-model", EVALUATE: "adapter"}[phase]
+    return Path(run_dir) / "clients" / str(partition_id) / name
 
 
 class RunRecorder:

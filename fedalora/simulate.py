@@ -143,17 +143,19 @@ def ray_cluster(
 
     Each node is a ``ray start --block`` process of ours with its Ray daemons under it;
     on exit those processes and everything under them are stopped by pid, and no other
-    Ray process of the user is touched.
+    Ray process of the user is touched. The cluster keeps its files in a temporary
+    directory of its own, so it never becomes the cluster that a later ``ray.init()``
+    without an address would join (``/tmp/ray/ray_current_cluster``).
     """
     address = f"127.0.0.1:{free_port()}"
     cpus = [] if num_cpus is None else ["--num-cpus", str(num_cpus)]
     commands = [["--head", "--port", address.split(":")[1], "--include-dashboard", "false"]]
     commands += [["--address", address]] * worker_nodes
     nodes: list[subprocess.Popen] = []
-    with tempfile.TemporaryDirectory(prefix="fedalora-ray-") as logs:
+    with tempfile.TemporaryDirectory(prefix="fedalora-ray-") as temp_dir:
         try:
             for index, command in enumerate(commands):
-                log = Path(logs) / f"node-{index}.log"
+                log = Path(temp_dir) / f"node-{index}.log"
                 with log.open("w") as handle:
                     nodes.append(
                         subprocess.Popen(
@@ -165,6 +167,8 @@ def ray_cluster(
                                 "--node-ip-address",
                                 "127.0.0.1",
                                 "--disable-usage-stats",
+                                "--temp-dir",
+                                temp_dir,
                                 *cpus,
                             ],
                             stdout=handle,
@@ -276,19 +280,48 @@ def main() -> None:
         default=None,
         help="an existing Ray cluster ('auto' or host:port); default: a new one",
     )
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="no SuperLink and no Ray: the same apps with messages delivered in one process "
+        "(server.in_process), the same results",
+    )
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, _exit_on_signal)  # so that the SuperLink is stopped too
     started = time.perf_counter()
-    run_dir = run_simulation(
-        args.app,
-        args.run_name,
-        num_supernodes=args.num_supernodes,
-        run_config=args.run_config,
-        output_dir=args.output_dir,
-        num_cpus=args.num_cpus,
-        num_gpus=args.num_gpus,
-        ray_address=args.ray_address,
-    )
+    if args.in_process:
+        output_dir = Path(args.output_dir or Path(args.app) / "outputs").resolve()
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "server.in_process",
+                "--app",
+                args.app,
+                "--run-name",
+                args.run_name,
+                "--num-supernodes",
+                str(args.num_supernodes),
+                "--run-config",
+                args.run_config,
+                "--output-dir",
+                str(output_dir),
+            ],
+            cwd=args.app,
+            check=False,
+        )
+        run_dir = completed_run(output_dir / args.run_name)
+    else:
+        run_dir = run_simulation(
+            args.app,
+            args.run_name,
+            num_supernodes=args.num_supernodes,
+            run_config=args.run_config,
+            output_dir=args.output_dir,
+            num_cpus=args.num_cpus,
+            num_gpus=args.num_gpus,
+            ray_address=args.ray_address,
+        )
     summary = json.loads((run_dir / "summary.json").read_text())
     print(f"completed in {time.perf_counter() - started:.0f} s: {run_dir}")
     print(json.dumps(summary, indent=2))

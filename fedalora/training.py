@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase, get_scheduler
 
 from .data import IGNORE, collate
 
@@ -32,6 +34,48 @@ def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextMana
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
+#: run-config ``lr-schedule``: the learning rate over a round's steps (transformers'
+#: schedulers, no warm-up): ``linear`` decays to 0 by the round's last step.
+LR_SCHEDULES = ("linear", "constant")
+
+
+@dataclass(frozen=True)
+class LocalRecipe:
+    """A client's optimiser for one round: AdamW at ``lr`` with ``weight_decay``, the
+    learning rate following ``schedule`` over the round's steps (restarted every round),
+    gradients clipped to a total L2 norm of ``max_grad_norm`` (0: no clipping). The
+    defaults are the Fed-ALoRA reference's (the Hugging Face Trainer's): weight decay 0,
+    linear decay to 0, no warm-up, clipping at 1.0."""
+
+    lr: float
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    schedule: str = "linear"
+
+    def optimiser(
+        self, parameters: list[nn.Parameter], steps: int
+    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+        """AdamW over ``parameters`` and its schedule over ``steps`` steps."""
+        optimizer = torch.optim.AdamW(parameters, lr=self.lr, weight_decay=self.weight_decay)
+        scheduler = get_scheduler(
+            self.schedule, optimizer, num_warmup_steps=0, num_training_steps=steps
+        )
+        return optimizer, scheduler
+
+    def step(
+        self,
+        parameters: list[nn.Parameter],
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+    ) -> float:
+        """Clip the gradients (if ``max_grad_norm``), take the optimiser step, advance
+        the schedule; returns the gradients' total L2 norm before clipping."""
+        norm = torch.nn.utils.clip_grad_norm_(parameters, self.max_grad_norm or math.inf)
+        optimizer.step()
+        scheduler.step()
+        return float(norm)
+
+
 def train_steps(
     model: nn.Module,
     parameters: list[nn.Parameter],
@@ -40,34 +84,40 @@ def train_steps(
     *,
     steps: int,
     batch_size: int,
-    lr: float,
+    recipe: LocalRecipe,
     device: torch.device,
     generator: torch.Generator,
     penalty: Callable[[], torch.Tensor] | None = None,
     bf16: bool = False,
 ) -> dict[str, float]:
-    """``steps`` AdamW steps on batches drawn without replacement (reshuffled per epoch),
-    minimising the task loss plus ``penalty()`` when given; forward passes under bf16
-    autocast when ``bf16`` (the trained parameters stay float32).
+    """``steps`` optimiser steps of ``recipe`` on batches drawn without replacement
+    (reshuffled per epoch), minimising the task loss plus ``penalty()`` when given;
+    forward passes under bf16 autocast when ``bf16`` (the trained parameters stay
+    float32).
 
-    Returns the mean task loss and the accuracy on the batches seen (for a causal LM,
-    next-token accuracy on the response tokens).
+    Returns the mean task loss, the accuracy on the batches seen (for a causal LM,
+    next-token accuracy on the response tokens) and the mean gradient norm before
+    clipping.
     """
-    optimizer = torch.optim.AdamW(parameters, lr=lr)
+    optimizer, scheduler = recipe.optimiser(parameters, steps)
     model.train()
     batches = batch_indices(len(examples["labels"]), batch_size, generator)
-    total_loss, correct, seen = 0.0, 0, 0
+    total_loss, total_norm, correct, seen = 0.0, 0.0, 0, 0
     for _ in range(steps):
         batch = collate(examples, next(batches), tokenizer, device)
         with autocast(device, bf16):
             output = model(**batch)
         optimizer.zero_grad(set_to_none=True)
         (output.loss + penalty() if penalty else output.loss).backward()
-        optimizer.step()
+        total_norm += recipe.step(parameters, optimizer, scheduler)
         total_loss += output.loss.item()
         hits, count = _hits(output.logits, batch["labels"])
         correct, seen = correct + hits, seen + count
-    return {"loss": total_loss / steps, "accuracy": correct / max(seen, 1)}
+    return {
+        "loss": total_loss / steps,
+        "accuracy": correct / max(seen, 1),
+        "grad_norm": total_norm / steps,
+    }
 
 
 @torch.no_grad()

@@ -22,7 +22,7 @@ from fedalora.checkpoint import (
 from fedalora.config import FedConfig, validate_rank
 from fedalora.errors import ConfigError
 from fedalora.models import adapted_layer_shapes
-from fedalora.outputs import RunRecorder
+from fedalora.outputs import RunRecorder, final_figures
 from protocol import RUN_NAME
 from strategies import MethodStrategy, discover_nodes, run_rounds
 
@@ -92,7 +92,7 @@ def run_federation(grid: Grid, config: FedConfig, run_name: str, recorder: RunRe
         if config.checkpoint:
             save_checkpoint(recorder.run_dir, strategy.checkpoint(server_round))
 
-    evaluations = run_rounds(
+    run_rounds(
         strategy,
         grid,
         num_rounds=config.num_server_rounds,
@@ -104,13 +104,11 @@ def run_federation(grid: Grid, config: FedConfig, run_name: str, recorder: RunRe
         on_round_end=checkpoint,
     )
     recorder.save_shared(strategy.shared)
-    final = evaluations.get(config.num_server_rounds)
     return {
         "rounds": config.num_server_rounds,
         "num_clients": len(strategy.nodes),
         "resumed_after_round": resume_after or None,
-        "final_mean_accuracy": None if final is None else final["mean-accuracy"],
-        "final_worst_accuracy": None if final is None else final["worst-accuracy"],
+        **final_figures(strategy.last_round),
     }
 
 

@@ -13,7 +13,8 @@ from protocol import payload_bytes
 @dataclass
 class RoundTally:
     """What round ``server_round`` has cost so far: attempts, bytes each way (array
-    payload), the aggregation's seconds, failed and rejected replies."""
+    payload), the aggregation's seconds, failed and rejected replies; and the scores of
+    the local models that the latest attempt's clients trained."""
 
     server_round: int = 0
     started: float = field(default_factory=time.perf_counter)
@@ -24,6 +25,7 @@ class RoundTally:
     failed: int = 0  # error replies and missing replies, both phases
     rejected: int = 0  # updates screened out
     sent: dict[int, int] = field(default_factory=dict)  # node id -> bytes of its last message
+    local_model_scores: list[float] = field(default_factory=list)  # this attempt's
     awaiting: set[int] = field(default_factory=set)  # node ids sent to in the current phase
 
     def send(self, node_id: int, record: ArrayRecord) -> None:

@@ -17,6 +17,7 @@ import dataclasses
 import time
 from collections.abc import Iterable, Sequence
 from logging import INFO, WARNING
+from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -27,7 +28,7 @@ from flwr.supercore import log
 from fedalora.checkpoint import Checkpoint
 from fedalora.config import FedConfig, heterogeneous_methods, validate_rank
 from fedalora.errors import ConfigError
-from fedalora.outputs import RunRecorder
+from fedalora.outputs import EVALUATE, LOCAL_MODEL, TRAIN, RunRecorder
 from fedalora.types import Arrays, LayerShapes
 from protocol import (
     ACCURACY,
@@ -47,7 +48,7 @@ from protocol import (
 
 from .accounting import RoundTally
 from .discovery import Node
-from .records import client_row, log_round, round_row
+from .records import client_rows, log_round, round_row
 from .screening import ReplyScreen
 
 
@@ -64,6 +65,8 @@ class MethodStrategy(Strategy):
         self.shared: Arrays = {}
         self.shared_round = 0  # the round whose aggregation produced ``shared``
         self.tally = RoundTally()
+        #: The last round's record (rounds.jsonl), with both protocols' scores.
+        self.last_round: dict[str, Any] = {}
         self.screen = ReplyScreen(
             self.method, self.layer_shapes, config.max_update_rms, config.max_norm_ratio
         )
@@ -150,7 +153,9 @@ class MethodStrategy(Strategy):
             self.tally = RoundTally(server_round)
         attempt = self.tally.attempts
         self.tally.attempts += 1
+        self.tally.local_model_scores = []
         self.shared = to_numpy(arrays)
+        config[FINAL_ROUND] = server_round == self.config.num_server_rounds
         sampled = self._sample(server_round, self.config.fraction_train, stream=0, attempt=attempt)
         log(INFO, "configure_train: %d of %d nodes", len(sampled), len(self.nodes))
         return self._messages(sampled, server_round, config, MessageType.TRAIN)
@@ -159,7 +164,7 @@ class MethodStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         candidates: list[tuple[Node, Arrays, MetricRecord]] = []
-        for reply, node in self._replies(replies, server_round, "train"):
+        for reply, node in self._replies(replies, server_round, TRAIN):
             upload, metrics = (
                 reply.content.array_records[ARRAYS],
                 reply.content.metric_records[METRICS],
@@ -218,11 +223,12 @@ class MethodStrategy(Strategy):
         self.shared = to_numpy(arrays)
         final = server_round == self.config.num_server_rounds
         config[FINAL_ROUND] = final
-        sampled = (
-            list(self.nodes.values())
-            if final
-            else self._sample(server_round, self.config.fraction_evaluate, stream=1)
-        )
+        if final:
+            sampled = list(self.nodes.values())
+        elif self.config.fraction_evaluate > 0:
+            sampled = self._sample(server_round, self.config.fraction_evaluate, stream=1)
+        else:
+            sampled = []
         return self._messages(sampled, server_round, config, MessageType.EVALUATE)
 
     def aggregate_evaluate(
@@ -230,16 +236,21 @@ class MethodStrategy(Strategy):
     ) -> MetricRecord | None:
         scores = [
             number(reply.content.metric_records[METRICS], ACCURACY)
-            for reply, _ in self._replies(replies, server_round, "evaluate")
+            for reply, _ in self._replies(replies, server_round, EVALUATE)
         ]
-        row = round_row(self.tally, skipped=self.shared_round < server_round, scores=scores)
+        self.last_round = round_row(
+            self.tally, self.shared_round < server_round, self.tally.local_model_scores, scores
+        )
         if self.recorder:
-            self.recorder.round_row(row)
-        log_round(row, self.config.num_server_rounds)
+            self.recorder.round_row(self.last_round)
+        log_round(self.last_round, self.config.num_server_rounds)
         if not scores:
             return None
         return MetricRecord(
-            {"mean-accuracy": row["mean_accuracy"], "worst-accuracy": row["worst_accuracy"]}
+            {
+                "mean-accuracy": self.last_round["evaluate_mean_accuracy"],
+                "worst-accuracy": self.last_round["evaluate_worst_accuracy"],
+            }
         )
 
     def summary(self) -> None:
@@ -322,12 +333,15 @@ class MethodStrategy(Strategy):
                 )
                 continue
             good.append((reply, node))
-            if self.recorder:
-                self.recorder.client_row(
-                    client_row(
-                        reply, node, server_round, phase, self.tally.sent.get(node.node_id, 0)
-                    )
-                )
+            rows = client_rows(
+                reply, node, server_round, phase, self.tally.sent.get(node.node_id, 0)
+            )
+            self.tally.local_model_scores += [
+                row[ACCURACY] for row in rows if row["phase"] == LOCAL_MODEL
+            ]
+            for row in rows:
+                if self.recorder:
+                    self.recorder.client_row(row)
         for node_id in sorted(awaiting):
             self.tally.failed += 1
             log(

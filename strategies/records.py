@@ -1,16 +1,16 @@
-"""The run's records of a round: one ``metrics.jsonl`` row per client reply and one
+"""The run's records of a round: ``metrics.jsonl`` rows per client reply and one
 ``rounds.jsonl`` row per round (``fedalora.outputs`` writes them)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from logging import INFO
 from typing import Any
 
-import numpy as np
 from flwr.app import Message
 from flwr.supercore import log
 
+from fedalora.outputs import EVALUATE, LOCAL_MODEL, TRAIN, protocol_scores
 from protocol import (
     ACCURACY,
     ARRAYS,
@@ -19,53 +19,48 @@ from protocol import (
     NUM_EXAMPLES,
     SECONDS,
     UPLOAD_RANK,
-    number,
     payload_bytes,
+    split_local_model,
 )
 
 from .accounting import RoundTally
 from .discovery import Node
 
+_ROW_METRICS = (NUM_EXAMPLES, UPLOAD_RANK, LOSS, ACCURACY, SECONDS)
 
-def client_row(
+
+def client_rows(
     reply: Message, node: Node, server_round: int, phase: str, bytes_down: int
-) -> dict[str, Any]:
-    """A reply's metrics as a row: round, client, rank, phase, the reply metrics, any
-    others the client sent, and the bytes each way."""
-    metrics = reply.content.metric_records[METRICS]
+) -> list[dict[str, Any]]:
+    """A reply's rows: its own metrics in ``phase`` with the bytes each way, and for a
+    train reply the local-model scores it carries (phase ``local-model``, no bytes)."""
+    own, local_model = split_local_model(reply.content.metric_records[METRICS])
     uploads = reply.content.array_records
     up = payload_bytes(uploads[ARRAYS]) if ARRAYS in uploads else 0
-    extra = {
-        k: number(metrics, k)
-        for k in metrics
-        if k not in (NUM_EXAMPLES, UPLOAD_RANK, LOSS, ACCURACY, SECONDS)
-    }
-    return {
-        "round": server_round,
-        "client": node.partition_id,
-        "rank": int(number(metrics, UPLOAD_RANK)) if UPLOAD_RANK in metrics else node.rank,
-        "phase": phase,
-        "num_examples": int(number(metrics, NUM_EXAMPLES)),
-        "loss": number(metrics, LOSS),
-        "accuracy": number(metrics, ACCURACY),
-        **extra,
-        "bytes_up": up,
-        "bytes_down": bytes_down,
-        "seconds": number(metrics, SECONDS),
-    }
+    rows = [_row(own, node, server_round, phase, up, bytes_down)]
+    if phase == TRAIN and local_model:
+        rows.append(
+            _row(
+                {**local_model, UPLOAD_RANK: rows[0]["rank"]}, node, server_round, LOCAL_MODEL, 0, 0
+            )
+        )
+    return rows
 
 
-def round_row(tally: RoundTally, skipped: bool, scores: Sequence[float]) -> dict[str, Any]:
-    """The round's server-side record: attempts, faults, client scores, traffic, time."""
+def round_row(
+    tally: RoundTally, skipped: bool, local_model: Sequence[float], evaluated: Sequence[float]
+) -> dict[str, Any]:
+    """The round's server-side record: attempts, faults, the clients' scores under both
+    protocols (``local_model_*``: each trained client's local model, the paper's;
+    ``evaluate_*``: the evaluated clients after aggregation), traffic and time."""
     return {
         "round": tally.server_round,
         "attempts": tally.attempts,
         "skipped": skipped,
         "failed": tally.failed,
         "rejected": tally.rejected,
-        "mean_accuracy": float(np.mean(scores)) if scores else None,
-        "worst_accuracy": float(np.min(scores)) if scores else None,
-        "num_evaluated": len(scores),
+        **protocol_scores(LOCAL_MODEL, local_model),
+        **protocol_scores(EVALUATE, evaluated),
         "bytes_up": tally.bytes_up,
         "bytes_down": tally.bytes_down,
         "aggregate_seconds": tally.aggregate_seconds,
@@ -73,20 +68,40 @@ def round_row(tally: RoundTally, skipped: bool, scores: Sequence[float]) -> dict
     }
 
 
-def log_round(row: dict[str, Any], num_rounds: int) -> None:
+def log_round(row: Mapping[str, Any], num_rounds: int) -> None:
     log(
         INFO,
-        "round %d/%d | mean acc %s | worst acc %s | up %.2f MB | down %.2f MB | "
-        "aggregate %.3f s | round %.1f s",
+        "round %d/%d | local models: mean acc %s, worst %s | after aggregation: mean acc %s, "
+        "worst %s | up %.2f MB | down %.2f MB | round %.1f s",
         row["round"],
         num_rounds,
-        _fmt(row["mean_accuracy"]),
-        _fmt(row["worst_accuracy"]),
+        _fmt(row["local_model_mean_accuracy"]),
+        _fmt(row["local_model_worst_accuracy"]),
+        _fmt(row["evaluate_mean_accuracy"]),
+        _fmt(row["evaluate_worst_accuracy"]),
         row["bytes_up"] / 1e6,
         row["bytes_down"] / 1e6,
-        row["aggregate_seconds"],
         row["seconds"],
     )
+
+
+def _row(
+    metrics: Mapping[str, float], node: Node, server_round: int, phase: str, up: int, down: int
+) -> dict[str, Any]:
+    extra = {k: v for k, v in metrics.items() if k not in _ROW_METRICS}
+    return {
+        "round": server_round,
+        "client": node.partition_id,
+        "rank": int(metrics.get(UPLOAD_RANK, node.rank)),
+        "phase": phase,
+        "num_examples": int(metrics[NUM_EXAMPLES]),
+        "loss": metrics[LOSS],
+        "accuracy": metrics[ACCURACY],
+        **extra,
+        "bytes_up": up,
+        "bytes_down": down,
+        "seconds": metrics[SECONDS],
+    }
 
 
 def _fmt(value: float | None) -> str:

@@ -160,7 +160,7 @@ def test_exported_adapter_reproduces_client_outputs(tmp_path, strategy, ranks, m
     client, method = FederatedClient(config, 0, 3, config.rank_for(0)), config.method
     participant = Participant(0, client.rank, client.data.num_train)
     shared = method.initial_shared(client.base.layer_shapes(), [client.rank])
-    upload, private, _ = client.train(method.download(shared, participant), None, 1)
+    upload, private, _, _ = client.train(method.download(shared, participant), None, 1)
     shared = method.aggregate(shared, [upload], [participant])  # non-zero shared state
     shared = method.download(shared, participant)
     _, private = client.evaluate(shared, private, shared_round=1)

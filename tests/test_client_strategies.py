@@ -105,7 +105,7 @@ def test_ffa_lora_keeps_a_frozen_at_the_shared_seeded_init():
             a.numpy(), seeded_lora_a(config.seed, m, client.rank, a.shape[1])
         )
         assert not tensors[f"{m}.lora_A"].requires_grad
-    _, private, _ = client.train(server.download(), None, 1)
+    private = client.train(server.download(), None, 1).private
     after = client.build_adapter(server.download(), private).tensors()
     assert all(torch.equal(before[m], after[f"{m}.lora_A"]) for m in before)
 
@@ -127,11 +127,11 @@ def test_zero_padding_clients_take_their_first_rows_and_columns():
 def test_flora_merges_each_round_once_and_refuses_a_gap():
     _, _, client, server = _setup("flora")
     base = {k: v.clone() for k, v in client.base.model.state_dict().items()}
-    upload, _, _ = client.train(server.download(), None, 1)
+    upload = client.train(server.download(), None, 1).upload
     server.aggregate(upload, 1)
     stack = server.download()
     _, private = client.evaluate(stack, None, shared_round=1)  # merges round 1
-    _, private, _ = client.train(stack, private, 2, shared_round=1)  # already merged
+    private = client.train(stack, private, 2, shared_round=1).private  # already merged
     module = client.base.targets[0]
     expected = stack[f"{module}.stack_B"] @ stack[f"{module}.stack_A"]
     np.testing.assert_allclose(
@@ -151,11 +151,11 @@ def test_hetlora_prunes_its_rank_when_the_tail_fades():
     config = tiny_config(strategy="hetlora", ranks="8,4,2", rank_decay=0.5, rank_penalty=0.1)
     client = FederatedClient(config, 0, 3, 8)
     download = Server(config, client.base.layer_shapes(), HETERO_RANKS).download()
-    upload, private, metrics = client.train(download, None, 1)
+    upload, private, metrics, _ = client.train(download, None, 1)
     tail, rank = f"state.{TAIL_NORM}", f"state.{RANK}"
     assert metrics["rank"] == 8 and int(private[rank]) == 8 and float(private[tail]) > 0
     private[tail] = torch.tensor(1e9)  # last round's tail was larger: it fades
-    upload, private, metrics = client.train(download, private, 2, shared_round=0)
+    upload, private, metrics, _ = client.train(download, private, 2, shared_round=0)
     assert metrics["rank"] == 4 and int(private[rank]) == 4 and tail not in private
     assert all(v.shape[0 if k.endswith("lora_A") else 1] == 4 for k, v in upload.items())
     assert client.build_adapter(download, private).rank == 4  # trains at rank 4 from now on
@@ -164,7 +164,7 @@ def test_hetlora_prunes_its_rank_when_the_tail_fades():
 def test_persist_private_false_restarts_lora_factors_but_keeps_the_head():
     config = tiny_config(strategy="local", ranks="8,4,2", persist_private=False)
     client = FederatedClient(config, 0, 3, 8)
-    _, trained, _ = client.train({}, None, 1)
+    trained = client.train({}, None, 1).private
     fresh = client.build_adapter({}, None).private_state(client.method.keeps)
     restarted = client.build_adapter({}, trained).private_state(client.method.keeps)
     for key, value in restarted.items():

@@ -120,8 +120,12 @@ def test_insecure_mode_warns(tmp_path):
 
 def test_simulation_runs_across_a_two_node_ray_cluster(tmp_path):
     import ray
+    from ray._common.utils import get_ray_address_file
     from ray._private import state
 
+    address_file = Path(get_ray_address_file(None))  # what a plain ray.init() would join
+    before = address_file.read_text() if address_file.exists() else None
+    ours = set()
     with ray_cluster(num_cpus=1, worker_nodes=1) as address:
         run_dir = run_simulation(
             APP,
@@ -141,8 +145,24 @@ def test_simulation_runs_across_a_two_node_ray_cluster(tmp_path):
             actors = [a for a in state.actors().values() if a["ActorClassName"] == "ClientAppActor"]
         finally:
             ray.shutdown()
+        port = address.rsplit(":", 1)[1]
+        ours = {
+            p.pid
+            for p in psutil.process_iter(["cmdline"])
+            if "gcs_server" in " ".join(p.info["cmdline"] or [])
+            and port in " ".join(p.info["cmdline"] or [])
+        }
+    assert ours and not [pid for pid in ours if _running(pid)]  # its own, stopped
+    assert (address_file.read_text() if address_file.exists() else None) == before
     assert len(nodes) == 2
     # one client actor per 1-CPU Ray node: the clients ran on both nodes
     assert {a["Address"]["NodeID"] for a in actors} == nodes
     rows = read_jsonl(run_dir / "metrics.jsonl")
     assert {r["client"] for r in rows} == {0, 1, 2, 3} and max(r["round"] for r in rows) == 2
+
+
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

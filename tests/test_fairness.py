@@ -40,17 +40,20 @@ def test_metrics_by_hand():
     assert figures["mean"] == pytest.approx(0.75) and figures["clients"] == 4
 
 
-def _fake_run(path, strategy, accuracies, ranks=(8, 8, 2, 2)):
+def _fake_run(path, strategy, accuracies, ranks=(8, 8, 2, 2), per_group=1):
+    """Local-model scores ``accuracies``; after aggregation each is 0.1 lower."""
     recorder = RunRecorder(path)
     recorder.write_config(
         {
             "strategy": strategy,
+            "clients-per-group": per_group,
             "clients": [{"client": c, "rank": r, "num_examples": 10} for c, r in enumerate(ranks)],
         }
     )
+    phases = (("train", 100, 50, 0.0), ("local-model", 0, 0, 0.0), ("evaluate", 0, 50, 0.1))
     for server_round, scores in enumerate(accuracies, start=1):
         for client, (acc, rank) in enumerate(zip(scores, ranks, strict=True)):
-            for phase, up in (("train", 100), ("evaluate", 0)):
+            for phase, up, down, lower in phases:
                 recorder.client_row(
                     {
                         "round": server_round,
@@ -59,9 +62,9 @@ def _fake_run(path, strategy, accuracies, ranks=(8, 8, 2, 2)):
                         "phase": phase,
                         "num_examples": 10,
                         "loss": 1.0,
-                        "accuracy": acc,
+                        "accuracy": acc - lower,
                         "bytes_up": up,
-                        "bytes_down": 50,
+                        "bytes_down": down,
                         "seconds": 0.1,
                     }
                 )
@@ -72,8 +75,12 @@ def _fake_run(path, strategy, accuracies, ranks=(8, 8, 2, 2)):
 def test_run_directory_functions(tmp_path):
     fed = _fake_run(tmp_path / "fed", "fedalora-hetero", [[0.5] * 4, [0.8, 0.8, 0.4, 0.4]])
     local = _fake_run(tmp_path / "local", "local", [[0.5] * 4, [0.4, 0.4, 0.8, 0.8]])
-    scores = fairness.client_scores(fed)
+    scores = fairness.client_scores(fed)  # the paper's protocol: the local models
     assert list(scores["metric"]) == [0.8, 0.8, 0.4, 0.4] and list(scores["rank"]) == [8, 8, 2, 2]
+    after = fairness.client_scores(fed, protocol="evaluate")
+    np.testing.assert_allclose(after["metric"], [0.7, 0.7, 0.3, 0.3])
+    assert list(scores["group"]) == [0, 1, 2, 3]  # one client per group
+    assert fairness.rank_gaps(scores).empty  # no group mixes ranks: no paired gap
     tiers = fairness.by_rank_tier(scores, fairness.client_scores(local)["metric"])
     assert tiers.loc[8, "mean"] == pytest.approx(0.8) and tiers.loc[2, "mean"] == 0.4
     assert tiers.loc[2, "delta_m_pct"] == pytest.approx(50.0)  # low ranks left behind
@@ -107,3 +114,25 @@ def test_instruction_runs_are_scored_by_rouge1(tmp_path):
         }
     )
     assert fairness.primary_metric(tmp_path / "inst") == "rouge1"
+
+
+def test_rank_gaps_are_paired_within_groups_with_their_interval(tmp_path):
+    """Groups of 2 clients (ranks 8 and 2) share data: the rank-2 client's gap to the
+    rank-8 client of its own group, averaged over the 3 groups, with a t interval."""
+    ranks = (8, 2) * 3
+    run = _fake_run(
+        tmp_path / "paired",
+        "fedalora-hetero",
+        [[0.9, 0.7, 0.6, 0.5, 0.8, 0.5]],
+        ranks=ranks,
+        per_group=2,
+    )
+    scores = fairness.client_scores(run)
+    assert list(scores["group"]) == [0, 0, 1, 1, 2, 2]
+    gaps = fairness.rank_gaps(scores)
+    # gaps -0.2, -0.1, -0.3: mean -0.2, sd 0.1, t(0.975, 2) = 4.302653
+    half = 4.302653 * 0.1 / np.sqrt(3)
+    assert list(gaps.index) == [2] and gaps.loc[2, "groups"] == 3
+    assert gaps.loc[2, "mean"] == pytest.approx(-0.2)
+    assert gaps.loc[2, "low"] == pytest.approx(-0.2 - half, rel=1e-5)
+    assert gaps.loc[2, "high"] == pytest.approx(-0.2 + half, rel=1e-5)

@@ -99,7 +99,7 @@ def test_an_instruction_client_trains_and_scores_its_answers():
         f"{m}.lora_B": np.zeros((d_out, 4), np.float32)
         for m, (d_out, _) in client.base.layer_shapes().items()
     }
-    upload, private, metrics = client.train(shared, None, 1)
+    upload, private, metrics, _ = client.train(shared, None, 1)
     assert np.isfinite(metrics["loss"]) and 0 <= metrics["accuracy"] <= 1
     assert set(upload) == set(shared)
     scores, _ = client.evaluate(upload, private, 1)
