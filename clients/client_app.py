@@ -141,13 +141,14 @@ def evaluate(msg: Message, context: Context) -> Message:
     final = bool(config.get(FINAL_ROUND, False))
     store = _store(context, client, config)
     private, _ = store.load(server_round)
-    metrics, private = client.evaluate(shared, private, shared_round, final)
+    metrics, private = client.evaluate(shared, private, shared_round, final, server_round)
     if final and client.config.export_adapters:
         client.export(
             shared,
             private,
             adapter_dir(_run_dir(client, config), client.partition_id, EVALUATE),
             shared_round,
+            server_round,
         )
     store.save(server_round, private)
     return Message(RecordDict({METRICS: to_metrics(metrics)}), reply_to=msg)

@@ -119,6 +119,28 @@ def zero_pad_average(
     return result
 
 
+def masked_average(
+    factors: Sequence[np.ndarray],
+    masks: Sequence[np.ndarray],
+    num_examples: Sequence[float],
+    rank: int,
+) -> np.ndarray:
+    """LoRI's rule for one layer's B: entry (o, j) of the d_out x ``rank`` result is the
+    average of B_i[o, j] over the clients whose mask keeps it (mask_i[o, j] set and
+    j < r_i), their weights p_i renormalised over them; an entry no client keeps is 0.
+    ``factors[i]`` and ``masks[i]`` are d_out x r_i; with one mask for every client the
+    result is sum_i p_i B_i on it, so B A = sum_i p_i B_i A for a shared A."""
+    weights = data_weights(num_examples)
+    total = np.zeros((factors[0].shape[0], rank))
+    mass = np.zeros_like(total)
+    for w, factor, mask in zip(weights, factors, masks, strict=True):
+        kept = np.asarray(mask, dtype=bool)
+        r = factor.shape[1]
+        total[:, :r] += w * np.where(kept, _f64(factor), 0.0)
+        mass[:, :r] += w * kept
+    return _f32(np.divide(total, mass, out=np.zeros_like(total), where=mass > 0))
+
+
 def product_norm(a: np.ndarray, b: np.ndarray, scale: float = 1.0) -> float:
     """||s B A||_F from the r x r Gram matrices, without forming the d_out x d_in product."""
     a, b = _f64(a), _f64(b)

@@ -1,11 +1,15 @@
 """The centralised reference: every client's data pooled in one process and trained as
-ALoRA multi-task (one private A per client-task, one shared B), with the same clients,
-ranks, data splits and number of steps per client as a federated run.
+one multi-task model (one private A per client-task, one shared B), with the same
+clients, ranks, data splits and number of steps per client as a federated run: ALoRA,
+Fed-ALoRA's counterpart (Ban and Ji, arXiv:2509.25414), or with ``strategy='masa'``
+MASA's.
 
 - Equal ranks: PEFT LoRA per client with every client's ``lora_B`` tied to one
   Parameter, DeltaW_k = s B A_k (ALoRA).
 - Different ranks: Fed-ALoRA's layer with B0 made one trainable Parameter shared by
   every client and B2 = 0 frozen, DeltaW_k = s B0 M_k A_k (B0 is d_out x d_m).
+- MASA (one rank): each client's own expert bank and mixing weights, each layer's B
+  tied across clients.
 
 One multi-task model, trained as ALoRA trains: each optimiser step takes one batch from
 every client, minimises the mean of their losses and updates every A and the shared B
@@ -14,8 +18,8 @@ once, with the clients' local recipe (``FedConfig.recipe``) scheduled over all
 each client is scored on its own test split; with no aggregation, that model is both
 its local model and its final one, so the rows of both protocols (``local-model``,
 ``evaluate``) carry the same scores. The run directory has the federated runs' files
-(strategy ``centralised``, no bytes moved), so ``fedalora.fairness`` reads it like any
-other run.
+(strategy ``centralised``, or ``centralised-masa``; no bytes moved), so
+``fedalora.fairness`` reads it like any other run.
 
     python -m fedalora.centralised --num-clients 8 --run-config "ranks='8'"
 """
@@ -30,12 +34,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapters import ClientAdapter, DecomposedAdapter, LoRAAdapter
+from .adapters import ClientAdapter, DecomposedAdapter, LoRAAdapter, MASAAdapter
 from .client import FederatedClient
 from .config import FedConfig, parse_run_config
 from .data import collate
+from .errors import require
 from .methods.fedalora import FedALoRA
 from .methods.fedalora_hetero import FedALoRAHetero
+from .methods.masa import MASA
 from .outputs import PROTOCOLS, RunRecorder, final_figures, protocol_scores
 from .training import batch_indices
 
@@ -69,17 +75,16 @@ def run_centralised(config: FedConfig, num_clients: int, run_dir: str | Path) ->
 def _train(config: FedConfig, num_clients: int, recorder: RunRecorder) -> dict[str, Any]:
     """Train and score round by round; returns the last round's row."""
     ranks = [config.rank_for(k) for k in range(num_clients)]
-    homogeneous = len(set(ranks)) == 1
-    member = config.with_strategy(FedALoRA.name if homogeneous else FedALoRAHetero.name)
+    member = counterpart(config, ranks)
     clients = [FederatedClient(member, k, num_clients, ranks[k]) for k in range(num_clients)]
     shapes = clients[0].base.layer_shapes()
     zero = member.method.initial_shared(shapes, ranks)  # B = 0, or B0 = 0
     adapters = [client.build_adapter(zero, None) for client in clients]
-    _share_b(adapters, homogeneous)
+    _share_b(adapters)
     recorder.write_config(
         {
             **config.to_run_config(),
-            "strategy": STRATEGY,
+            "strategy": STRATEGY if member is not config else f"{STRATEGY}-{config.strategy}",
             "clients": [
                 {"client": c.partition_id, "rank": c.rank, "num_examples": c.data.num_train}
                 for c in clients
@@ -130,22 +135,37 @@ def _train(config: FedConfig, num_clients: int, recorder: RunRecorder) -> dict[s
     return row
 
 
-def _share_b(adapters: list[ClientAdapter], homogeneous: bool) -> None:
+def counterpart(config: FedConfig, ranks: list[int]) -> FedConfig:
+    """The configuration the pooled clients are built with: MASA's (each client's own
+    expert bank, one B per layer for all; one rank), else Fed-ALoRA's (PEFT LoRA with
+    one rank, the decomposed layer with several)."""
+    if isinstance(config.method, MASA):
+        require(
+            len(set(ranks)) == 1,
+            "ranks",
+            "the centralised MASA reference ties every "
+            "client's B into one and needs one rank for every client, e.g. ranks='8'",
+        )
+        return config
+    return config.with_strategy(FedALoRA.name if len(set(ranks)) == 1 else FedALoRAHetero.name)
+
+
+def _share_b(adapters: list[ClientAdapter]) -> None:
     """Make every client's up-projection one shared trainable Parameter per layer."""
     for module in adapters[0].targets:
-        if homogeneous:
-            lora_b = [
-                a.layer(module).lora_B["default"] for a in adapters if isinstance(a, LoRAAdapter)
-            ]
-            for layer in lora_b[1:]:
-                layer.weight = lora_b[0].weight
-            continue
-        layers = [a.layer(module) for a in adapters if isinstance(a, DecomposedAdapter)]
-        shared = nn.Parameter(layers[0].B0.detach().clone())
-        for layer in layers:
-            layer.B0 = shared  # the frozen buffer becomes the shared, trained B
-            layer.B2.requires_grad_(False)  # B2 = 0: DeltaW = s B0 M A
-            layer.B1.requires_grad_(False)
+        lora_b = [a.layer(module).lora_B["default"] for a in adapters if isinstance(a, LoRAAdapter)]
+        masa = [a.layer(module) for a in adapters if isinstance(a, MASAAdapter)]
+        for layer in lora_b[1:]:
+            layer.weight = lora_b[0].weight
+        for masa_layer in masa[1:]:
+            masa_layer.B = masa[0].B
+        decomposed = [a.layer(module) for a in adapters if isinstance(a, DecomposedAdapter)]
+        if decomposed:
+            shared = nn.Parameter(decomposed[0].B0.detach().clone())
+            for layer in decomposed:
+                layer.B0 = shared  # the frozen buffer becomes the shared, trained B
+                layer.B2.requires_grad_(False)  # B2 = 0: DeltaW = s B0 M A
+                layer.B1.requires_grad_(False)
 
 
 def _score(client: FederatedClient, adapter: ClientAdapter, server_round: int, final: bool) -> dict:
@@ -171,7 +191,6 @@ def main() -> None:
     parser.add_argument("--run-name", default=time.strftime("centralised-%Y%m%d-%H%M%S"))
     args = parser.parse_args()
     overrides = parse_run_config(args.run_config)
-    overrides.pop("strategy", None)  # the ranks decide the adapter
     config = FedConfig.from_run_config(
         {**overrides, "run-name": args.run_name, "output-dir": args.output_dir}
     )

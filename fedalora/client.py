@@ -82,9 +82,10 @@ class FederatedClient:
         shared: Mapping[str, np.ndarray],
         private: Mapping[str, torch.Tensor] | None,
         shared_round: int = 0,
+        server_round: int = 0,
     ) -> ClientAdapter:
-        """Adapter from the shared state (produced in ``shared_round``) and the private
-        state (None: fresh A_0).
+        """Adapter for ``server_round`` from the shared state (produced in
+        ``shared_round``) and the private state (None: fresh A_0).
 
         Every client draws its initial private factors from the same seed (A_0), as
         the reference code does; with persist-private=false they restart from A_0 each
@@ -95,6 +96,7 @@ class FederatedClient:
         rank = method.client_rank(self.rank, method_state(private))
         torch.manual_seed(cfg.seed)
         adapter = method.make_adapter(self.base, rank, cfg.lora_dropout)
+        adapter.server_round = server_round
         if private:
             kept = (
                 private
@@ -125,7 +127,7 @@ class FederatedClient:
         """
         cfg, method = self.config, self.method
         started = time.perf_counter()
-        adapter = self.build_adapter(shared, private, shared_round)
+        adapter = self.build_adapter(shared, private, shared_round, server_round)
         seed = round_seed(cfg.seed, server_round, self.partition_id)
         torch.manual_seed(seed)  # dropout
         metrics = train_steps(
@@ -161,12 +163,13 @@ class FederatedClient:
         private: Mapping[str, torch.Tensor] | None,
         shared_round: int = 0,
         final: bool = False,
+        server_round: int = 0,
     ) -> tuple[dict[str, float], Tensors]:
-        """Score the personalised model (shared state + own private state); returns the
-        metrics and the private state (a method may update it on receipt, as FLoRA
-        merges)."""
+        """Score the personalised model (shared state + own private state) in
+        ``server_round``; returns the metrics and the private state (a method may update
+        it on receipt, as FLoRA merges)."""
         started = time.perf_counter()
-        adapter = self.build_adapter(shared, private, shared_round)
+        adapter = self.build_adapter(shared, private, shared_round, server_round)
         metrics = self.evaluate_adapter(adapter, final)
         metrics.update(num_examples=self.data.num_test, seconds=time.perf_counter() - started)
         return metrics, adapter.private_state(self.method.keeps)
@@ -180,7 +183,7 @@ class FederatedClient:
             adapter.model,
             self.data.test,
             self.base.tokenizer,
-            batch_size=cfg.batch_size,
+            batch_size=cfg.eval_batch_size,
             device=self.device,
             bf16=cfg.bf16,
         )
@@ -189,7 +192,7 @@ class FederatedClient:
                 adapter.model,
                 self.data.test["prompt_ids"],
                 self.base.tokenizer,
-                batch_size=cfg.batch_size,
+                batch_size=cfg.eval_batch_size,
                 max_new_tokens=cfg.max_new_tokens,
                 device=self.device,
                 bf16=cfg.bf16,
@@ -203,7 +206,7 @@ class FederatedClient:
                 adapter.model,
                 official,
                 self.base.tokenizer,
-                batch_size=cfg.batch_size,
+                batch_size=cfg.eval_batch_size,
                 device=self.device,
                 bf16=cfg.bf16,
             )["accuracy"]
@@ -215,9 +218,10 @@ class FederatedClient:
         private: Mapping[str, torch.Tensor] | None,
         path: str | Path,
         shared_round: int = 0,
+        server_round: int = 0,
     ) -> Path:
         """Write the personalised adapter as a standard PEFT LoRA adapter."""
-        adapter = self.build_adapter(shared, private, shared_round)
+        adapter = self.build_adapter(shared, private, shared_round, server_round)
         return export_peft_adapter(
             self.method.export_factors(adapter), adapter, self.base.model, path
         )

@@ -42,6 +42,7 @@ class FedConfig:
     min_nodes: int = 2
     local_steps: int = 10
     batch_size: int = 16
+    eval_batch_size: int = 32
     lr: float = 1e-3
     lr_schedule: str = "linear"
     weight_decay: float = 0.0
@@ -154,6 +155,7 @@ class FedConfig:
         require(self.min_nodes >= 1, "min-nodes", "must be >= 1")
         require(self.local_steps > 0, "local-steps", "must be >= 1")
         require(self.batch_size > 0, "batch-size", "must be >= 1")
+        require(self.eval_batch_size > 0, "eval-batch-size", "must be >= 1")
         require(self.lr > 0 and math.isfinite(self.lr), "lr", "must be a positive number")
         require(
             self.lr_schedule in LR_SCHEDULES,

@@ -19,9 +19,13 @@ Shapes = Mapping[str, tuple[int, ...]]
 
 
 def update_rms(update: Mapping[str, np.ndarray]) -> float:
-    """Root-mean-square entry over all arrays of an update (float64 sums)."""
-    total = sum(float(np.dot(a.ravel().astype(np.float64), a.ravel())) for a in update.values())
-    count = sum(a.size for a in update.values())
+    """Root-mean-square entry over the float arrays of an update (float64 sums); integer
+    arrays (a sparse upload's mask) are not values."""
+    values = [
+        a.ravel().astype(np.float64) for a in update.values() if np.issubdtype(a.dtype, np.floating)
+    ]
+    total = sum(float(np.dot(v, v)) for v in values)
+    count = sum(v.size for v in values)
     return float(np.sqrt(total / max(count, 1)))
 
 

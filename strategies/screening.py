@@ -9,7 +9,7 @@ import numpy as np
 from flwr.app import MetricRecord
 
 from fedalora.methods import Method, Participant
-from fedalora.screening import norm_problems, update_problem, update_rms
+from fedalora.screening import norm_problems, update_rms
 from fedalora.types import Arrays, LayerShapes
 from protocol import LOSS, NUM_EXAMPLES, UPLOAD_RANK, number
 
@@ -42,7 +42,7 @@ class ReplyScreen:
         shrunk = self.method.ranks_can_shrink and 1 <= rank < client.rank
         if rank != client.rank and not shrunk:
             return f"reports rank {rank} but has rank {client.rank}", client.rank
-        return update_problem(update, self.method.upload_shapes(self.layer_shapes, rank)), rank
+        return self.method.upload_problem(self.layer_shapes, rank, update), rank
 
     def size_problems(self, updates: Sequence[Arrays]) -> list[str | None]:
         """Per well-formed upload of a round, why its size is implausible, or None."""

@@ -81,6 +81,16 @@ ORACLE: dict[str, Facts] = {
         lambda x: 0 if x.first else sum(x.ranks) * (x.d_in + x.d_out),
     ),
     "local": Facts(frozenset(), frozenset({"lora_A", "lora_B"}), lambda x: 0, lambda x: 0),
+    "masa": Facts(
+        frozenset({"lora_B"}),
+        frozenset({"bank", "mix"}),
+        lambda x: x.d_out * x.rank,
+        lambda x: x.d_out * x.rank,
+    ),
+    # LoRI-D (the suites' tiny runs set lori-sparsity=0; LoRI-S is tested on its own)
+    "lori": Facts(
+        frozenset({"lora_B"}), frozenset(), lambda x: x.d_out * x.rank, lambda x: x.d_out * x.rank
+    ),
 }
 
 

@@ -148,6 +148,8 @@ def test_same_seed_same_upload(hetero_config):
         ("ffa-lora", "8,4,2", "minilm"),  # frozen seeded A
         ("zeropad", "8,4,2", "minilm"),  # padded download, truncated
         ("flora", "8,4,2", "minilm"),  # merged stack + fresh LoRA, exported at full rank
+        ("masa", "8,4,2", "minilm"),  # the experts' mix and B as dense factors
+        ("lori", "8,4,2", "minilm"),  # frozen seeded A, B
     ],
 )
 def test_exported_adapter_reproduces_client_outputs(tmp_path, strategy, ranks, model):

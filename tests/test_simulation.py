@@ -23,27 +23,33 @@ from fedalora.outputs import read_jsonl
 from fedalora.simulate import SimulationFailed, ray_cluster, run_simulation
 
 from .comm_formulas import ORACLE, Layer, floats_per_layer
+from .conftest import TINY_OPTIONS
 
 APP = Path(__file__).resolve().parents[1]
 TINY = (
     "num-hidden-layers=2 local-steps=3 batch-size=8 max-length=32 dataset='bbc-news' "
     "num-server-rounds=2 lr=0.001"
 )
-D_M = 4
+D_M = TINY_OPTIONS["intermediate-rank"]
 BUILT_IN = registered_methods(built_in=True)
+
+
+def _options(cls) -> str:
+    """The tiny runs' method options that this method takes."""
+    own = cls.Options.fields_by_key()
+    return " ".join(f"{k}={v}" for k, v in TINY_OPTIONS.items() if k in own)
+
+
 #: run name -> (strategy, ranks, extra run-config): every method homogeneous, and
 #: heterogeneous where it can be; one run twice for determinism, the second time with
-#: its private state on disk; and a method written outside the package, by import path.
+#: its private state on disk; LoRI-S; and a method written outside the package.
 RUNS = {
-    f"{name}-{setting}": (
-        name,
-        ranks,
-        f"intermediate-rank={D_M}" if "intermediate-rank" in cls.Options.fields_by_key() else "",
-    )
+    f"{name}-{setting}": (name, ranks, _options(cls))
     for name, cls in BUILT_IN.items()
     for setting, ranks in [("homo", "4"), ("hetero", "8,4,2")]
     if setting == "homo" or cls.heterogeneous
 }
+RUNS["lori-s-hetero"] = ("lori", "8,4,2", "lori-sparsity=0.9 lori-calibration-rounds=1")
 RUNS["hetlora-hetero"] = ("hetlora", "8,4,2", "rank-decay=0.5 rank-penalty=0.01")
 RUNS["fedalora-hetero-again"] = (
     "fedalora-hetero",
@@ -143,7 +149,7 @@ def test_bytes_in_metrics_equal_what_each_rule_moves(runs):
     for name, run_dir in runs.items():
         config = _config(run_dir)
         strategy, layers = config["strategy"], config["adapted_layers"].values()
-        if strategy not in ORACLE:
+        if strategy not in ORACLE or config.get("lori-sparsity"):  # the oracle's is LoRI-D
             continue
         ranks = [c["rank"] for c in config["clients"]]
         rows = read_jsonl(run_dir / "metrics.jsonl")
@@ -338,6 +344,36 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result_bit_for_bit(runs, tmp_
         for run in (resumed, whole)
     ]
     assert scores[0] == scores[1]
+
+
+def test_lori_s_uploads_a_tenth_of_lori_d_once_its_masks_are_fixed(runs):
+    """Round 1 calibrates densely (values of every entry plus the packed mask); in round
+    2 each client uploads its masked 10% of the values and the mask (1 bit per entry)."""
+    sparse, dense = (
+        read_jsonl(runs[n] / "metrics.jsonl") for n in ("lori-s-hetero", "lori-hetero")
+    )
+
+    def up(rows, server_round):
+        return {
+            r["client"]: r["bytes_up"]
+            for r in rows
+            if r["phase"] == "train" and r["round"] == server_round
+        }
+
+    for client, full in up(dense, 2).items():
+        entries = full // 4  # LoRI-D: every entry of B, float32
+        assert up(sparse, 1)[client] == 4 * entries + sum(
+            -(-n // 8) for n in _entries_per_layer(runs["lori-s-hetero"], client)
+        )
+        masked = up(sparse, 2)[client]
+        assert masked <= 0.1 * full + entries / 8 + 8 * 4  # values + bit mask (+ rounding)
+        assert masked < 0.15 * full
+
+
+def _entries_per_layer(run_dir, client):
+    config = _config(run_dir)
+    rank = next(c["rank"] for c in config["clients"] if c["client"] == client)
+    return [d_out * rank for d_out, _ in config["adapted_layers"].values()]
 
 
 def test_a_method_of_ones_own_runs_with_heterogeneous_ranks(runs):

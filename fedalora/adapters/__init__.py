@@ -10,12 +10,15 @@ from .adapter import (
 )
 from .decomposed import DecomposedAdapter, DecomposedLoRALinear
 from .lora import LoRAAdapter
+from .masa import MASAAdapter, MASALinear
 
 __all__ = [
     "ClientAdapter",
     "DecomposedAdapter",
     "DecomposedLoRALinear",
     "LoRAAdapter",
+    "MASAAdapter",
+    "MASALinear",
     "PeftFactors",
     "export_peft_adapter",
     "load_peft_adapter",

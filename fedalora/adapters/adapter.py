@@ -51,6 +51,8 @@ class ClientAdapter(ABC):
         self.rank, self.scale = rank, scale
         #: The method's per-client bookkeeping, kept privately between rounds.
         self.state: Tensors = {}
+        #: The round this model is built for (0: outside a federation's rounds).
+        self.server_round = 0
         self.model = self._attach(share_frozen_weights(base_model, head_modules), dropout)
         for param in self._head_parameters().values():
             param.requires_grad_(True)
@@ -95,10 +97,7 @@ class ClientAdapter(ABC):
     def private_state(self, kept: Iterable[str]) -> Tensors:
         """What stays on the client between rounds (detached copies): the adapter
         tensors named in ``kept``, the head and the method's bookkeeping."""
-        tensors = self.tensors()
-        state = {
-            f"{m}.{n}": tensors[f"{m}.{n}"].detach().clone() for m in self.targets for n in kept
-        }
+        state = {key: t.detach().clone() for key, t in self._kept(kept).items()}
         state.update({HEAD + k: v.detach().clone() for k, v in self._head_parameters().items()})
         state.update({STATE + k: v.detach().clone() for k, v in self.state.items()})
         return state
@@ -107,8 +106,7 @@ class ClientAdapter(ABC):
         self, private: Mapping[str, torch.Tensor], kept: Iterable[str], strict: bool = True
     ) -> None:
         """Restore a private state; ``strict=False`` allows a subset (the head only)."""
-        tensors = self.tensors()
-        own = {f"{m}.{n}": tensors[f"{m}.{n}"] for m in self.targets for n in kept}
+        own = self._kept(kept)
         own.update({HEAD + k: v for k, v in self._head_parameters().items()})
         restored = {k: v for k, v in private.items() if not k.startswith(STATE)}
         unknown, missing = set(restored) - set(own), set(own) - set(restored)
@@ -128,6 +126,19 @@ class ClientAdapter(ABC):
         self.state.update(
             {k[len(STATE) :]: v.clone() for k, v in private.items() if k.startswith(STATE)}
         )
+
+    def _kept(self, kept: Iterable[str]) -> dict[str, torch.Tensor]:
+        """The tensors ``<module>.<name>`` of every target for the names in ``kept``; a
+        tensor that several modules share (one bank for many layers) counts once, under
+        its first module."""
+        tensors, seen, chosen = self.tensors(), set(), {}
+        for m in self.targets:
+            for n in kept:
+                tensor = tensors[f"{m}.{n}"]
+                if id(tensor) not in seen:
+                    seen.add(id(tensor))
+                    chosen[f"{m}.{n}"] = tensor
+        return chosen
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]

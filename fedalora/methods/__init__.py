@@ -14,6 +14,8 @@ from . import (  # noqa: F401 - importing a method module registers it
     flora,
     hetlora,
     local,
+    lori,
+    masa,
     zeropad,
 )
 from .base import Method, MethodOptions, Paper, Participant

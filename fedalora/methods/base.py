@@ -37,6 +37,7 @@ import torch
 from ..adapters import ClientAdapter, LoRAAdapter, PeftFactors
 from ..models import BaseModel
 from ..scaling import LoRAScaling
+from ..screening import update_problem
 from ..types import Arrays, LayerShapes, Shapes, Tensors
 
 
@@ -116,6 +117,11 @@ class Method(ABC):
             for m, (d_out, d_in) in layers.items()
             for name in self.uploads
         }
+
+    def upload_problem(self, layers: LayerShapes, rank: int, update: Arrays) -> str | None:
+        """Why an upload of a client of ``rank`` cannot be used (keys, shapes, dtype,
+        NaN/Inf), or None."""
+        return update_problem(update, self.upload_shapes(layers, rank))
 
     @abstractmethod
     def initial_shared(self, layers: LayerShapes, ranks: Sequence[int]) -> Arrays:

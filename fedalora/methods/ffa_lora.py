@@ -17,14 +17,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
-
 from ..adapters import ClientAdapter
 from ..aggregation import truncate_rank, zero_pad_average
 from ..models import BaseModel
 from ..types import Arrays, LayerShapes
 from .base import Method, Paper, Participant
-from .lora_factors import initial_lora, padded_rank, seeded_lora_a
+from .lora_factors import freeze_seeded_a, initial_lora, padded_rank
 from .registry import register_method
 
 
@@ -57,11 +55,4 @@ class FFALoRA(Method):
 
     def make_adapter(self, base: BaseModel, rank: int, dropout: float) -> ClientAdapter:
         """PEFT LoRA whose A is the shared seeded A's first ``rank`` rows, frozen."""
-        adapter = super().make_adapter(base, rank, dropout)
-        tensors = adapter.tensors()
-        with torch.no_grad():
-            for m in adapter.targets:
-                weight = tensors[f"{m}.lora_A"]
-                weight.copy_(torch.from_numpy(seeded_lora_a(self.seed, m, rank, weight.shape[1])))
-                weight.requires_grad_(False)
-        return adapter
+        return freeze_seeded_a(super().make_adapter(base, rank, dropout), self.seed)

@@ -8,7 +8,9 @@ import zlib
 from collections.abc import Mapping
 
 import numpy as np
+import torch
 
+from ..adapters import ClientAdapter
 from ..adapters.lora import LORA_A, LORA_B
 from ..types import Arrays, LayerShapes
 
@@ -42,3 +44,16 @@ def padded_rank(shared: Mapping[str, np.ndarray]) -> int:
     """The rank that LoRA factors padded to a common rank have (rows of A, columns of B)."""
     key, value = next(iter(shared.items()))
     return int(value.shape[0] if key.endswith(LORA_A) else value.shape[1])
+
+
+def freeze_seeded_a(adapter: ClientAdapter, seed: int) -> ClientAdapter:
+    """Set every ``lora_A`` of a PEFT LoRA adapter to the first rows of the shared
+    ``seeded_lora_a`` and freeze it; returns the adapter."""
+    tensors = adapter.tensors()
+    with torch.no_grad():
+        for m in adapter.targets:
+            weight = tensors[f"{m}.{LORA_A}"]
+            rank, d_in = weight.shape
+            weight.copy_(torch.from_numpy(seeded_lora_a(seed, m, rank, d_in)))
+            weight.requires_grad_(False)
+    return adapter

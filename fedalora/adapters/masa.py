@@ -1,0 +1,108 @@
+"""MASA's layer: a bank of A experts shared by every adapted layer of one input size,
+and one B per layer that integrates them.
+
+    h = sum_e g_e A_e x,   g = softmax(w)   (w: the layer's own E mixing logits)
+    y = W0 x + s B h
+
+    tensor   shape          init               lives
+    bank     E x r x d_in   Kaiming-uniform    one per input size d_in, every layer's
+    mix      E              zeros (g uniform)  per layer
+    B        d_out x r      zeros              per layer
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .adapter import ClientAdapter, PeftFactors
+
+
+class MASALinear(nn.Module):
+    """Wraps a frozen ``nn.Linear`` W0 with ``bank`` (E x r x d_in, shared with other
+    layers), its own mixing logits and its own B."""
+
+    def __init__(
+        self, base: nn.Linear, bank: nn.Parameter, scale: float, dropout: float = 0.0
+    ) -> None:
+        super().__init__()
+        self.base, self.bank, self.scale = base, bank, scale
+        experts, rank, _ = bank.shape
+        self.mix = nn.Parameter(torch.zeros(experts, device=bank.device, dtype=bank.dtype))
+        self.B = nn.Parameter(
+            torch.zeros(base.weight.shape[0], rank, device=bank.device, dtype=bank.dtype)
+        )
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def mixed_a(self) -> torch.Tensor:
+        """The layer's effective down-projection sum_e g_e A_e (r x d_in)."""
+        return torch.einsum("e,erd->rd", torch.softmax(self.mix, dim=0), self.bank)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = nn.functional.linear(self.dropout(x), self.mixed_a())
+        return self.base(x) + self.scale * nn.functional.linear(h, self.B)
+
+
+def expert_bank(experts: int, rank: int, d_in: int, like: torch.Tensor) -> nn.Parameter:
+    """E experts of r x d_in, each with PEFT's LoRA-A init (Kaiming-uniform, a = sqrt(5))."""
+    bank = nn.Parameter(torch.empty(experts, rank, d_in, device=like.device, dtype=like.dtype))
+    for expert in bank:
+        nn.init.kaiming_uniform_(expert, a=math.sqrt(5))
+    return bank
+
+
+class MASAAdapter(ClientAdapter):
+    """``MASALinear`` layers on the targets, one ``experts``-expert bank per input size:
+    tensors ``<module>.lora_B``, ``<module>.mix`` and ``<module>.bank`` (the bank of the
+    module's input size, the same tensor for all of them)."""
+
+    def __init__(
+        self,
+        base_model: nn.Module,
+        targets: list[str],
+        head_modules: list[str],
+        rank: int,
+        scale: float,
+        dropout: float,
+        experts: int,
+    ) -> None:
+        self.experts = experts
+        super().__init__(base_model, targets, head_modules, rank, scale, dropout)
+
+    def _attach(self, model: nn.Module, dropout: float) -> nn.Module:
+        model.requires_grad_(False)
+        banks: dict[int, nn.Parameter] = {}
+        for name in self.targets:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            base = getattr(parent, child)
+            d_in = base.weight.shape[1]
+            if d_in not in banks:
+                banks[d_in] = expert_bank(self.experts, self.rank, d_in, base.weight)
+            setattr(parent, child, MASALinear(base, banks[d_in], self.scale, dropout))
+        return model
+
+    def layer(self, module: str) -> MASALinear:
+        layer = self.model.get_submodule(module)
+        assert isinstance(layer, MASALinear)
+        return layer
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        tensors: dict[str, torch.Tensor] = {}
+        for m in self.targets:
+            layer = self.layer(m)
+            tensors.update({f"{m}.lora_B": layer.B, f"{m}.mix": layer.mix, f"{m}.bank": layer.bank})
+        return tensors
+
+    def peft_factors(self) -> PeftFactors:
+        """Exact: lora_A = sum_e g_e A_e and lora_B = s B per layer."""
+        with torch.no_grad():
+            return {
+                m: (
+                    self.layer(m).mixed_a().detach().clone(),
+                    self.scale * self.layer(m).B.detach().clone(),
+                )
+                for m in self.targets
+            }
