@@ -67,6 +67,12 @@ class Preset:
     strategies: dict[str, list[str]]
     seeds: int = 3
     note: str = ""
+    #: Rows that are a method with run-config of its own: label -> (strategy, run-config).
+    rows: dict[str, tuple[str, dict[str, object]]] = field(default_factory=dict)
+
+    def method(self, label: str) -> tuple[str, dict[str, object]]:
+        """The strategy and extra run-config of a row."""
+        return self.rows.get(label, (label, {}))
 
 
 CLASSIFICATION = {
@@ -85,6 +91,13 @@ INSTRUCTION = {
     "partitioning": "task",
     "export-adapters": False,
     "fraction-evaluate": 0.0,
+}
+#: Rows of a method with run-config of its own (LoRI's two forms, LoRA variants).
+VARIANT_ROWS: dict[str, tuple[str, dict[str, object]]] = {
+    "lori-d": ("lori", {"lori-sparsity": 0.0}),
+    "lori-s": ("lori", {"lori-sparsity": 0.9}),
+    "fedalora-dora": ("fedalora", {"dora": True}),
+    "fedalora-lora-plus": ("fedalora", {"lora-plus-ratio": 16.0}),
 }
 PRESETS = {
     ("classification", "default"): Preset(
@@ -123,6 +136,27 @@ PRESETS = {
         {"heterogeneous": "8,4,2"},
         {"heterogeneous": ["fedalora-hetero", "zeropad"]},
         seeds=2,
+    ),
+    ("classification", "methods"): Preset(
+        12,
+        "accuracy",
+        {**CLASSIFICATION, "num-server-rounds": 3, "local-steps": 8, "batch-size": 8, "lr": 0.01},
+        {"homogeneous": "8", "heterogeneous": "64,16,8"},
+        {
+            "homogeneous": [
+                "fedalora",
+                "fedalora-dora",
+                "fedalora-lora-plus",
+                "lori-d",
+                "lori-s",
+                "masa",
+            ],
+            "heterogeneous": ["fedalora-hetero", "lori-s", "masa"],
+        },
+        seeds=2,
+        note="the default preset's design; the founding texts' methods and two LoRA variants "
+        "beside Fed-ALoRA",
+        rows=VARIANT_ROWS,
     ),
     ("instruction", "default"): Preset(
         24,
@@ -210,13 +244,15 @@ class Grid:
         """The run's run-config: the preset's, the extra keys, its ranks and seed, and
         only the method options that its method takes."""
         options = {k for c in registered_methods().values() for k in c.Options.fields_by_key()}
+        strategy, row_config = self.preset.method(run.strategy)
         own = (
             set()
-            if run.strategy == CENTRALISED
-            else set(method_class(run.strategy).Options.fields_by_key())
+            if strategy == CENTRALISED
+            else set(method_class(strategy).Options.fields_by_key())
         )
         merged = {
             **self.preset.run_config,
+            **row_config,
             **self.extra,
             "ranks": self.preset.settings[run.setting],
             "seed": run.seed,
@@ -226,9 +262,10 @@ class Grid:
     def execute(self, run: Run, ray_address: str | None) -> None:
         """One run; its wall seconds (start-up included) go to ``walls``."""
         run_config = self.run_config(run)
+        strategy = self.preset.method(run.strategy)[0]
         log = self.output_dir / "logs" / f"{run.name}.log"
         started = time.perf_counter()
-        if run.strategy == CENTRALISED:
+        if strategy == CENTRALISED:
             _subprocess(
                 [
                     "-m",
@@ -252,7 +289,7 @@ class Grid:
                     "--num-supernodes",
                     str(self.preset.num_clients),
                     "--run-config",
-                    _text({**run_config, "strategy": run.strategy}),
+                    _text({**run_config, "strategy": strategy}),
                     "--output-dir",
                     str(self.output_dir),
                     "--run-name",
@@ -266,7 +303,7 @@ class Grid:
                 ROOT,
                 run.name,
                 num_supernodes=self.preset.num_clients,
-                run_config=_text({**run_config, "strategy": run.strategy}),
+                run_config=_text({**run_config, "strategy": strategy}),
                 output_dir=self.output_dir,
                 ray_address=ray_address,
                 log_path=log,
@@ -286,7 +323,11 @@ def plan(
         chosen = [
             s for s in strategies or preset.strategies[setting] if s not in (LOCAL, CENTRALISED)
         ]
-        chosen = [s for s in chosen if not heterogeneous or method_class(s).heterogeneous]
+        chosen = [
+            s
+            for s in chosen
+            if not heterogeneous or method_class(preset.method(s)[0]).heterogeneous
+        ]
         runs += [Run(setting, s, seed) for s in [*chosen, LOCAL, CENTRALISED] for seed in seeds]
     return runs
 
@@ -409,7 +450,7 @@ def main() -> None:
     if unknown := [s for s in settings if s not in preset.settings]:
         parser.error(f"--settings: unknown {unknown}; choose from {list(preset.settings)}")
     strategies = args.strategies.split(",") if args.strategies else None
-    known = [*registered_methods(), CENTRALISED]
+    known = [*registered_methods(), *preset.rows, CENTRALISED]
     if bad := [s for s in strategies or [] if s not in known]:
         parser.error(f"--strategies: unknown {bad}; choose from {known}")
     seeds = list(range(args.first_seed, args.first_seed + (args.seeds or preset.seeds)))

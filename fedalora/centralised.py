@@ -139,6 +139,11 @@ def counterpart(config: FedConfig, ranks: list[int]) -> FedConfig:
     """The configuration the pooled clients are built with: MASA's (each client's own
     expert bank, one B per layer for all; one rank), else Fed-ALoRA's (PEFT LoRA with
     one rank, the decomposed layer with several)."""
+    require(
+        not config.dp.enabled,
+        "dp-noise-multiplier",
+        "the centralised reference pools the data and sends no update to protect; set 0",
+    )
     if isinstance(config.method, MASA):
         require(
             len(set(ranks)) == 1,

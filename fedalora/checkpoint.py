@@ -3,7 +3,8 @@
 ``<run-dir>/checkpoint/`` holds ``shared-round-<k>.safetensors`` (the shared state
 after round k: never a client's private factors) and ``state.json`` (the round, the
 round whose aggregation produced the shared state, each client's partition, rank and
-example count, the run-config, and the RNG state). ``state.json`` is replaced last and
+example count, the run-config, the strategy's own state such as the privacy
+accountant's ledger, and the RNG state). ``state.json`` is replaced last and
 atomically, so a run killed at any moment leaves the previous complete checkpoint.
 
 The server keeps no running random generator: round t's node sample is drawn from
@@ -17,7 +18,7 @@ from __future__ import annotations
 import json
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,8 @@ class Checkpoint:
     shared: dict[str, np.ndarray]
     clients: list[dict[str, int]]  # partition_id, rank, num_examples
     config: dict[str, Any]
+    #: The strategy's own state (the privacy accountant's ledger under DP).
+    strategy: dict[str, Any] = field(default_factory=dict)
 
     @property
     def rng_state(self) -> dict[str, Any]:
@@ -73,6 +76,7 @@ def save_checkpoint(run_dir: str | Path, checkpoint: Checkpoint) -> Path:
         "shared_file": shared_name,
         "clients": checkpoint.clients,
         "config": checkpoint.config,
+        "strategy": checkpoint.strategy,
         "rng": checkpoint.rng_state,
     }
     with tempfile.NamedTemporaryFile(
@@ -98,6 +102,7 @@ def load_checkpoint(run_dir: str | Path) -> Checkpoint | None:
         shared=load_file(str(folder / state["shared_file"])),
         clients=state["clients"],
         config=state["config"],
+        strategy=state.get("strategy", {}),
     )
 
 

@@ -17,6 +17,7 @@ from .config import FedConfig, validate_rank
 from .data import ClientData, load_client_data, load_official_test, num_labels_of
 from .metrics import generation_scores
 from .models import BaseModel, cached_base_model, select_device
+from .privacy import NOISE_STREAM, global_norm
 from .training import evaluate, generate_responses, train_steps
 from .types import Arrays, Tensors
 
@@ -123,11 +124,15 @@ class FederatedClient:
         is exported as a PEFT adapter to ``export_to`` when given.
 
         ``metrics["rank"]`` is the rank of the upload (lower than before if the method
-        cut it this round, as HetLoRA's rank self-pruning does).
+        cut it this round, as HetLoRA's rank self-pruning does). Under client-level DP
+        the upload is the clipped update (``fedalora.privacy``); without it, a method
+        that DP could protect reports the update's L2 norm as ``update_norm``.
         """
         cfg, method = self.config, self.method
         started = time.perf_counter()
         adapter = self.build_adapter(shared, private, shared_round, server_round)
+        linear = method.dp_refusal() is None
+        installed = adapter.arrays(method.downloads) if linear else {}
         seed = round_seed(cfg.seed, server_round, self.partition_id)
         torch.manual_seed(seed)  # dropout
         metrics = train_steps(
@@ -138,12 +143,20 @@ class FederatedClient:
             steps=cfg.local_steps,
             batch_size=cfg.batch_size,
             recipe=cfg.recipe,
+            optimiser=adapter.optimiser(cfg.recipe, cfg.local_steps),
             device=self.device,
             generator=torch.Generator().manual_seed(seed),
             penalty=method.loss_penalty(adapter),
             bf16=cfg.bf16,
         )
         upload = method.after_training(adapter, method.upload(adapter))
+        if cfg.dp.enabled:  # send the clipped (and in local mode noised) update instead
+            upload = cfg.dp.client_upload(
+                method.shared_delta(installed, upload),
+                cfg.dp.noise_rng(cfg.seed, server_round, self.partition_id, NOISE_STREAM),
+            )
+        elif linear:  # what dp-clip would bound: the median is a common choice of C
+            metrics["update_norm"] = global_norm(method.shared_delta(installed, upload))
         metrics.update(
             num_examples=self.data.num_train,
             rank=method.client_rank(self.rank, adapter.state),

@@ -15,7 +15,10 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
+import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
+from matplotlib.figure import Figure
 
 from . import fairness
 from .outputs import CONFIG, LOCAL_MODEL, METRICS, SUMMARY, read_jsonl
@@ -126,6 +129,96 @@ def reading(difference: Interval, what: str) -> str:
         f"{what}: {direction} by {abs(difference.mean):.3f} ± {difference.half_width:.3f} "
         f"({difference.confidence:.0%} interval over {difference.n} seeds)"
     )
+
+
+def method_label(run_dir: str | Path) -> str:
+    """A short name for a method's runs: its strategy and ranks, and its noise multiplier
+    and clip bound under client-level DP."""
+    config = json.loads((Path(run_dir) / CONFIG).read_text())
+    label = f"{config['strategy']} (ranks {config['ranks']})"
+    if config.get("dp-noise-multiplier", 0) > 0:
+        label += f", DP z={config['dp-noise-multiplier']:.3g} C={config['dp-clip']:.3g}"
+    return label
+
+
+#: The figures a privacy-utility comparison shows.
+PRIVACY_FIGURES = ("mean", "worst", "lowest_rank_mean", "highest_rank_mean")
+
+
+def privacy_utility(
+    run_dirs: Iterable[str | Path], metric: str = "accuracy", protocol: str = LOCAL_MODEL
+) -> pd.DataFrame:
+    """Per (strategy, ranks, noise multiplier): the runs' final epsilon (inf without DP)
+    and each of ``PRIVACY_FIGURES`` as the mean over seeds with its interval
+    (``<figure>``, ``<figure>_low``, ``<figure>_high``), sorted by epsilon."""
+    rows = []
+    for runs in group_runs(run_dirs).values():
+        config = json.loads((runs[0] / CONFIG).read_text())
+        noise = float(config.get("dp-noise-multiplier", 0.0))
+        epsilons = [
+            json.loads((run / SUMMARY).read_text()).get("epsilon", math.inf) for run in runs
+        ]
+        per_seed = [run_figures(run, None, metric, protocol) for run in runs]
+        row: dict[str, object] = {
+            "strategy": config["strategy"],
+            "ranks": config["ranks"],
+            "noise_multiplier": noise,
+            "epsilon": float(max(epsilons)) if noise > 0 else math.inf,
+            "seeds": len(runs),
+        }
+        for figure in PRIVACY_FIGURES:
+            interval = mean_interval([f[figure] for f in per_seed])
+            row.update(
+                {
+                    figure: interval.mean,
+                    f"{figure}_low": interval.low,
+                    f"{figure}_high": interval.high,
+                }
+            )
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    return frame.sort_values(["strategy", "ranks", "epsilon"]).reset_index(drop=True)
+
+
+def plot_privacy_utility(table: pd.DataFrame, metric: str = "accuracy") -> Figure:
+    """``privacy_utility``'s table against epsilon (log scale; runs without DP at the
+    right, marked "no DP"): mean and worst client on the left, lowest and highest rank
+    tier on the right, each with its 95% interval over seeds."""
+    finite = table.loc[np.isfinite(table["epsilon"]), "epsilon"]
+    no_dp = float(finite.max() * 3) if len(finite) else 1.0
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    panels = (("mean", "worst"), ("lowest_rank_mean", "highest_rank_mean"))
+    for ax, pair in zip(axes, panels, strict=True):
+        for i, ((strategy, ranks), rows) in enumerate(table.groupby(["strategy", "ranks"])):
+            x = np.where(np.isfinite(rows["epsilon"]), rows["epsilon"], no_dp)
+            for figure_name, style in zip(pair, ("-", ":"), strict=True):
+                errors = np.nan_to_num(
+                    [
+                        rows[figure_name] - rows[f"{figure_name}_low"],
+                        rows[f"{figure_name}_high"] - rows[figure_name],
+                    ]
+                )
+                ax.errorbar(
+                    x * (1 + 0.03 * i),
+                    rows[figure_name],
+                    yerr=errors,
+                    linestyle=style,
+                    marker="o",
+                    capsize=3,
+                    color=f"C{i}",
+                    label=f"{strategy} ({ranks}): {figure_name.replace('_', ' ')}",
+                )
+        ax.set_xscale("log")
+        ticks = [*sorted(set(finite.round(2))), no_dp]
+        ax.set_xticks(ticks, [*(f"{t:g}" for t in ticks[:-1]), "no DP"])
+        ax.minorticks_off()
+        ax.set_xlabel("epsilon (client level)")
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel(metric)
+    axes[0].set_title("mean (solid) and worst (dotted) client")
+    axes[1].set_title("lowest (solid) and highest (dotted) rank tier")
+    figure.tight_layout()
+    return figure
 
 
 def _seed(run_dir: Path) -> int:

@@ -21,8 +21,10 @@ from typing import Any
 from .errors import ConfigError, require
 from .methods import Method, MethodOptions, method_class, registered_methods
 from .methods.fedalora_hetero import FedALoRAHetero
+from .privacy import CENTRAL, DP_MODES, DPSettings
 from .scaling import SCALINGS, LoRAScaling
 from .training import LR_SCHEDULES, LocalRecipe
+from .variants import DORA_MAGNITUDES, LORA_INITS, Variants
 
 DEVICES = ("auto", "cpu", "cuda")
 STATE_STORES = ("memory", "disk")
@@ -50,6 +52,11 @@ class FedConfig:
     lora_alpha: float = 2.0
     scaling: str = "constant"
     lora_dropout: float = 0.05
+    dora: bool = False
+    dora_magnitude: str = "private"
+    lora_plus_ratio: float = 1.0
+    lora_init: str = "default"
+    lora_fa: bool = False
     target_modules: str = "auto"
     model: str = "minilm"
     num_hidden_layers: int = 0
@@ -73,6 +80,12 @@ class FedConfig:
     round_retries: int = 1
     max_update_rms: float = 100.0
     max_norm_ratio: float = 10.0
+    dp_clip: float = 1.0
+    dp_noise_multiplier: float = 0.0
+    dp_delta: float = 0.0
+    dp_mode: str = CENTRAL
+    dp_target_epsilon: float = 0.0
+    dp_secure_noise: bool = False
     checkpoint: bool = True
     resume: bool = False
     options: MethodOptions = field(default_factory=MethodOptions)
@@ -169,6 +182,7 @@ class FedConfig:
             "max-grad-norm",
             "must be >= 0 (the largest total gradient norm; 0 turns clipping off)",
         )
+        self._validate_variants()
         require(self.lora_alpha > 0, "lora-alpha", "must be positive")
         require(self.scaling in SCALINGS, "scaling", f"choose one of: {', '.join(SCALINGS)}")
         require(0.0 <= self.lora_dropout < 1.0, "lora-dropout", "must be in [0, 1)")
@@ -235,6 +249,7 @@ class FedConfig:
             "must be > 1 (an update this many times the round's median RMS is rejected) "
             "or 0 to turn the check off",
         )
+        self._validate_privacy()
         if self.resume:
             require(self.checkpoint, "resume", "needs checkpoint=true")
             require(
@@ -270,10 +285,107 @@ class FedConfig:
         """The federated method ``strategy`` names."""
         return method_class(self.strategy)
 
+    def _validate_variants(self) -> None:
+        require(
+            self.dora_magnitude in DORA_MAGNITUDES,
+            "dora-magnitude",
+            f"choose one of: {', '.join(DORA_MAGNITUDES)} (DoRA's magnitude vector kept "
+            "on the client, or shared and averaged with B)",
+        )
+        require(
+            self.lora_plus_ratio >= 1.0,
+            "lora-plus-ratio",
+            "must be >= 1 (B's learning rate over A's; 1 turns LoRA+ off; about 16 in "
+            "the LoRA+ paper)",
+        )
+        require(
+            self.lora_init in LORA_INITS, "lora-init", f"choose one of: {', '.join(LORA_INITS)}"
+        )
+        variants = self.variants
+        for key in variants.chosen():
+            if key not in self.method_class.accepts:
+                able = [n for n, c in registered_methods().items() if key in c.accepts]
+                raise ConfigError(
+                    key,
+                    f"strategy '{self.strategy}' does not take this LoRA "
+                    f"variant; methods that do: {', '.join(able) or 'none'}",
+                )
+        require(
+            not (variants.dora and variants.lora_init != "default"),
+            "lora-init",
+            "a principal init (pissa, olora) does not combine with dora here; choose one",
+        )
+        require(
+            not (variants.lora_fa and variants.lora_plus_ratio != 1.0),
+            "lora-fa",
+            "LoRA-FA and LoRA+ are two optimisers; choose one (lora-fa=false or lora-plus-ratio=1)",
+        )
+
+    def _validate_privacy(self) -> None:
+        require(
+            self.dp_clip > 0 and math.isfinite(self.dp_clip),
+            "dp-clip",
+            "must be a positive number (the L2 bound C on each client's update, over all layers)",
+        )
+        require(
+            self.dp_noise_multiplier >= 0 and math.isfinite(self.dp_noise_multiplier),
+            "dp-noise-multiplier",
+            "must be >= 0 (z: the noise's standard deviation is z * dp-clip; 0 turns DP off)",
+        )
+        require(
+            0 <= self.dp_delta < 1,
+            "dp-delta",
+            "must be in [0, 1) (0: 1 / number of clients^1.1)",
+        )
+        require(self.dp_mode in DP_MODES, "dp-mode", f"choose one of: {', '.join(DP_MODES)}")
+        require(
+            self.dp_target_epsilon >= 0,
+            "dp-target-epsilon",
+            "must be >= 0 (the run stops before its epsilon would pass it; 0: no target)",
+        )
+        if not self.dp.enabled:
+            require(
+                self.dp_target_epsilon == 0,
+                "dp-target-epsilon",
+                "needs DP on: set dp-noise-multiplier > 0, or dp-target-epsilon=0",
+            )
+            return
+        refusal = self.method.dp_refusal()
+        if refusal:
+            able = [n for n, c in registered_methods().items() if c.linear]
+            raise ConfigError(
+                "dp-noise-multiplier",
+                f"strategy '{self.strategy}' cannot run under client-level DP: {refusal}; "
+                f"methods that can: {', '.join(able)} (or set dp-noise-multiplier=0)",
+            )
+
+    @property
+    def dp(self) -> DPSettings:
+        """Client-level differential privacy (run-config ``dp-*``)."""
+        return DPSettings(
+            self.dp_clip,
+            self.dp_noise_multiplier,
+            self.dp_delta,
+            self.dp_mode,
+            self.dp_target_epsilon,
+            self.dp_secure_noise,
+        )
+
+    @property
+    def variants(self) -> Variants:
+        """The clients' LoRA variants (dora, dora-magnitude, lora-plus-ratio, lora-init,
+        lora-fa)."""
+        return Variants(
+            self.dora, self.dora_magnitude, self.lora_plus_ratio, self.lora_init, self.lora_fa
+        )
+
     @functools.cached_property
     def method(self) -> Method:
-        """The federated method, set up with its options, the seed and the scaling."""
-        return self.method_class(self.options, seed=self.seed, scaling=self.lora_scaling)
+        """The federated method, set up with its options, the seed, the scaling and the
+        LoRA variants."""
+        return self.method_class(
+            self.options, seed=self.seed, scaling=self.lora_scaling, variants=self.variants
+        )
 
     @property
     def recipe(self) -> LocalRecipe:

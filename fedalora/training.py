@@ -57,10 +57,13 @@ class LocalRecipe:
     ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
         """AdamW over ``parameters`` and its schedule over ``steps`` steps."""
         optimizer = torch.optim.AdamW(parameters, lr=self.lr, weight_decay=self.weight_decay)
-        scheduler = get_scheduler(
-            self.schedule, optimizer, num_warmup_steps=0, num_training_steps=steps
-        )
-        return optimizer, scheduler
+        return optimizer, self.scheduler(optimizer, steps)
+
+    def scheduler(
+        self, optimizer: torch.optim.Optimizer, steps: int
+    ) -> torch.optim.lr_scheduler.LRScheduler:
+        """The learning-rate schedule of ``optimizer`` over ``steps`` steps."""
+        return get_scheduler(self.schedule, optimizer, num_warmup_steps=0, num_training_steps=steps)
 
     def step(
         self,
@@ -85,21 +88,22 @@ def train_steps(
     steps: int,
     batch_size: int,
     recipe: LocalRecipe,
+    optimiser: tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler],
     device: torch.device,
     generator: torch.Generator,
     penalty: Callable[[], torch.Tensor] | None = None,
     bf16: bool = False,
 ) -> dict[str, float]:
-    """``steps`` optimiser steps of ``recipe`` on batches drawn without replacement
-    (reshuffled per epoch), minimising the task loss plus ``penalty()`` when given;
-    forward passes under bf16 autocast when ``bf16`` (the trained parameters stay
-    float32).
+    """``steps`` steps of ``optimiser`` (an optimiser and its schedule; gradients clipped
+    as ``recipe`` says) on batches drawn without replacement (reshuffled per epoch),
+    minimising the task loss plus ``penalty()`` when given; forward passes under bf16
+    autocast when ``bf16`` (the trained parameters stay float32).
 
     Returns the mean task loss, the accuracy on the batches seen (for a causal LM,
     next-token accuracy on the response tokens) and the mean gradient norm before
     clipping.
     """
-    optimizer, scheduler = recipe.optimiser(parameters, steps)
+    optimizer, scheduler = optimiser
     model.train()
     batches = batch_indices(len(examples["labels"]), batch_size, generator)
     total_loss, total_norm, correct, seen = 0.0, 0.0, 0, 0

@@ -24,7 +24,7 @@ from fedalora.errors import ConfigError
 from fedalora.models import adapted_layer_shapes
 from fedalora.outputs import RunRecorder, final_figures
 from protocol import RUN_NAME
-from strategies import MethodStrategy, discover_nodes, run_rounds
+from strategies import discover_nodes, make_strategy, run_rounds
 
 app = ServerApp()
 
@@ -64,7 +64,7 @@ def run_federation(grid: Grid, config: FedConfig, run_name: str, recorder: RunRe
         validate_rank("ranks", rank, layer_shapes)
     saved = _checkpoint_to_resume(config, recorder.run_dir) if config.resume else None
     resume_after = saved.server_round if saved else 0
-    strategy = MethodStrategy(config, layer_shapes, recorder)
+    strategy = make_strategy(config, layer_shapes, recorder)
     strategy.connect(discover_nodes(grid, config.min_nodes, config.round_timeout))
     if saved:
         strategy.restore(saved)
@@ -95,7 +95,6 @@ def run_federation(grid: Grid, config: FedConfig, run_name: str, recorder: RunRe
     run_rounds(
         strategy,
         grid,
-        num_rounds=config.num_server_rounds,
         first_round=resume_after + 1,
         retries=config.round_retries,
         timeout=config.round_timeout,
@@ -105,10 +104,12 @@ def run_federation(grid: Grid, config: FedConfig, run_name: str, recorder: RunRe
     )
     recorder.save_shared(strategy.shared)
     return {
-        "rounds": config.num_server_rounds,
+        "rounds": strategy.last_round.get("round", resume_after),
         "num_clients": len(strategy.nodes),
         "resumed_after_round": resume_after or None,
+        "stopped_early": strategy.stopped,
         **final_figures(strategy.last_round),
+        **strategy.summary_fields(),
     }
 
 

@@ -64,6 +64,10 @@ class MethodStrategy(Strategy):
         self.nodes: dict[int, Node] = {}
         self.shared: Arrays = {}
         self.shared_round = 0  # the round whose aggregation produced ``shared``
+        #: The last round: num-server-rounds, unless a budget allows fewer.
+        self.num_rounds = config.num_server_rounds
+        #: Why the run ended before ``num_rounds`` (set by the round loop), or None.
+        self.stopped: str | None = None
         self.tally = RoundTally()
         #: The last round's record (rounds.jsonl), with both protocols' scores.
         self.last_round: dict[str, Any] = {}
@@ -138,7 +142,20 @@ class MethodStrategy(Strategy):
                 for n in self.nodes.values()
             ],
             self.config.to_run_config(),
+            self.strategy_state(),
         )
+
+    def strategy_state(self) -> dict[str, Any]:
+        """What a subclass must carry over a resume, beside the shared state (JSON)."""
+        return {}
+
+    def stop_reason(self) -> str | None:
+        """Why no further training attempt may run (a spent budget), or None."""
+        return None
+
+    def summary_fields(self) -> dict[str, Any]:
+        """The strategy's own figures for summary.json."""
+        return {}
 
     @property
     def arrays(self) -> ArrayRecord:
@@ -155,7 +172,7 @@ class MethodStrategy(Strategy):
         self.tally.attempts += 1
         self.tally.local_model_scores = []
         self.shared = to_numpy(arrays)
-        config[FINAL_ROUND] = server_round == self.config.num_server_rounds
+        config[FINAL_ROUND] = server_round == self.num_rounds
         sampled = self._sample(server_round, self.config.fraction_train, stream=0, attempt=attempt)
         log(INFO, "configure_train: %d of %d nodes", len(sampled), len(self.nodes))
         return self._messages(sampled, server_round, config, MessageType.TRAIN)
@@ -207,8 +224,8 @@ class MethodStrategy(Strategy):
             return None, None
         accepted.sort(key=lambda item: item[0].partition_id)
         started = time.perf_counter()
-        self.shared = self.method.aggregate(
-            self.shared, [u for _, u, _ in accepted], [n for n, _, _ in accepted]
+        self.shared = self.aggregate_updates(
+            server_round, [u for _, u, _ in accepted], [n for n, _, _ in accepted]
         )
         self.shared_round = server_round
         self.tally.aggregate_seconds = time.perf_counter() - started
@@ -216,12 +233,19 @@ class MethodStrategy(Strategy):
         mean_loss = float(np.average([number(m, LOSS) for _, _, m in accepted], weights=weights))
         return self.arrays, MetricRecord({"train-loss": mean_loss})
 
+    def aggregate_updates(
+        self, server_round: int, updates: Sequence[Arrays], clients: Sequence[Node]
+    ) -> Arrays:
+        """The new shared state from the accepted updates (sorted by partition id): the
+        method's rule."""
+        return self.method.aggregate(self.shared, updates, clients)
+
     # ---------------------------------------------------------- evaluate phase
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self.shared = to_numpy(arrays)
-        final = server_round == self.config.num_server_rounds
+        final = server_round == self.num_rounds
         config[FINAL_ROUND] = final
         if final:
             sampled = list(self.nodes.values())
@@ -238,12 +262,15 @@ class MethodStrategy(Strategy):
             number(reply.content.metric_records[METRICS], ACCURACY)
             for reply, _ in self._replies(replies, server_round, EVALUATE)
         ]
-        self.last_round = round_row(
-            self.tally, self.shared_round < server_round, self.tally.local_model_scores, scores
-        )
+        self.last_round = {
+            **round_row(
+                self.tally, self.shared_round < server_round, self.tally.local_model_scores, scores
+            ),
+            **self.round_fields(),
+        }
         if self.recorder:
             self.recorder.round_row(self.last_round)
-        log_round(self.last_round, self.config.num_server_rounds)
+        log_round(self.last_round, self.num_rounds)
         if not scores:
             return None
         return MetricRecord(
@@ -252,6 +279,10 @@ class MethodStrategy(Strategy):
                 "worst-accuracy": self.last_round["evaluate_worst_accuracy"],
             }
         )
+
+    def round_fields(self) -> dict[str, Any]:
+        """The strategy's own fields of a rounds.jsonl row."""
+        return {}
 
     def summary(self) -> None:
         log(
@@ -267,14 +298,18 @@ class MethodStrategy(Strategy):
         )
 
     # ----------------------------------------------------------------- helpers
+    def sample_size(self, fraction: float) -> int:
+        """Nodes drawn per round at ``fraction``: max(fraction * N, min-nodes), capped at N."""
+        return min(len(self.nodes), max(int(len(self.nodes) * fraction), self.config.min_nodes))
+
     def _sample(
         self, server_round: int, fraction: float, stream: int, attempt: int = 0
     ) -> list[Node]:
-        """Seeded sample of max(fraction * N, min-nodes) nodes, capped at N; ``stream``
+        """Seeded sample of ``sample_size(fraction)`` nodes; ``stream``
         separates the training draw (0) from the evaluation draw (1), ``attempt`` a
         retried round's draw from the first."""
         nodes = list(self.nodes.values())
-        count = min(len(nodes), max(int(len(nodes) * fraction), self.config.min_nodes))
+        count = self.sample_size(fraction)
         rng = np.random.default_rng([self.config.seed, server_round, stream, attempt])
         chosen = sorted(rng.choice(len(nodes), size=count, replace=False))
         return [nodes[i] for i in chosen]

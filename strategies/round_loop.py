@@ -17,7 +17,6 @@ def run_rounds(
     strategy: MethodStrategy,
     grid: Grid,
     *,
-    num_rounds: int,
     first_round: int = 1,
     retries: int = 0,
     timeout: float = 3600.0,
@@ -25,21 +24,28 @@ def run_rounds(
     evaluate_config: ConfigRecord | None = None,
     on_round_end: Callable[[int], None] | None = None,
 ) -> dict[int, MetricRecord]:
-    """Rounds ``first_round`` .. ``num_rounds`` from the strategy's current arrays;
-    returns each round's aggregated evaluation.
+    """Rounds ``first_round`` .. ``strategy.num_rounds`` from the strategy's current
+    arrays; returns each round's aggregated evaluation.
 
     A round whose training aggregates nothing (fewer accepted updates than the strategy
     needs) keeps the arrays and is rerun up to ``retries`` times, then skipped.
-    ``on_round_end(round)`` follows each evaluation (the server's checkpoint).
+    ``on_round_end(round)`` follows each evaluation (the server's checkpoint). When the
+    strategy gives a ``stop_reason`` before a training attempt (a spent privacy budget),
+    the run ends there, the reason in ``strategy.stopped``.
     """
     strategy.summary()
     train_config = train_config if train_config is not None else ConfigRecord()
     evaluate_config = evaluate_config if evaluate_config is not None else ConfigRecord()
     arrays = strategy.arrays
     evaluations: dict[int, MetricRecord] = {}
-    for server_round in range(first_round, num_rounds + 1):
-        log(INFO, "[ROUND %d/%d]", server_round, num_rounds)
+    for server_round in range(first_round, strategy.num_rounds + 1):
+        log(INFO, "[ROUND %d/%d]", server_round, strategy.num_rounds)
         for attempt in range(retries + 1):
+            reason = strategy.stop_reason()
+            if reason:
+                log(WARNING, "stopping before round %d: %s", server_round, reason)
+                strategy.stopped = reason
+                return evaluations
             replies = grid.send_and_receive(
                 strategy.configure_train(server_round, arrays, train_config, grid), timeout=timeout
             )

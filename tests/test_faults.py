@@ -21,7 +21,8 @@ from fedalora.checkpoint import load_checkpoint, save_checkpoint
 from fedalora.errors import ConfigError
 from fedalora.outputs import RunRecorder, read_jsonl
 from protocol import ARRAYS, CONFIG, METRICS, to_numpy, to_record
-from strategies import MethodStrategy, discover_nodes, run_rounds
+from strategies import discover_nodes, run_rounds
+from strategies import make_strategy as strategy_for
 
 from .conftest import tiny_config
 
@@ -52,8 +53,14 @@ class ScriptedGrid:
     """Nodes that answer in-process; ``faults[(node id, round)]`` rewrites a train reply
     (all attempts) and ``faults[(node id, round, attempt)]`` one attempt's."""
 
-    def __init__(self, strategy, faults: dict | None = None, evaluate_faults: dict | None = None):
-        self.strategy, self.faults = strategy, faults or {}
+    def __init__(
+        self,
+        strategy,
+        faults: dict | None = None,
+        evaluate_faults: dict | None = None,
+        update: Callable[..., dict] = good_update,
+    ):
+        self.strategy, self.faults, self.update = strategy, faults or {}, update
         self.evaluate_faults = evaluate_faults or {}
         self.attempts: dict[int, int] = {}
 
@@ -96,7 +103,7 @@ class ScriptedGrid:
             return fault(reply, {}) if fault else reply
         key = (node_id, server_round)
         self.attempts[key] = attempt = self.attempts.get(key, 0) + 1
-        update = good_update(
+        update = self.update(
             self.strategy, node_id, server_round, to_numpy(message.content[ARRAYS])
         )
         reply = Message(
@@ -121,7 +128,7 @@ def make_strategy(tmp_path: Path, name: str = "fedalora-hetero", **overrides):
     )
     recorder = RunRecorder(tmp_path)
     recorder.start()
-    return MethodStrategy(config, LAYERS, recorder)
+    return strategy_for(config, LAYERS, recorder)
 
 
 def discover(strategy, grid) -> None:
@@ -133,7 +140,6 @@ def run_all(strategy, grid, **kwargs):
     return run_rounds(
         strategy,
         grid,
-        num_rounds=config.num_server_rounds,
         retries=config.round_retries,
         timeout=5,
         **kwargs,

@@ -114,3 +114,24 @@ def test_lori_a_is_the_shared_seeded_a_and_frozen():
         assert not a.requires_grad
         expected = seeded_lora_a(config.seed, m, 8, a.shape[1])
         assert torch.equal(a.detach(), torch.from_numpy(expected))
+
+
+def test_a_lori_s_client_exports_its_effective_dense_factors(tmp_path):
+    """After calibration, under its mask, the exported PEFT adapter reproduces it."""
+    from fedalora.adapters import load_peft_adapter
+    from fedalora.data import collate
+
+    config, client, shared = _client()
+    method, me = config.method, Participant(0, 8, 100)
+    first = client.train(method.download(shared, me), None, 1)
+    aggregate = method.aggregate(shared, [first.upload], [me])
+    second = client.train(method.download(aggregate, me), first.private, 2, shared_round=1)
+    final = method.aggregate(aggregate, [second.upload], [me])
+    client.export(method.download(final, me), second.private, tmp_path / "adapter", 2, 2)
+    exported = load_peft_adapter(client.base.model, tmp_path / "adapter").eval()
+    ours = client.build_adapter(method.download(final, me), second.private, 2, 2).model.eval()
+    batch = collate(client.data.test, list(range(4)), client.base.tokenizer, torch.device("cpu"))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            exported(**batch).logits, ours(**batch).logits, atol=1e-4, rtol=1e-4
+        )

@@ -50,6 +50,14 @@ RUNS = {
     if setting == "homo" or cls.heterogeneous
 }
 RUNS["lori-s-hetero"] = ("lori", "8,4,2", "lori-sparsity=0.9 lori-calibration-rounds=1")
+#: LoRA variants, each beside a method that takes it.
+VARIANT_RUNS = {
+    "fedalora-dora-homo": ("fedalora", "4", "dora=true dora-magnitude='shared'"),
+    "fedalora-lora-plus-homo": ("fedalora", "4", "lora-plus-ratio=16.0"),
+    "fedalora-lora-fa-homo": ("fedalora", "4", "lora-fa=true"),
+    "fedit-pissa-homo": ("fedit", "4", "lora-init='pissa'"),
+}
+RUNS.update(VARIANT_RUNS)
 RUNS["hetlora-hetero"] = ("hetlora", "8,4,2", "rank-decay=0.5 rank-penalty=0.01")
 RUNS["fedalora-hetero-again"] = (
     "fedalora-hetero",
@@ -58,6 +66,12 @@ RUNS["fedalora-hetero-again"] = (
 )
 RUNS["ema-b-hetero"] = ("tests.ema_method:EmaBLoRA", "8,4,2", "")
 RUNS["fedalora-hetero-seed-43"] = ("fedalora-hetero", "8,4,2", f"intermediate-rank={D_M} seed=43")
+#: Client-level DP under Ray (every DP method runs in process in test_privacy).
+RUNS["fedalora-hetero-dp"] = (
+    "fedalora-hetero",
+    "8,4,2",
+    f"intermediate-rank={D_M} dp-noise-multiplier=1.0 dp-clip=0.1",
+)
 #: Methods whose A never leaves the client, and the names of their private tensors.
 PRIVATE_A = {
     name: tuple(f".{t}" for t in facts.private if t in ("A", "M", "lora_A"))
@@ -149,8 +163,10 @@ def test_bytes_in_metrics_equal_what_each_rule_moves(runs):
     for name, run_dir in runs.items():
         config = _config(run_dir)
         strategy, layers = config["strategy"], config["adapted_layers"].values()
-        if strategy not in ORACLE or config.get("lori-sparsity"):  # the oracle's is LoRI-D
-            continue
+        if strategy not in ORACLE or config.get("lori-sparsity") or name in VARIANT_RUNS:
+            continue  # the oracle's rows are plain LoRA and LoRI-D
+        if config["dp-noise-multiplier"] > 0:
+            continue  # under DP a client sends its update in its download's shapes
         ranks = [c["rank"] for c in config["clients"]]
         rows = read_jsonl(run_dir / "metrics.jsonl")
         for row in (r for r in rows if r["phase"] != "local-model"):  # scored on the client
@@ -229,11 +245,25 @@ def test_local_reference_moves_nothing_and_federation_differs_from_it(runs):
     assert any(local_loss[key(r)] != r["loss"] for r in fed if r["round"] == 2)
 
 
+def test_a_dp_run_under_ray_passes_the_clip_check_and_reports_a_rising_epsilon(runs):
+    rows = read_jsonl(runs["fedalora-hetero-dp"] / "rounds.jsonl")
+    assert [r["rejected"] for r in rows] == [0, 0]
+    assert 0 < rows[0]["epsilon"] < rows[1]["epsilon"]
+    summary = json.loads((runs["fedalora-hetero-dp"] / "summary.json").read_text())
+    assert summary["epsilon"] == rows[1]["epsilon"] and summary["dp_mode"] == "central"
+
+
 def test_fairness_notebook_runs_on_tiny_runs_and_renders_its_figures(runs, monkeypatch):
     import nbformat
     from nbclient import NotebookClient
 
-    chosen = ["fedalora-hetero-hetero", "fedalora-hetero-seed-43", "zeropad-hetero", "local-hetero"]
+    chosen = [
+        "fedalora-hetero-hetero",
+        "fedalora-hetero-seed-43",
+        "zeropad-hetero",
+        "local-hetero",
+        "fedalora-hetero-dp",
+    ]
     monkeypatch.setenv("FEDALORA_RUNS", ":".join(str(runs[n]) for n in chosen))
     notebook = nbformat.read(APP / "notebooks" / "client_fairness.ipynb", as_version=4)
     NotebookClient(
@@ -244,7 +274,7 @@ def test_fairness_notebook_runs_on_tiny_runs_and_renders_its_figures(runs, monke
     ).execute()
     outputs = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
-    assert sum("image/png" in o.get("data", {}) for o in outputs) == 4
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == 5
     text = "".join(o.get("text", "") for o in outputs)
     assert "protocol: local-model" in text and "(1 found)" in text  # local run, seed 42
     assert "fedalora-hetero (ranks 8,4,2): 2 seed(s)" in text  # two seeds, one method
@@ -252,6 +282,8 @@ def test_fairness_notebook_runs_on_tiny_runs_and_renders_its_figures(runs, monke
     assert "from one seed; no interval, no reading" in text  # never a trend from one seed
     # two seeds give an interval: a reading either resolves a difference or says it did not
     assert "fedalora-hetero (ranks 8,4,2), lowest minus highest rank tier:" in text
+    assert "fedalora-hetero (ranks 8,4,2), DP z=1 C=0.1: 1 seed(s)" in text
+    assert "noise_multiplier" in text and "epsilon" in text  # the privacy-utility table
 
 
 def test_the_in_process_mode_gives_the_ray_simulations_results(runs, tmp_path):
@@ -259,7 +291,7 @@ def test_the_in_process_mode_gives_the_ray_simulations_results(runs, tmp_path):
     process: bit-identical shared state and every metric but wall-clock times."""
     from server.in_process import run_in_process
 
-    for name in ("fedalora-hetero-hetero", "hetlora-hetero"):
+    for name in ("fedalora-hetero-hetero", "hetlora-hetero", "fedalora-hetero-dp"):
         strategy, ranks, extra = RUNS[name]
         run_dir = run_in_process(
             APP,

@@ -240,7 +240,7 @@ def test_flowers_own_start_drives_the_strategy_to_the_same_result(tmp_path):
     ours = make_strategy(tmp_path / "ours")
     grid = ScriptedGrid(ours)
     ours.connect(discover_nodes(grid, 2, timeout=5))
-    run_rounds(ours, grid, num_rounds=2)
+    run_rounds(ours, grid)
     flowers = make_strategy(tmp_path / "flower")
     grid = ScriptedGrid(flowers)
     result = flowers.start(grid, flowers.connect(discover_nodes(grid, 2, timeout=5)), num_rounds=2)

@@ -24,6 +24,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
+from ..training import LocalRecipe
 from ..types import Arrays, Tensors
 
 HEAD, STATE = "head.", "state."
@@ -140,6 +141,16 @@ class ClientAdapter(ABC):
                     chosen[f"{m}.{n}"] = tensor
         return chosen
 
+    def optimiser(
+        self, recipe: LocalRecipe, steps: int
+    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+        """The optimiser of a round of ``steps`` steps over the trainable parameters."""
+        return recipe.optimiser(self.trainable_parameters(), steps)
+
+    def export_fields(self) -> dict[str, Any]:
+        """``LoraConfig`` fields the exported adapter needs beyond plain LoRA."""
+        return {}
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
 
@@ -192,14 +203,20 @@ def export_peft_adapter(
         lora_dropout=0.0,
         target_modules=adapter.targets,
         modules_to_save=adapter.head_modules or None,
+        **adapter.export_fields(),
     )
     peft_model = get_peft_model(copy.deepcopy(base_model), config)
     inner = peft_model.get_base_model()
+    tensors = adapter.tensors()
     with torch.no_grad():
         for module, (lora_a, lora_b) in factors.items():
             layer: Any = inner.get_submodule(module)  # PEFT's LoRA layer
             layer.lora_A["default"].weight.zero_()[: lora_a.shape[0]].copy_(lora_a)
             layer.lora_B["default"].weight.zero_()[:, : lora_b.shape[1]].copy_(lora_b)
+            if f"{module}.lora_magnitude" in tensors:  # DoRA: the same W + B A, the same m
+                layer.lora_magnitude_vector["default"].weight.copy_(
+                    tensors[f"{module}.lora_magnitude"]
+                )
         head = adapter._head_parameters()
         for name in adapter.head_modules:
             wrapper: Any = inner.get_submodule(name)  # PEFT's ModulesToSaveWrapper

@@ -17,6 +17,10 @@ registered with ``@register_method`` (``fedalora.methods.registry``):
     upload_shapes(layers, rank)  <-------   after_training(adapter, upload(adapter))
     aggregate(shared, updates, clients)     export_factors(adapter)
 
+Under client-level DP (``fedalora.privacy``) a ``linear`` method's client sends its
+``shared_delta`` (shapes ``delta_shapes``) clipped, and the server's DP-FedAvg step
+replaces ``aggregate``.
+
 Every array is named ``<module>.<tensor>``; ``uploads``, ``downloads`` and ``keeps``
 name the adapter tensors (``tensor_shapes``) that go up, come down and stay on the
 client. Everything the method needs from the run arrives in ``__init__``: its own
@@ -32,6 +36,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 
 from ..adapters import ClientAdapter, LoRAAdapter, PeftFactors
@@ -39,6 +44,7 @@ from ..models import BaseModel
 from ..scaling import LoRAScaling
 from ..screening import update_problem
 from ..types import Arrays, LayerShapes, Shapes, Tensors
+from ..variants import MAGNITUDE, Variants
 
 
 @dataclass(frozen=True)
@@ -97,18 +103,36 @@ class Method(ABC):
     ranks_can_shrink: ClassVar[bool] = False
     #: The method's own run-config keys.
     Options: ClassVar[type[MethodOptions]] = MethodOptions
-    #: Adapter tensors a client uploads, installs from the server, keeps between rounds.
-    uploads: ClassVar[tuple[str, ...]] = ()
-    downloads: ClassVar[tuple[str, ...]] = ()
-    keeps: ClassVar[tuple[str, ...]] = ()
+    #: Adapter tensors a client uploads, installs from the server, keeps between rounds
+    #: (with the tensors the run's LoRA variants add, per instance).
+    uploads: tuple[str, ...] = ()
+    downloads: tuple[str, ...] = ()
+    keeps: tuple[str, ...] = ()
+    #: The LoRA variants (run-config keys of ``fedalora.variants``) the method takes.
+    accepts: ClassVar[frozenset[str]] = frozenset()
+    #: Whether the rule is the shared state plus the clients' mean ``shared_delta`` (up to
+    #: the weights), so that client-level DP (``fedalora.privacy``) can clip and noise
+    #: each client's delta and keep the method's meaning.
+    linear: ClassVar[bool] = False
 
-    def __init__(self, options: MethodOptions, *, seed: int, scaling: LoRAScaling) -> None:
+    def __init__(
+        self,
+        options: MethodOptions,
+        *,
+        seed: int,
+        scaling: LoRAScaling,
+        variants: Variants | None = None,
+    ) -> None:
         self.options, self.seed, self.scaling = options, seed, scaling
+        self.variants = variants or Variants()
+        self.uploads = (*self.uploads, *self.variants.shared())
+        self.downloads = (*self.downloads, *self.variants.shared())
+        self.keeps = (*self.keeps, *self.variants.private())
 
     # ------------------------------------------------------------- server side
     def tensor_shapes(self, d_out: int, d_in: int, rank: int) -> dict[str, tuple[int, ...]]:
         """Shapes of one d_out x d_in layer's adapter tensors at ``rank``, by name."""
-        return {"lora_A": (rank, d_in), "lora_B": (d_out, rank)}
+        return {"lora_A": (rank, d_in), "lora_B": (d_out, rank), MAGNITUDE: (d_out,)}
 
     def upload_shapes(self, layers: LayerShapes, rank: int) -> Shapes:
         """Array names and shapes that a client of ``rank`` uploads."""
@@ -117,6 +141,11 @@ class Method(ABC):
             for m, (d_out, d_in) in layers.items()
             for name in self.uploads
         }
+
+    def zero_upload(self, layers: LayerShapes, rank: int) -> Arrays:
+        """A well-formed upload of zeros from a client of ``rank`` (for the server side
+        without a model: communication accounting, benchmarks)."""
+        return {k: np.zeros(s, np.float32) for k, s in self.upload_shapes(layers, rank).items()}
 
     def upload_problem(self, layers: LayerShapes, rank: int, update: Arrays) -> str | None:
         """Why an upload of a client of ``rank`` cannot be used (keys, shapes, dtype,
@@ -138,6 +167,27 @@ class Method(ABC):
         """What ``client`` receives; the shared state itself by default."""
         return shared
 
+    def dp_refusal(self) -> str | None:
+        """Why client-level DP cannot protect this method's uploads, or None."""
+        if not self.linear:
+            return "its rule is not the shared state plus a mean of per-client updates"
+        derived = [n for n in self.variants.client_initialised() if n in self.downloads]
+        if derived:
+            return (
+                f"the shared LoRA-variant tensors {derived} start from values each client "
+                "derives from the base, so the shared state is not where every update starts"
+            )
+        return None
+
+    def delta_shapes(self, layers: LayerShapes, rank: int) -> Shapes:
+        """Array names and shapes of the update a client of ``rank`` sends under DP: its
+        ``downloads`` as it installs them (at its own rank)."""
+        return {
+            f"{m}.{name}": self.tensor_shapes(d_out, d_in, rank)[name]
+            for m, (d_out, d_in) in layers.items()
+            for name in self.downloads
+        }
+
     # ------------------------------------------------------------- client side
     def client_rank(self, rank: int, state: Tensors) -> int:
         """The rank the client trains at this round, given its bookkeeping ``state``."""
@@ -153,11 +203,18 @@ class Method(ABC):
             self.scaling.scale(rank),
             dropout,
             self.scaling.peft_fields(rank),
+            self.variants,
         )
 
     def install(self, adapter: ClientAdapter, arrays: Mapping[str, Any], shared_round: int) -> None:
-        """Install the server's message (produced by round ``shared_round``)."""
-        adapter.copy_in(arrays, self.downloads)
+        """Install the server's message (produced by round ``shared_round``); before the
+        first aggregation, the tensors that the LoRA variants derive from the base on
+        every client (DoRA's magnitude, a principal init) keep their derived values."""
+        own = self.variants.client_initialised() if shared_round == 0 else ()
+        adapter.copy_in(
+            {k: v for k, v in arrays.items() if k.rsplit(".", 1)[1] not in own},
+            [n for n in self.downloads if n not in own],
+        )
 
     def start_round(self, adapter: ClientAdapter) -> None:  # noqa: B027 - a hook; most need no reset
         """Reset what restarts every round, after the private and shared state are in."""
@@ -173,6 +230,11 @@ class Method(ABC):
     def after_training(self, adapter: ClientAdapter, upload: Arrays) -> Arrays:
         """The upload, changed by what the method does after local training."""
         return upload
+
+    def shared_delta(self, installed: Arrays, upload: Arrays) -> Arrays:
+        """The client's update to the shared state (keys and shapes of ``delta_shapes``),
+        from the ``downloads`` it installed and its upload: upload - installed."""
+        return {k: upload[k] - installed[k] for k in installed}
 
     def export_factors(self, adapter: ClientAdapter) -> PeftFactors:
         """The client's personalised model as exact PEFT LoRA factors."""

@@ -35,7 +35,9 @@ class FedALoRA(Method):
     """Homogeneous Fed-ALoRA: FedAvg over the shared B matrices only."""
 
     name = "fedalora"
+    accepts = frozenset({"dora", "lora-plus-ratio", "lora-init", "lora-fa"})
     paper = FED_ALORA
+    linear = True
     uploads = downloads = ("lora_B",)
     keeps = ("lora_A",)
 

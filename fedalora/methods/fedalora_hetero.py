@@ -62,6 +62,7 @@ class FedALoRAHetero(Method):
     name = "fedalora-hetero"
     paper = FED_ALORA
     heterogeneous = True
+    linear = True
     Options = DecompositionOptions
     options: DecompositionOptions
     uploads = ("B2", "B1")
@@ -97,6 +98,14 @@ class FedALoRAHetero(Method):
             dropout,
             self.options.intermediate_rank,
         )
+
+    def shared_delta(self, installed: Arrays, upload: Arrays) -> Arrays:
+        """B2_i @ B1_i per layer: d_out x d_m, the same space whatever the rank."""
+        deltas: Arrays = {}
+        for key in installed:
+            module = key[: -len(".B0")]
+            deltas[key] = upload[f"{module}.B2"] @ upload[f"{module}.B1"]
+        return deltas
 
     def start_round(self, adapter: ClientAdapter) -> None:
         """B2 <- 0, so the round starts from exactly the shared B0."""

@@ -28,12 +28,14 @@ class FedIT(Method):
     """FedAvg over A and B."""
 
     name = "fedit"
+    accepts = frozenset({"dora", "lora-plus-ratio", "lora-init", "lora-fa"})
     paper = Paper(
         "Zhang et al.",
         "Towards Building the Federated GPT: Federated Instruction Tuning",
         "ICASSP 2024",
         "2305.05644",
     )
+    linear = True
     uploads = downloads = ("lora_A", "lora_B")
 
     def initial_shared(self, layers: LayerShapes, ranks: Sequence[int]) -> Arrays:

@@ -26,12 +26,14 @@ class FedSALoRA(Method):
     """FedAvg over the shared A matrices only."""
 
     name = "fedsa-lora"
+    accepts = frozenset({"dora", "lora-plus-ratio", "lora-init", "lora-fa"})
     paper = Paper(
         "Guo et al.",
         "Selective Aggregation for Low-Rank Adaptation in Federated Learning",
         "ICLR 2025",
         "2410.01463",
     )
+    linear = True
     uploads = downloads = ("lora_A",)
     keeps = ("lora_B",)
 

@@ -30,6 +30,7 @@ class FlexLoRA(Method):
     """Weighted sum of full updates, SVD, per-client truncation."""
 
     name = "flexlora"
+    accepts = frozenset({"lora-plus-ratio", "lora-fa"})
     paper = Paper(
         "Bai et al.",
         "Federated Fine-tuning of Large Language Models under "
@@ -49,6 +50,12 @@ class FlexLoRA(Method):
         scales = [self.scaling.scale(c.rank) for c in clients]
         return flexlora_factors(
             updates, [c.num_examples for c in clients], scales, padded_rank(shared)
+        )
+
+    def dp_refusal(self) -> str | None:
+        return (
+            "its SVD of the summed products B_i A_i is not linear in the uploads; DP would "
+            "have to clip and noise each dense d_out x d_in product"
         )
 
     def download(self, shared: Arrays, client: Participant) -> Arrays:

@@ -41,6 +41,7 @@ class FLoRA(Method):
     """Exact aggregation by stacking; clients merge the stack into their weights."""
 
     name = "flora"
+    accepts = frozenset({"lora-plus-ratio"})
     paper = Paper(
         "Wang et al.",
         "FLoRA: Federated Fine-Tuning Large Language Models with "
@@ -59,6 +60,12 @@ class FLoRA(Method):
     ) -> Arrays:
         scales = [self.scaling.scale(c.rank) for c in clients]
         return flora_stack(updates, [c.num_examples for c in clients], scales)
+
+    def dp_refusal(self) -> str | None:
+        return (
+            "its stacked factors publish every client's own A_i and B_i, which no noise "
+            "on a sum can cover; DP would have to clip and noise each dense product"
+        )
 
     def make_adapter(self, base: BaseModel, rank: int, dropout: float) -> ClientAdapter:
         adapter = super().make_adapter(base, rank, dropout)

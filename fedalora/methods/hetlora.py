@@ -78,6 +78,7 @@ class HetLoRA(ZeroPadding):
         "2401.06432",
     )
     ranks_can_shrink = True
+    linear = False
     Options = RankPruningOptions
     options: RankPruningOptions
 
@@ -86,6 +87,12 @@ class HetLoRA(ZeroPadding):
     ) -> Arrays:
         scales = [self.scaling.scale(c.rank) for c in clients]
         return hetlora_average(updates, scales, padded_rank(shared))
+
+    def dp_refusal(self) -> str | None:
+        return (
+            "its weights are the updates' own norms and its ranks shrink with them, so "
+            "one client's influence on the aggregate is not bounded by clipping"
+        )
 
     def client_rank(self, rank: int, state: Tensors) -> int:
         """The rank left by earlier pruning, else the client's own."""

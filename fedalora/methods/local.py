@@ -21,6 +21,7 @@ class LocalOnly(Method):
     """Clients train alone; the server only schedules rounds and records metrics."""
 
     name = "local"
+    accepts = frozenset({"dora", "lora-plus-ratio", "lora-init", "lora-fa"})
     paper = None
     heterogeneous = True
     keeps = ("lora_A", "lora_B")
@@ -32,3 +33,6 @@ class LocalOnly(Method):
         self, shared: Arrays, updates: Sequence[Arrays], clients: Sequence[Participant]
     ) -> Arrays:
         return {}
+
+    def dp_refusal(self) -> str | None:
+        return "it shares nothing, so there is no update to protect"

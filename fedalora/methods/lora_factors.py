@@ -13,6 +13,7 @@ import torch
 from ..adapters import ClientAdapter
 from ..adapters.lora import LORA_A, LORA_B
 from ..types import Arrays, LayerShapes
+from ..variants import MAGNITUDE
 
 
 def seeded_lora_a(seed: int, module: str, rank: int, d_in: int) -> np.ndarray:
@@ -30,13 +31,16 @@ def seeded_lora_a(seed: int, module: str, rank: int, d_in: int) -> np.ndarray:
 def initial_lora(
     layers: LayerShapes, rank: int, seed: int, factors: tuple[str, ...] = (LORA_A, LORA_B)
 ) -> Arrays:
-    """The global LoRA init a server broadcasts: A = ``seeded_lora_a``, B = 0."""
+    """The global LoRA init a server broadcasts: A = ``seeded_lora_a``, B = 0 (and DoRA's
+    magnitude, which the clients derive themselves before the first aggregation)."""
     arrays: Arrays = {}
     for m, (d_out, d_in) in layers.items():
         if LORA_A in factors:
             arrays[f"{m}.{LORA_A}"] = seeded_lora_a(seed, m, rank, d_in)
         if LORA_B in factors:
             arrays[f"{m}.{LORA_B}"] = np.zeros((d_out, rank), np.float32)
+        if MAGNITUDE in factors:  # a placeholder: every client derives its own in round 1
+            arrays[f"{m}.{MAGNITUDE}"] = np.ones(d_out, np.float32)
     return arrays
 
 

@@ -97,6 +97,7 @@ class LoRI(Method):
         "2504.07448",
     )
     heterogeneous = True
+    linear = True
     Options = LoRIOptions
     options: LoRIOptions
     uploads = downloads = (B,)
@@ -117,6 +118,18 @@ class LoRI(Method):
             shapes[f"{m}.{VALUES}"] = (round(keep * d_out * rank),)
             shapes[f"{m}.{MASK}"] = (math.ceil(d_out * rank / 8),)
         return shapes
+
+    def zero_upload(self, layers: LayerShapes, rank: int) -> Arrays:
+        """Under LoRI-S: the first round((1 - s) d_out r) entries of each layer masked."""
+        if not self.sparse:
+            return super().zero_upload(layers, rank)
+        upload: Arrays = {}
+        for m, (d_out, _) in layers.items():
+            kept = np.zeros(d_out * rank, bool)
+            kept[: self.upload_shapes(layers, rank)[f"{m}.{VALUES}"][0]] = True
+            upload[f"{m}.{VALUES}"] = np.zeros(int(kept.sum()), np.float32)
+            upload[f"{m}.{MASK}"] = np.packbits(kept)
+        return upload
 
     def upload_problem(self, layers: LayerShapes, rank: int, update: Arrays) -> str | None:
         if not self.sparse:
@@ -156,6 +169,14 @@ class LoRI(Method):
 
     def download(self, shared: Arrays, client: Participant) -> Arrays:
         return truncate_rank(shared, client.rank)
+
+    def dp_refusal(self) -> str | None:
+        if self.sparse:
+            return (
+                "LoRI-S uploads each client's own mask, which the noise cannot cover; "
+                "use LoRI-D (lori-sparsity=0)"
+            )
+        return super().dp_refusal()
 
     # ------------------------------------------------------------- client side
     def make_adapter(self, base: BaseModel, rank: int, dropout: float) -> ClientAdapter:

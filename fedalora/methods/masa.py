@@ -68,6 +68,7 @@ class MASA(Method):
         "2510.06005",
     )
     heterogeneous = True
+    linear = True
     Options = MASAOptions
     options: MASAOptions
     uploads = downloads = ("lora_B",)

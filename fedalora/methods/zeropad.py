@@ -35,6 +35,7 @@ class ZeroPadding(Method):
     """Zero-padded FedIT, slots averaged over the clients that hold them."""
 
     name = "zeropad"
+    accepts = frozenset({"lora-plus-ratio", "lora-fa"})
     paper = Paper(
         "Ban and Ji (the ZeroPadding baseline)",
         "Rethinking Parameter Sharing for LLM Fine-Tuning with Multiple LoRAs",
@@ -42,6 +43,7 @@ class ZeroPadding(Method):
         "2509.25414",
     )
     heterogeneous = True
+    linear = True
     uploads = downloads = ("lora_A", "lora_B")
 
     def initial_shared(self, layers: LayerShapes, ranks: Sequence[int]) -> Arrays:
