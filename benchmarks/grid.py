@@ -92,6 +92,17 @@ INSTRUCTION = {
     "export-adapters": False,
     "fraction-evaluate": 0.0,
 }
+INSTRUCTION_DEFAULT = {
+    **INSTRUCTION,
+    "clients-per-group": 3,
+    "num-server-rounds": 2,
+    "local-steps": 6,
+    "batch-size": 4,
+    "lr": 0.003,
+    "max-length": 64,
+    "max-new-tokens": 6,
+    "test-fraction": 0.4,
+}
 #: Rows of a method with run-config of its own (LoRI's two forms, LoRA variants).
 VARIANT_ROWS: dict[str, tuple[str, dict[str, object]]] = {
     "lori-d": ("lori", {"lori-sparsity": 0.0}),
@@ -161,21 +172,21 @@ PRESETS = {
     ("instruction", "default"): Preset(
         24,
         "rouge1",
-        {
-            **INSTRUCTION,
-            "clients-per-group": 3,
-            "num-server-rounds": 2,
-            "local-steps": 6,
-            "batch-size": 4,
-            "lr": 0.003,
-            "max-length": 64,
-            "max-new-tokens": 6,
-            "test-fraction": 0.4,
-        },
+        INSTRUCTION_DEFAULT,
         {"heterogeneous": "64,16,8"},
         {"heterogeneous": ["fedalora-hetero", "zeropad"]},
         seeds=2,
         note="8 tasks x 3 clients (ranks 64, 16, 8 on every task)",
+    ),
+    ("instruction", "methods"): Preset(
+        24,
+        "rouge1",
+        INSTRUCTION_DEFAULT,
+        {"heterogeneous": "64,16,8"},
+        {"heterogeneous": ["fedalora-hetero", "lori-d", "lori-s", "masa"]},
+        seeds=2,
+        note="the default preset's design; the founding texts' methods beside Fed-ALoRA",
+        rows=VARIANT_ROWS,
     ),
     ("instruction", "smoke"): Preset(
         3,

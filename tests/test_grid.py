@@ -9,7 +9,9 @@ import pandas as pd
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
-from grid import PRESETS, Run, plan
+from grid import CENTRALISED, PRESETS, Grid, Run, plan
+
+from fedalora.config import FedConfig
 
 ROOT = Path(__file__).parents[1]
 
@@ -36,6 +38,27 @@ def test_plan_keeps_the_methods_each_setting_can_take_with_every_seed():
         "local",
         "centralised",
     }
+
+
+@pytest.mark.parametrize("key", sorted(PRESETS))
+def test_every_planned_run_of_every_preset_is_a_valid_configuration(key, tmp_path):
+    """What each run would be handed passes the one validation, before any run starts."""
+    preset = PRESETS[key]
+    grid = Grid(preset, {}, tmp_path, "in-process")
+    for run in plan(preset, list(preset.settings), None, [42]):
+        strategy = preset.method(run.strategy)[0]
+        if strategy != CENTRALISED:
+            FedConfig.from_run_config({**grid.run_config(run), "strategy": strategy})
+
+
+@pytest.mark.parametrize("track", ["classification", "instruction"])
+def test_the_methods_presets_run_the_founding_texts_methods_beside_fed_alora(track):
+    preset = PRESETS[(track, "methods")]
+    rows = {run.strategy for run in plan(preset, list(preset.settings), None, [42])}
+    assert {"fedalora-hetero", "lori-d", "lori-s", "masa"} <= rows
+    assert preset.method("lori-s") == ("lori", {"lori-sparsity": 0.9})
+    if track == "classification":
+        assert {"fedalora", "fedalora-dora", "fedalora-lora-plus"} <= rows
 
 
 def _grid(tmp_path, *arguments):

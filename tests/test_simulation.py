@@ -1,10 +1,13 @@
-"""End to end: real `flwr run` Ray simulations of 3 clients over 2 rounds on a tiny real
-model (packaged MiniLM cut to 2 layers), one per strategy and rank setting, checked
-through the files they write."""
+"""End to end: runs of 3 clients over 2 rounds on a tiny real model (packaged MiniLM cut
+to 2 layers), one per strategy and rank setting, checked through the files they write.
+Four are real `flwr run` Ray simulations on one shared cluster; the others run the same
+ServerApp, strategy and ClientApp in this process (``server.in_process``, which a test
+here checks against Ray bit for bit), since Ray's actor start-up is most of a tiny run."""
 
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import subprocess
 import sys
@@ -58,6 +61,8 @@ VARIANT_RUNS = {
     "fedit-pissa-homo": ("fedit", "4", "lora-init='pissa'"),
 }
 RUNS.update(VARIANT_RUNS)
+#: What a variant adds to its method's shared state: DoRA's magnitude, when shared.
+VARIANT_SHARED = {"fedalora-dora-homo": ("lora_magnitude",)}
 RUNS["hetlora-hetero"] = ("hetlora", "8,4,2", "rank-decay=0.5 rank-penalty=0.01")
 RUNS["fedalora-hetero-again"] = (
     "fedalora-hetero",
@@ -71,6 +76,15 @@ RUNS["fedalora-hetero-dp"] = (
     "fedalora-hetero",
     "8,4,2",
     f"intermediate-rank={D_M} dp-noise-multiplier=1.0 dp-clip=0.1",
+)
+#: The runs that go through `flwr run` on Ray: the in-process comparison's two, the
+#: private state on disk in Ray's actors (and the killed run's reference), and a method
+#: that Ray's workers import by its path.
+RAY_RUNS = (
+    "fedalora-hetero-hetero",
+    "fedalora-hetero-dp",
+    "fedalora-hetero-again",
+    "ema-b-hetero",
 )
 #: Methods whose A never leaves the client, and the names of their private tensors.
 PRIVATE_A = {
@@ -103,18 +117,34 @@ def shared_ray() -> str:
         yield address
 
 
+def _run_here(tmp: Path, name: str, extra: str) -> Path:
+    """One run in this process, its Flower log written where a simulation's goes."""
+    from flwr.common.logger import FLOWER_LOGGER
+
+    from server.in_process import run_in_process
+
+    handler = logging.FileHandler(tmp / f"{name}.log")
+    FLOWER_LOGGER.addHandler(handler)
+    try:
+        return run_in_process(
+            APP, name, num_supernodes=3, output_dir=tmp / "outputs", run_config=f"{TINY} {extra}"
+        )
+    finally:
+        FLOWER_LOGGER.removeHandler(handler)
+        handler.close()
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, shared_ray) -> dict[str, Path]:
-    """All runs, two at a time on one Ray cluster (start-up is most of a tiny run)."""
+    """The Ray runs two at a time on one cluster while the others run in this process."""
     tmp = tmp_path_factory.mktemp("sim")
+    config = {name: f"strategy='{s}' ranks='{r}' {extra}" for name, (s, r, extra) in RUNS.items()}
     with ThreadPoolExecutor(2) as pool:
         futures = {
-            name: pool.submit(
-                _simulate, tmp, name, f"strategy='{strategy}' ranks='{ranks}' {extra}", shared_ray
-            )
-            for name, (strategy, ranks, extra) in RUNS.items()
+            name: pool.submit(_simulate, tmp, name, config[name], shared_ray) for name in RAY_RUNS
         }
-        return {name: future.result() for name, future in futures.items()}
+        here = {name: _run_here(tmp, name, config[name]) for name in RUNS if name not in RAY_RUNS}
+        return {**here, **{name: future.result() for name, future in futures.items()}}
 
 
 def _config(run_dir: Path) -> dict:
@@ -192,7 +222,8 @@ def test_server_checkpoint_holds_only_the_shared_state(runs):
             continue
         modules = _config(run_dir)["adapted_layers"]
         shared = load_file(str(run_dir / "shared_state.safetensors"))
-        assert set(shared) == {f"{m}.{s}" for m in modules for s in ORACLE[strategy].shared}
+        names = (*ORACLE[strategy].shared, *VARIANT_SHARED.get(name, ()))
+        assert set(shared) == {f"{m}.{s}" for m in modules for s in names}
         assert all(np.abs(v).max() > 0 for v in shared.values())  # training reached the server
         if strategy not in PRIVATE_A or not shared:
             continue
@@ -291,7 +322,7 @@ def test_the_in_process_mode_gives_the_ray_simulations_results(runs, tmp_path):
     process: bit-identical shared state and every metric but wall-clock times."""
     from server.in_process import run_in_process
 
-    for name in ("fedalora-hetero-hetero", "hetlora-hetero", "fedalora-hetero-dp"):
+    for name in ("fedalora-hetero-hetero", "fedalora-hetero-dp"):
         strategy, ranks, extra = RUNS[name]
         run_dir = run_in_process(
             APP,
@@ -434,9 +465,11 @@ def test_a_method_of_ones_own_runs_with_heterogeneous_ranks(runs):
         ),
     ],
 )
-def test_bad_config_fails_before_training_and_is_not_completed(tmp_path, name, extra, expected):
+def test_bad_config_fails_before_training_and_is_not_completed(
+    tmp_path, shared_ray, name, extra, expected
+):
     with pytest.raises(SimulationFailed) as info:
-        _simulate(tmp_path, name, extra)
+        _simulate(tmp_path, name, extra, shared_ray)
     assert all(text in str(info.value) for text in expected)
     summary = json.loads((tmp_path / "outputs" / name / "summary.json").read_text())
     assert summary["status"] == "failed"
