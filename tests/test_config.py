@@ -152,3 +152,9 @@ def test_target_module_errors_list_the_models_own_linear_layers():
 
     with pytest.raises(ConfigError, match=r"no default for model type 'own-family'.*q_lin, v_lin"):
         resolve_targets(OwnFamily(), "auto")
+
+
+def test_a_method_for_equal_ranks_refuses_different_ones_naming_those_that_take_them():
+    with pytest.raises(ConfigError, match="'ranks'") as raised:
+        FedConfig.from_run_config({"strategy": "fedit", "ranks": "8,4,2"})
+    assert all(name in str(raised.value) for name in ("fedit", "fedalora-hetero", "flexlora"))

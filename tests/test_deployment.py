@@ -47,9 +47,9 @@ def test_superlink_and_three_authenticated_supernodes_over_tls(tmp_path):
             APP,
             "deployed",
             tmp_path / "server",
-            f"{TINY} ranks='8,4,2' min-nodes=3 num-server-rounds=2",
+            f"{TINY} ranks='8,4,2' min-nodes=3 num-server-rounds=1",
         )
-        b0_after_2 = load_file(str(first / "shared_state.safetensors"))
+        b0_after_1 = load_file(str(first / "shared_state.safetensors"))
         deployment.stop_node(0)  # a restarted SuperNode: a new process, nothing in memory
         deployment.start_node(0)
         started.append(deployment.processes["node-0"].pid)
@@ -57,7 +57,7 @@ def test_superlink_and_three_authenticated_supernodes_over_tls(tmp_path):
             APP,
             "deployed",
             tmp_path / "server",
-            f"{TINY} ranks='8,4,2' min-nodes=3 num-server-rounds=3 resume=true",
+            f"{TINY} ranks='8,4,2' min-nodes=3 num-server-rounds=2 resume=true",
         )
         started += [
             child.pid
@@ -67,33 +67,33 @@ def test_superlink_and_three_authenticated_supernodes_over_tls(tmp_path):
     assert not any(_alive(pid) for pid in started)  # every process and its children stopped
 
     summary = json.loads((resumed / "summary.json").read_text())
-    assert summary["status"] == "completed" and summary["resumed_after_round"] == 2
+    assert summary["status"] == "completed" and summary["resumed_after_round"] == 1
     train = [r for r in read_jsonl(resumed / "metrics.jsonl") if r["phase"] == "train"]
     assert sorted((r["round"], r["client"], r["rank"]) for r in train) == [
-        (t, c, rank) for t in (1, 2, 3) for c, rank in enumerate([8, 4, 2])
+        (t, c, rank) for t in (1, 2) for c, rank in enumerate([8, 4, 2])
     ]
-    # round 3 starts, on every node and on the restarted one too, from the private
-    # state each node saved on its own disk in round 2
-    assert {r["client"]: r["private_state_round"] for r in train if r["round"] == 3} == {
-        0: 2,
-        1: 2,
-        2: 2,
+    # round 2 starts, on every node and on the restarted one too, from the private
+    # state each node saved on its own disk in round 1
+    assert {r["client"]: r["private_state_round"] for r in train if r["round"] == 2} == {
+        0: 1,
+        1: 1,
+        2: 1,
     }
-    assert [r["round"] for r in read_jsonl(resumed / "rounds.jsonl")] == [1, 2, 3]
-    b0_after_3 = load_file(str(resumed / "shared_state.safetensors"))
-    assert b0_after_3.keys() == b0_after_2.keys()
-    assert all(k.endswith(".B0") for k in b0_after_3)
-    assert not all(np.array_equal(b0_after_2[k], b0_after_3[k]) for k in b0_after_3)
+    assert [r["round"] for r in read_jsonl(resumed / "rounds.jsonl")] == [1, 2]
+    b0_after_2 = load_file(str(resumed / "shared_state.safetensors"))
+    assert b0_after_2.keys() == b0_after_1.keys()
+    assert all(k.endswith(".B0") for k in b0_after_2)
+    assert not all(np.array_equal(b0_after_1[k], b0_after_2[k]) for k in b0_after_2)
     # private factors live only in each node's own state-dir, never on the server side
     for i in range(3):
         assert {p.name for p in (tmp_path / f"node-{i}").iterdir()} == {
+            f"client-{i}.round-1.safetensors",
             f"client-{i}.round-2.safetensors",
-            f"client-{i}.round-3.safetensors",
         }
     server_files = [p for p in (tmp_path / "server").rglob("*") if p.is_file()]
     assert not any("private" in str(p) or "client-" in p.name for p in server_files)
-    checkpoint = load_file(str(resumed / "checkpoint" / "shared-round-3.safetensors"))
-    assert checkpoint.keys() == b0_after_3.keys()
+    checkpoint = load_file(str(resumed / "checkpoint" / "shared-round-2.safetensors"))
+    assert checkpoint.keys() == b0_after_2.keys()
 
 
 def test_certificates_and_node_keys_load_as_flower_reads_them(tmp_path):
