@@ -51,6 +51,8 @@ from fedalora.stats import Interval
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL, CENTRALISED = "local", "centralised"
+#: Each run's wall seconds, in the output directory (kept by ``--resume``).
+WALLS = "wall_seconds.json"
 #: The method every other is compared with, per setting.
 BASELINE = {"homogeneous": "fedalora", "heterogeneous": "fedalora-hetero"}
 
@@ -270,6 +272,36 @@ class Grid:
         }
         return {k: v for k, v in merged.items() if k not in options or k in own}
 
+    @classmethod
+    def at(
+        cls,
+        preset: Preset,
+        extra: dict[str, object],
+        output_dir: Path,
+        mode: str,
+        resume: bool,
+    ) -> Grid:
+        """A grid writing into ``output_dir``; with ``resume``, the wall seconds of the
+        runs it already holds."""
+        (output_dir / "logs").mkdir(parents=True, exist_ok=True)
+        walls = output_dir / WALLS
+        saved = json.loads(walls.read_text()) if resume and walls.exists() else {}
+        return cls(preset, extra, output_dir, mode, saved)
+
+    def execute_all(self, runs: list[Run], ray_address: str | None, resume: bool) -> None:
+        """Every run in turn, its wall seconds saved after each; with ``resume`` the runs
+        already completed are kept."""
+        bar = tqdm(runs, unit="run", dynamic_ncols=True)
+        for run in bar:
+            bar.set_description(run.name)
+            if resume and run.name in self.walls and _completed(self.output_dir / run.name):
+                continue
+            try:
+                self.execute(run, ray_address)
+            except (SimulationFailed, subprocess.CalledProcessError) as exc:
+                raise SystemExit(f"{run.name} failed: {exc}; see {self.output_dir}/logs") from exc
+            (self.output_dir / WALLS).write_text(json.dumps(self.walls, indent=2))
+
     def execute(self, run: Run, ray_address: str | None) -> None:
         """One run; its wall seconds (start-up included) go to ``walls``."""
         run_config = self.run_config(run)
@@ -467,28 +499,11 @@ def main() -> None:
     seeds = list(range(args.first_seed, args.first_seed + (args.seeds or preset.seeds)))
     output_dir = Path(args.output_dir or ROOT / "outputs" / f"grid-{args.track}-{args.preset}")
     output_dir = output_dir.resolve()
-    (output_dir / "logs").mkdir(parents=True, exist_ok=True)
-    walls_file = output_dir / "wall_seconds.json"
-    grid = Grid(
-        preset,
-        extra,
-        output_dir,
-        args.mode,
-        json.loads(walls_file.read_text()) if args.resume and walls_file.exists() else {},
-    )
+    grid = Grid.at(preset, extra, output_dir, args.mode, args.resume)
     runs = plan(preset, settings, strategies, seeds)
     started = time.perf_counter()
     with ray_cluster() if args.mode == "ray" else contextlib.nullcontext() as ray_address:
-        bar = tqdm(runs, unit="run", dynamic_ncols=True)
-        for run in bar:
-            bar.set_description(run.name)
-            if args.resume and run.name in grid.walls and _completed(output_dir / run.name):
-                continue
-            try:
-                grid.execute(run, ray_address)
-            except (SimulationFailed, subprocess.CalledProcessError) as exc:
-                raise SystemExit(f"{run.name} failed: {exc}; see {output_dir}/logs") from exc
-            walls_file.write_text(json.dumps(grid.walls, indent=2))
+        grid.execute_all(runs, ray_address, args.resume)
     per_run = figures_of(grid, runs, preset.metric, args.protocol)
     per_run.to_csv(output_dir / "runs.csv", index=False)
     table, readings = summary_table(per_run)

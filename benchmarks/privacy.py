@@ -29,8 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from common import ROOT, machine, print_figures
-from grid import LOCAL, PRESETS, Grid, Preset, Run
-from tqdm import tqdm
+from grid import LOCAL, PRESETS, Grid, Preset, Run, figures_of
 
 from fedalora.comparison import (
     PRIVACY_FIGURES,
@@ -38,7 +37,6 @@ from fedalora.comparison import (
     plot_privacy_utility,
     privacy_utility,
     reading,
-    run_figures,
 )
 from fedalora.outputs import LOCAL_MODEL, METRICS, PROTOCOLS, TRAIN, read_jsonl
 from fedalora.privacy import noise_for_epsilon
@@ -87,9 +85,6 @@ def main() -> None:
         for e in epsilons
     }
     output_dir = Path(args.output_dir).resolve()
-    (output_dir / "logs").mkdir(parents=True, exist_ok=True)
-    walls_file = output_dir / "wall_seconds.json"
-    walls = json.loads(walls_file.read_text()) if args.resume and walls_file.exists() else {}
     preset = Preset(
         num_clients,
         base.metric,
@@ -98,21 +93,10 @@ def main() -> None:
         {SETTING: methods},
         note=base.note,
     )
-    grid = Grid(preset, {}, output_dir, "in-process", walls)
+    grid = Grid.at(preset, {}, output_dir, "in-process", args.resume)
     started = time.perf_counter()
-
-    def execute(runs: list[Run]) -> None:
-        bar = tqdm(runs, unit="run", dynamic_ncols=True)
-        for run in bar:
-            bar.set_description(run.name)
-            summary = output_dir / run.name / "summary.json"
-            done = summary.exists() and json.loads(summary.read_text())["status"] == "completed"
-            if not (args.resume and done and run.name in grid.walls):
-                grid.execute(run, None)
-                walls_file.write_text(json.dumps(grid.walls, indent=2))
-
     plain = [Run(SETTING, m, s) for m in [*methods, LOCAL] for s in seeds]
-    execute(plain)
+    grid.execute_all(plain, None, args.resume)
     clips = {m: clip_bound([output_dir / Run(SETTING, m, s).name for s in seeds]) for m in methods}
     rows = {
         label(m, e): (m, {"dp-noise-multiplier": noise[e], "dp-clip": clips[m]})
@@ -123,22 +107,11 @@ def main() -> None:
         num_clients, base.metric, base.run_config, preset.settings, preset.strategies, rows=rows
     )
     private = [Run(SETTING, name, s) for name in rows for s in seeds]
-    execute(private)
+    grid.execute_all(private, None, args.resume)
 
     federated = [r for r in plain if r.strategy != LOCAL] + private
     run_dirs = [output_dir / r.name for r in federated]
-    per_run = pd.DataFrame(
-        [
-            {"run": r.name, "label": r.strategy, "seed": r.seed}
-            | run_figures(
-                output_dir / r.name,
-                output_dir / Run(SETTING, LOCAL, r.seed).name,
-                base.metric,
-                args.protocol,
-            )
-            for r in federated
-        ]
-    )
+    per_run = figures_of(grid, federated, base.metric, args.protocol)
     per_run.to_csv(output_dir / "runs.csv", index=False)
     table = privacy_utility(run_dirs, base.metric, args.protocol)
     table.to_csv(output_dir / "table.csv", index=False)
@@ -168,7 +141,7 @@ def main() -> None:
     print_figures(
         **{
             f"{m.replace('-', '_')}_eps{lowest:g}_lowest_rank_mean": float(
-                per_run.loc[per_run["label"] == label(m, lowest), "lowest_rank_mean"].mean()
+                per_run.loc[per_run["strategy"] == label(m, lowest), "lowest_rank_mean"].mean()
             )
             for m in methods
         }
@@ -199,7 +172,7 @@ def _readings(per_run: pd.DataFrame, methods: list[str], epsilons: list[float]) 
     each method's mean against its own run without DP, paired by seed."""
 
     def seeds_of(name: str) -> list[dict]:
-        rows = per_run[per_run["label"] == name].sort_values("seed")
+        rows = per_run[per_run["strategy"] == name].sort_values("seed")
         return [{str(k): v for k, v in r.items()} for r in rows.to_dict("records")]
 
     readings = []

@@ -91,12 +91,12 @@ class DecomposedAdapter(ClientAdapter):
     def _attach(self, model: nn.Module, dropout: float) -> nn.Module:
         model.requires_grad_(False)
         for name in self.targets:
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
+            base = model.get_submodule(name)
+            assert isinstance(base, nn.Linear)  # resolve_targets keeps linear layers only
             layer = DecomposedLoRALinear(
-                getattr(parent, child), self.rank, self.intermediate_rank, self.scale, dropout
+                base, self.rank, self.intermediate_rank, self.scale, dropout
             )
-            setattr(parent, child, layer)
+            model.set_submodule(name, layer)
         return model
 
     def layer(self, module: str) -> DecomposedLoRALinear:

@@ -75,13 +75,12 @@ class MASAAdapter(ClientAdapter):
         model.requires_grad_(False)
         banks: dict[int, nn.Parameter] = {}
         for name in self.targets:
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            base = getattr(parent, child)
+            base = model.get_submodule(name)
+            assert isinstance(base, nn.Linear)  # resolve_targets keeps linear layers only
             d_in = base.weight.shape[1]
             if d_in not in banks:
                 banks[d_in] = expert_bank(self.experts, self.rank, d_in, base.weight)
-            setattr(parent, child, MASALinear(base, banks[d_in], self.scale, dropout))
+            model.set_submodule(name, MASALinear(base, banks[d_in], self.scale, dropout))
         return model
 
     def layer(self, module: str) -> MASALinear:
