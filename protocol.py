@@ -7,15 +7,18 @@ the arrays, ``final-round`` and ``run-name``). A reply carries ``metrics``
 (``REPLY_METRICS`` and any others, one spelling: snake_case, as in ``metrics.jsonl``)
 and, from training, ``arrays`` (the upload); a train reply's metrics also score the
 client's local model right after training (``LOCAL_MODEL_PREFIX``). The discovery
-query's reply is a ``config`` record of ``partition-id``, ``rank`` and ``num-examples``.
+query's reply is a ``config`` record of ``partition-id``, ``rank`` and ``num-examples``,
+or, from a node whose configuration, model or data cannot work, of ``error-key`` and
+``error`` (the run-config key and the problem with its fix).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.constant import SUPERLINK_NODE_ID
 
 from fedalora.types import Arrays
 
@@ -30,6 +33,8 @@ SERVER_ROUND, SHARED_ROUND, FINAL_ROUND, RUN_NAME = (
 )
 #: Keys of the discovery reply (a node's partition, rank and training examples).
 PARTITION_ID, RANK, NUM_TRAIN_EXAMPLES = "partition-id", "rank", "num-examples"
+#: Keys of a discovery reply from a node that cannot take part (its ConfigError).
+ERROR_KEY, ERROR = "error-key", "error"
 #: Metrics of every train and evaluate reply.
 NUM_EXAMPLES, LOSS, ACCURACY, SECONDS = "num_examples", "loss", "accuracy", "seconds"
 REPLY_METRICS = (NUM_EXAMPLES, LOSS, ACCURACY, SECONDS)
@@ -39,6 +44,21 @@ UPLOAD_RANK, PRIVATE_STATE_ROUND = "rank", "private_state_round"
 #: The prefix of a train reply's scores of the client's local model right after
 #: training (the paper's evaluation protocol).
 LOCAL_MODEL_PREFIX = "local_model."
+
+
+def reply_sender(reply: Message, destinations: Mapping[str, int]) -> int:
+    """The node a reply concerns. The SuperLink answers for a node that died or whose
+    reply expired with an error reply of its own (source node 1); ``destinations`` (sent
+    message id -> node id) attributes it to the node that was asked."""
+    source = reply.metadata.src_node_id
+    if source == SUPERLINK_NODE_ID:
+        return destinations.get(reply.metadata.reply_to_message_id, source)
+    return source
+
+
+def destinations(messages: Iterable[Message]) -> dict[str, int]:
+    """Sent message id -> destination node id (ids exist once the grid pushed them)."""
+    return {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
 
 
 def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:

@@ -104,6 +104,9 @@ INSTRUCTION_DEFAULT = {
     "max-length": 64,
     "max-new-tokens": 6,
     "test-fraction": 0.4,
+    # the paper's protocol only, in the last round: scoring is most of an LLM run's time
+    "local-model-scoring": "final-round",
+    "final-evaluation": False,
 }
 #: Rows of a method with run-config of its own (LoRI's two forms, LoRA variants).
 VARIANT_ROWS: dict[str, tuple[str, dict[str, object]]] = {
@@ -178,7 +181,7 @@ PRESETS = {
         {"heterogeneous": "64,16,8"},
         {"heterogeneous": ["fedalora-hetero", "zeropad"]},
         seeds=2,
-        note="8 tasks x 3 clients (ranks 64, 16, 8 on every task)",
+        note="8 tasks x 3 clients (ranks 64, 16, 8 on every task), scored in the last round only",
     ),
     ("instruction", "methods"): Preset(
         24,

@@ -32,6 +32,8 @@ from fedalora.types import Tensors
 from protocol import (
     ARRAYS,
     CONFIG,
+    ERROR,
+    ERROR_KEY,
     FINAL_ROUND,
     METRICS,
     NUM_TRAIN_EXAMPLES,
@@ -80,11 +82,16 @@ class MemoryStateStore(PrivateStateStore):
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Report partition, rank and example count (loads model and data, validating both)."""
-    client = _client(context)
-    explicit_dir = _explicit_state_dir(context, client)
-    if client.config.state_store == "disk" and explicit_dir:
-        _check_writable(explicit_dir)
+    """Report partition, rank and example count (loads model and data, validating both);
+    a configuration, model or data that cannot work is reported as its ConfigError."""
+    try:
+        client = _client(context)
+        explicit_dir = _explicit_state_dir(context, client)
+        if client.config.state_store == "disk" and explicit_dir:
+            _check_writable(explicit_dir)
+    except ConfigError as exc:
+        problem = ConfigRecord({ERROR_KEY: exc.key, ERROR: exc.problem})
+        return Message(RecordDict({CONFIG: problem}), reply_to=msg)
     info = ConfigRecord(
         {
             PARTITION_ID: client.partition_id,

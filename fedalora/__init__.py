@@ -6,3 +6,10 @@ it into a Flower app.
 """
 
 __version__ = "0.1.0"
+
+import logging
+
+# bitsandbytes (imported by PEFT) warns on import on CPUs with AVX512-BF16 that it
+# cannot fetch an optional kernel from the Hugging Face hub, which this offline
+# framework never reaches; its portable CPU kernels are used instead.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)

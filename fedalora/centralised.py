@@ -36,7 +36,7 @@ from torch import nn
 
 from .adapters import ClientAdapter, DecomposedAdapter, LoRAAdapter, MASAAdapter
 from .client import FederatedClient
-from .config import FedConfig, parse_run_config
+from .config import EVERY_ROUND, FedConfig, parse_run_config
 from .data import collate
 from .errors import require
 from .methods.fedalora import FedALoRA
@@ -118,7 +118,12 @@ def _train(config: FedConfig, num_clients: int, recorder: RunRecorder) -> dict[s
                 (adapter.model(**batch).loss / num_clients).backward()
             config.recipe.step(parameters, optimizer, scheduler)
         final = server_round == config.num_server_rounds
-        scores = [_score(c, a, server_round, final) for c, a in zip(clients, adapters, strict=True)]
+        scored = final or config.local_model_scoring == EVERY_ROUND
+        scores = [
+            _score(c, a, server_round, final)
+            for c, a in zip(clients, adapters, strict=True)
+            if scored
+        ]
         for phase in PROTOCOLS:
             for score in scores:
                 recorder.client_row({**score, "phase": phase})

@@ -13,7 +13,7 @@ import torch
 
 from .adapters import ClientAdapter, export_peft_adapter, method_state
 from .adapters.adapter import HEAD, STATE
-from .config import FedConfig, validate_rank
+from .config import EVERY_ROUND, FedConfig, validate_rank
 from .data import ClientData, load_client_data, load_official_test, num_labels_of
 from .metrics import generation_scores
 from .models import BaseModel, cached_base_model, select_device
@@ -51,12 +51,14 @@ class FederatedClient:
         self.device = select_device(config.device, config.bf16)
         self.base: BaseModel = cached_base_model(
             config.model,
-            num_labels_of(config.dataset),
+            num_labels_of(config.dataset, config.columns),
             config.target_modules,
             config.num_hidden_layers,
             config.seed,
+            config.quantization,
+            self.device,  # loaded there once per worker: every adapter shares these weights
+            config.reinit_head,
         )
-        self.base.model.to(self.device)  # once per worker: every adapter shares these weights
         validate_rank("lora-rank", rank, self.base.layer_shapes())
         data_partition = (0, 1) if own_data else (partition_id, num_partitions)
         self.data: ClientData = load_client_data(
@@ -68,6 +70,7 @@ class FederatedClient:
             self.base.tokenizer,
             config.max_length,
             1 if own_data else config.clients_per_group,
+            config.columns,
         )
         if config.global_test_examples:  # fail before training if there is no such split
             load_official_test(
@@ -120,8 +123,9 @@ class FederatedClient:
         export_to: Path | None = None,
     ) -> TrainResult:
         """One round of local training, and the score of the trained local model (the
-        paper's protocol; in the ``final`` round also on the official test split), which
-        is exported as a PEFT adapter to ``export_to`` when given.
+        paper's protocol: every round, or with ``local-model-scoring=final-round`` only in
+        the ``final`` one, where it is also scored on the official test split), which is
+        exported as a PEFT adapter to ``export_to`` when given.
 
         ``metrics["rank"]`` is the rank of the upload (lower than before if the method
         cut it this round, as HetLoRA's rank self-pruning does). Under client-level DP
@@ -163,9 +167,13 @@ class FederatedClient:
             seconds=time.perf_counter() - started,
         )
         private_state = adapter.private_state(method.keeps)
-        started = time.perf_counter()
-        local_model = self.evaluate_adapter(adapter, final)
-        local_model.update(num_examples=self.data.num_test, seconds=time.perf_counter() - started)
+        local_model: dict[str, float] = {}
+        if final or cfg.local_model_scoring == EVERY_ROUND:
+            started = time.perf_counter()
+            local_model = self.evaluate_adapter(adapter, final)
+            local_model.update(
+                num_examples=self.data.num_test, seconds=time.perf_counter() - started
+            )
         if export_to is not None:
             export_peft_adapter(method.export_factors(adapter), adapter, self.base.model, export_to)
         return TrainResult(upload, private_state, metrics, local_model)

@@ -18,15 +18,20 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .data import LOCAL_FORMS, ColumnNames
 from .errors import ConfigError, require
 from .methods import Method, MethodOptions, method_class, registered_methods
 from .methods.fedalora_hetero import FedALoRAHetero
+from .models import NO_QUANTIZATION, QUANTIZATIONS, require_bitsandbytes
 from .privacy import CENTRAL, DP_MODES, DPSettings
 from .scaling import SCALINGS, LoRAScaling
 from .training import LR_SCHEDULES, LocalRecipe
 from .variants import DORA_MAGNITUDES, LORA_INITS, Variants
 
 DEVICES = ("auto", "cpu", "cuda")
+#: run-config ``local-model-scoring``: every round, or only the last.
+EVERY_ROUND, FINAL_ROUND_ONLY = "every-round", "final-round"
+LOCAL_MODEL_SCORINGS = (EVERY_ROUND, FINAL_ROUND_ONLY)
 STATE_STORES = ("memory", "disk")
 _PARTITIONING = re.compile(r"^(iid|task|dirichlet:(?P<alpha>[0-9.eE+-]+))$")
 
@@ -41,6 +46,8 @@ class FedConfig:
     num_server_rounds: int = 5
     fraction_train: float = 1.0
     fraction_evaluate: float = 1.0
+    local_model_scoring: str = EVERY_ROUND
+    final_evaluation: bool = True
     min_nodes: int = 2
     local_steps: int = 10
     batch_size: int = 16
@@ -60,7 +67,14 @@ class FedConfig:
     target_modules: str = "auto"
     model: str = "minilm"
     num_hidden_layers: int = 0
+    quantization: str = NO_QUANTIZATION
+    reinit_head: bool = False
     dataset: str = "bbc-news"
+    text_column: str = "text"
+    label_column: str = "label"
+    instruction_column: str = "instruction"
+    response_column: str = "response"
+    task_column: str = "task"
     partitioning: str = "dirichlet:0.5"
     clients_per_group: int = 1
     test_fraction: float = 0.2
@@ -152,6 +166,12 @@ class FedConfig:
             "must be in [0, 1]; the last round always evaluates every node (0: only it)",
         )
         require(
+            self.local_model_scoring in LOCAL_MODEL_SCORINGS,
+            "local-model-scoring",
+            f"choose one of: {', '.join(LOCAL_MODEL_SCORINGS)} (when a training client scores "
+            "its local model, the paper's protocol)",
+        )
+        require(
             self.clients_per_group >= 1,
             "clients-per-group",
             "must be >= 1 (clients that share one data group: a task, or one IID or "
@@ -201,11 +221,13 @@ class FedConfig:
             "num-hidden-layers",
             "must be >= 0 (0 keeps the model's own depth)",
         )
+        self._validate_quantization()
         require(
             bool(self.dataset.strip()),
             "dataset",
-            "give a packaged data set, a local .json/.jsonl/.csv file or a Hugging Face id",
+            f"give a packaged data set, a local {LOCAL_FORMS} or a Hugging Face id",
         )
+        self._validate_columns()
         require(
             _PARTITIONING.match(self.partitioning) is not None,
             "partitioning",
@@ -321,6 +343,40 @@ class FedConfig:
             "LoRA-FA and LoRA+ are two optimisers; choose one (lora-fa=false or lora-plus-ratio=1)",
         )
 
+    def _validate_columns(self) -> None:
+        key_of: dict[str, str] = {}  # column name -> the key that names it
+        for internal, name in dataclasses.asdict(self.columns).items():
+            key = f"{internal}-column"
+            require(
+                bool(name.strip()),
+                key,
+                f"give the name of the data's {internal} column (default '{internal}')",
+            )
+            require(
+                name not in key_of,
+                key,
+                f"names the column '{name}', as {key_of.get(name)} does; give each "
+                "column key its own column",
+            )
+            key_of[name] = key
+
+    def _validate_quantization(self) -> None:
+        require(
+            self.quantization in QUANTIZATIONS,
+            "quantization",
+            f"choose one of: {', '.join(QUANTIZATIONS)} (the frozen base model's weights, "
+            "through bitsandbytes)",
+        )
+        if self.quantization == NO_QUANTIZATION:
+            return
+        require(
+            self.lora_init == "default",
+            "lora-init",
+            "a principal init rewrites the base weights, which quantization="
+            f"'{self.quantization}' keeps packed; use lora-init='default' or quantization='none'",
+        )
+        require_bitsandbytes(self.quantization)
+
     def _validate_privacy(self) -> None:
         require(
             self.dp_clip > 0 and math.isfinite(self.dp_clip),
@@ -385,6 +441,18 @@ class FedConfig:
         LoRA variants."""
         return self.method_class(
             self.options, seed=self.seed, scaling=self.lora_scaling, variants=self.variants
+        )
+
+    @property
+    def columns(self) -> ColumnNames:
+        """The names of a user data set's columns (run-config ``text-column``,
+        ``label-column``, ``instruction-column``, ``response-column``, ``task-column``)."""
+        return ColumnNames(
+            self.text_column,
+            self.label_column,
+            self.instruction_column,
+            self.response_column,
+            self.task_column,
         )
 
     @property

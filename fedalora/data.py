@@ -11,13 +11,16 @@ Two kinds of data set, told apart by their columns:
 from __future__ import annotations
 
 import csv
+import dataclasses
 import functools
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
+import pyarrow
 import torch
+from datasets.exceptions import DatasetGenerationError
 from flwr_datasets.partitioner import (
     DirichletPartitioner,
     IidPartitioner,
@@ -27,7 +30,7 @@ from flwr_datasets.partitioner import (
 from transformers import PreTrainedTokenizerBase
 
 from .assets import package_dir
-from .errors import ConfigError
+from .errors import ConfigError, require
 from .instructions import build_instruction_dataset
 
 #: name -> description. Licences: research use (20NG, Reuters), BBC non-commercial research use.
@@ -41,7 +44,35 @@ PACKAGED_DATASETS = {
 #: Label of the prompt tokens, which the causal-LM loss ignores.
 IGNORE = -100
 ANSWER = "\nAnswer:"
-LOCAL_SUFFIXES = {".json": "json", ".jsonl": "json", ".csv": "csv"}
+#: Local file suffix -> the ``datasets`` loader that reads it and that loader's options.
+#: Parquet's fixed batch size: datasets' default (the first row group's size) fails on
+#: a file without rows instead of finding no rows.
+LOCAL_FORMATS: dict[str, tuple[str, dict[str, object]]] = {
+    ".json": ("json", {}),
+    ".jsonl": ("json", {}),
+    ".csv": ("csv", {}),
+    ".tsv": ("csv", {"delimiter": "\t"}),
+    ".parquet": ("parquet", {"batch_size": 10_000}),
+}
+LOCAL_FORMS = ".json/.jsonl/.csv file (or .tsv, .parquet, a datasets save_to_disk folder)"
+#: Column pairs that make a data set classification or instruction data.
+DATA_KINDS = (("text", "label"), ("instruction", "response"))
+
+
+@dataclass(frozen=True)
+class ColumnNames:
+    """The names of the user's columns (run-config ``text-column``, ``label-column``,
+    ``instruction-column``, ``response-column``, ``task-column``); field = internal name.
+    Packaged data sets ignore them."""
+
+    text: str = "text"
+    label: str = "label"
+    instruction: str = "instruction"
+    response: str = "response"
+    task: str = "task"
+
+
+DEFAULT_COLUMNS = ColumnNames()
 
 
 @dataclass(frozen=True)
@@ -70,9 +101,9 @@ ORANGE_STEMS = {"20newsgroups": "20newsgroups", "reuters-r8": "reuters-r8"}
 
 
 @functools.lru_cache(maxsize=4)
-def load_labelled_dataset(name: str) -> datasets.Dataset:
+def load_labelled_dataset(name: str, columns: ColumnNames = DEFAULT_COLUMNS) -> datasets.Dataset:
     """Classification data (``text`` and a ClassLabel ``label``) or instruction data
-    (``instruction``, ``response``)."""
+    (``instruction``, ``response``); a user data set's ``columns`` renamed to those names."""
     if name == "instructions":
         return build_instruction_dataset()
     if name in ORANGE_STEMS:
@@ -87,7 +118,7 @@ def load_labelled_dataset(name: str) -> datasets.Dataset:
             }
         )
     else:
-        dataset = _load_user_dataset(name)
+        dataset = _load_user_dataset(name, columns)
         if is_instruction_data(dataset):
             return dataset
     if not isinstance(dataset.features["label"], datasets.ClassLabel):
@@ -112,7 +143,8 @@ def make_partitioner(
         if "task" not in dataset.column_names:
             raise ConfigError(
                 "partitioning",
-                "'task' needs a 'task' column in the data set; use 'iid' or 'dirichlet:<alpha>'",
+                "'task' needs a task column in the data set (name a file's with task-column=); "
+                "use 'iid' or 'dirichlet:<alpha>'",
             )
         num_tasks = len(set(dataset["task"]))
         if num_tasks != num_partitions:
@@ -155,8 +187,10 @@ def load_client_data(
     tokenizer: PreTrainedTokenizerBase,
     max_length: int,
     clients_per_group: int = 1,
+    columns: ColumnNames = DEFAULT_COLUMNS,
 ) -> ClientData:
-    """Partition ``partition_id``'s tokenised split (cached per worker process).
+    """Partition ``partition_id``'s tokenised split (cached per worker process); ``columns``
+    names a user data set's columns.
 
     The data set is first split into ``num_partitions / clients_per_group`` groups by
     ``partitioning`` (one per task, or IID, or Dirichlet over labels); client p takes an
@@ -169,10 +203,10 @@ def load_client_data(
             f"{num_partitions} clients do not split into groups of {clients_per_group}; "
             "use a number of clients that it divides",
         )
-    dataset = load_labelled_dataset(dataset_name)
+    dataset = load_labelled_dataset(dataset_name, columns)
     group, member = divmod(partition_id, clients_per_group)
     partition = _cached_partitioner(
-        dataset_name, partitioning, num_partitions // clients_per_group, seed
+        dataset_name, columns, partitioning, num_partitions // clients_per_group, seed
     ).load_partition(group)
     if clients_per_group > 1:
         partition = partition.shuffle(seed=seed).shard(clients_per_group, member, contiguous=True)
@@ -220,9 +254,9 @@ def load_official_test(
     return _tokenise(test, tokenizer, max_length)
 
 
-def num_labels_of(dataset_name: str) -> int:
+def num_labels_of(dataset_name: str, columns: ColumnNames = DEFAULT_COLUMNS) -> int:
     """The number of classes; 0 for instruction data (a causal LM, no classifier head)."""
-    dataset = load_labelled_dataset(dataset_name)
+    dataset = load_labelled_dataset(dataset_name, columns)
     return 0 if is_instruction_data(dataset) else dataset.features["label"].num_classes
 
 
@@ -261,9 +295,11 @@ def pad_right(sequences: list[list[int]], value: int) -> dict[str, torch.Tensor]
 
 @functools.lru_cache(maxsize=4)
 def _cached_partitioner(
-    name: str, partitioning: str, num_partitions: int, seed: int
+    name: str, columns: ColumnNames, partitioning: str, num_partitions: int, seed: int
 ) -> Partitioner:
-    return make_partitioner(load_labelled_dataset(name), partitioning, num_partitions, seed)
+    return make_partitioner(
+        load_labelled_dataset(name, columns), partitioning, num_partitions, seed
+    )
 
 
 def _tokenise(
@@ -306,31 +342,32 @@ def _orange_dataset(name: str, split: str) -> datasets.Dataset:
     return datasets.Dataset.from_dict({"text": [r[1] for r in rows], "label": [r[0] for r in rows]})
 
 
-def _load_user_dataset(name: str) -> datasets.Dataset:
+def _load_user_dataset(name: str, columns: ColumnNames) -> datasets.Dataset:
+    """A local file or save_to_disk folder, or a Hugging Face data set, with the user's
+    columns renamed to the internal names."""
     path = Path(name).expanduser()
-    if path.suffix in LOCAL_SUFFIXES:
+    if path.is_dir():
+        dataset = _load_saved_dataset(path)
+    elif path.suffix.lower() in LOCAL_FORMATS:
         if not path.is_file():
             raise ConfigError(
                 "dataset",
-                f"file '{path}' does not exist; give an existing "
-                f".json/.jsonl/.csv file or one of: {', '.join(PACKAGED_DATASETS)}",
+                f"file '{path}' does not exist; give an existing {LOCAL_FORMS} "
+                f"or one of: {', '.join(PACKAGED_DATASETS)}",
             )
-        try:
-            dataset = datasets.load_dataset(
-                LOCAL_SUFFIXES[path.suffix], data_files=str(path), split="train"
-            )
-        except ValueError as exc:  # an empty file has no train split at all
-            raise ConfigError(
-                "dataset",
-                f"cannot read '{path}': {exc}; give a file with at least one row per client",
-            ) from exc
-    elif path.exists() or "/" not in name:
+        dataset = _load_local_file(path)
+    elif path.exists():
+        raise ConfigError(
+            "dataset",
+            f"cannot read '{path}': its suffix '{path.suffix}' is not one of "
+            f"{', '.join(LOCAL_FORMATS)}; give a {LOCAL_FORMS}",
+        )
+    elif "/" not in name:
         raise ConfigError(
             "dataset",
             f"unknown data set '{name}'; choose one of: "
-            f"{', '.join(PACKAGED_DATASETS)}, a .json/.jsonl/.csv file with "
-            "'text' and 'label' (or 'instruction' and 'response') columns, "
-            "or a Hugging Face id",
+            f"{', '.join(PACKAGED_DATASETS)}, a {LOCAL_FORMS} with 'text' and 'label' "
+            "(or 'instruction' and 'response') columns, or a Hugging Face id",
         )
     else:
         try:
@@ -339,18 +376,105 @@ def _load_user_dataset(name: str) -> datasets.Dataset:
             raise ConfigError(
                 "dataset", f"cannot load Hugging Face data set '{name}' (offline?): {exc}"
             ) from exc
-    if not is_instruction_data(dataset) and not {"text", "label"} <= set(dataset.column_names):
-        raise ConfigError(
-            "dataset",
-            f"'{name}' has columns {dataset.column_names}; give "
-            "'text' and 'label' (classification) or 'instruction' and "
-            "'response' (instruction tuning)",
-        )
+    dataset = _name_columns(dataset, name, columns)
     if len(dataset) == 0:
         raise ConfigError(
             "dataset", f"'{name}' has no rows; give a file with at least one row per client"
         )
     return dataset
+
+
+def _load_local_file(path: Path) -> datasets.Dataset:
+    """One file through its ``datasets`` loader; an empty, row-less or unparsable file
+    raises ConfigError."""
+    if path.stat().st_size == 0:
+        raise ConfigError(
+            "dataset",
+            f"the file '{path}' is empty; give a file with a header row and at least one "
+            "row per client",
+        )
+    loader, options = LOCAL_FORMATS[path.suffix.lower()]
+    try:
+        return datasets.load_dataset(loader, data_files=str(path), split="train", **options)
+    except (DatasetGenerationError, pyarrow.ArrowException) as exc:
+        cause = exc.__cause__ or exc
+        parser_message = f"{type(cause).__name__}: {str(cause).rstrip('.')}"
+        raise ConfigError(
+            "dataset",
+            f"cannot read '{path}': {parser_message}; check that it is valid "
+            f"{path.suffix.lower()} data",
+        ) from exc
+    except ValueError as exc:  # datasets: 'Instruction "train" corresponds to no data!'
+        header = "" if loader == "json" else "a header but "
+        raise ConfigError(
+            "dataset",
+            f"the file '{path}' has {header}no rows; give at least one row per client",
+        ) from exc
+
+
+def _load_saved_dataset(path: Path) -> datasets.Dataset:
+    """A folder written by ``save_to_disk``: its Dataset, or its DatasetDict's ``train``."""
+    try:
+        saved = datasets.load_from_disk(str(path))
+    except FileNotFoundError as exc:
+        raise ConfigError(
+            "dataset",
+            f"the folder '{path}' was not written by datasets' save_to_disk; give a {LOCAL_FORMS}",
+        ) from exc
+    except Exception as exc:
+        raise ConfigError(
+            "dataset",
+            f"cannot read the folder '{path}': {type(exc).__name__}: {exc}; save the "
+            "data set again with save_to_disk",
+        ) from exc
+    if isinstance(saved, datasets.DatasetDict):
+        if "train" not in saved:
+            raise ConfigError(
+                "dataset",
+                f"the folder '{path}' holds the splits {list(saved)} but no 'train'; "
+                "save the training rows as the 'train' split",
+            )
+        return saved["train"]
+    return saved
+
+
+def _name_columns(dataset: datasets.Dataset, name: str, columns: ColumnNames) -> datasets.Dataset:
+    """The user's columns under the internal names; ConfigError when a column key names
+    a column the data lack, or the data have neither kind's pair of columns."""
+    present = dataset.column_names
+    user_names = dataclasses.asdict(columns)
+    for internal, user in user_names.items():
+        require(
+            user == internal or user in present,
+            f"{internal}-column",
+            f"'{name}' has no column '{user}'; its columns are {present}",
+        )
+    found = {internal for internal, user in user_names.items() if user in present}
+    if not any(set(kind) <= found for kind in DATA_KINDS):
+        missing = [
+            internal
+            for kind in DATA_KINDS
+            if found & set(kind)
+            for internal in kind
+            if internal not in found
+        ]
+        if len(missing) == 1:
+            role = missing[0]
+            raise ConfigError(
+                f"{role}-column",
+                f"'{name}' has columns {present} but no '{user_names[role]}' column; add "
+                f"it, or name the column that holds the {role}s with {role}-column=",
+            )
+        raise ConfigError(
+            "dataset",
+            f"'{name}' has columns {present}; name the text and label columns with "
+            "text-column= and label-column= (classification), or instruction-column= and "
+            "response-column= (instruction tuning)",
+        )
+    renames = {user: internal for internal, user in user_names.items() if user != internal}
+    # a column already under an internal name that another column takes is not used
+    unused = [c for c in renames.values() if c in present and c not in renames]
+    return dataset.remove_columns(unused).rename_columns(renames)
 
 
 def _read_orange_tab(path: Path) -> list[tuple[str, str]]:

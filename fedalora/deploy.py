@@ -30,7 +30,7 @@ import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,9 +41,11 @@ from cryptography.x509.oid import NameOID
 
 from .simulate import (
     BIN,
+    SimulationFailed,
     completed_run,
     connection_toml,
     free_port,
+    run_logged,
     runtime_env,
     stop_process_tree,
     wait_healthy,
@@ -259,8 +261,10 @@ class LocalDeployment:
         output_dir: str | Path,
         run_config: str = "",
         timeout: float = 1800,
+        progress: Callable[[str], None] | None = None,
     ) -> Path:
-        """``flwr run`` the app on this federation; returns the completed run directory."""
+        """``flwr run`` the app on this federation; returns the completed run directory
+        (``progress`` receives a line per finished round and each server warning)."""
         output_dir = Path(output_dir).resolve()
         command = [
             "run",
@@ -271,17 +275,11 @@ class LocalDeployment:
             f"run-name='{run_name}' output-dir='{output_dir}' {run_config}",
         ]
         log = self.root / f"{run_name}.log"
-        with log.open("w", encoding="utf-8") as handle:
-            subprocess.run(
-                [str(BIN / "flwr"), *command],
-                env=self.env,
-                cwd=app,
-                stdout=handle,
-                stderr=subprocess.STDOUT,
-                timeout=timeout,
-                check=False,
-            )
-        return completed_run(output_dir / run_name, log)
+        run_dir = output_dir / run_name
+        run_logged(
+            [str(BIN / "flwr"), *command], Path(app), self.env, timeout, log, run_dir, progress
+        )
+        return completed_run(run_dir, log)
 
     def stop(self) -> None:
         """Stop every process this deployment started, by pid (nodes first)."""
@@ -380,7 +378,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     node.add_argument("--num-partitions", type=int, required=True)
     node.add_argument("--lora-rank", type=int)
     node.add_argument("--state-dir", help="where this node keeps its private factors")
-    node.add_argument("--dataset", help="this node's own .json/.jsonl/.csv file")
+    node.add_argument(
+        "--dataset",
+        help="this node's own data: a .json/.jsonl/.csv/.tsv/.parquet file or save_to_disk folder",
+    )
     node.add_argument("--port", type=int, default=9094, help="the node's local runtime port")
     local = commands.add_parser("local", help="a SuperLink and SuperNodes on loopback, one run")
     local.add_argument("--ranks", default="8,4,2", help="one SuperNode per rank")
@@ -437,12 +438,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         ]
         root = Path(args.root)
         with LocalDeployment(root, nodes, secure=not args.insecure) as deployment:
-            run_dir = deployment.run(
-                Path.cwd(),
-                time.strftime("deploy-%Y%m%d-%H%M%S"),
-                root / "outputs",
-                f"min-nodes={len(ranks)} state-store='disk' {args.run_config}",
-            )
+            try:
+                run_dir = deployment.run(
+                    Path.cwd(),
+                    time.strftime("deploy-%Y%m%d-%H%M%S"),
+                    root / "outputs",
+                    f"min-nodes={len(ranks)} state-store='disk' {args.run_config}",
+                    progress=print,
+                )
+            except SimulationFailed as exc:
+                raise SystemExit(str(exc)) from None
         print(f"completed: {run_dir}")
 
 

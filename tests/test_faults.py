@@ -355,6 +355,13 @@ def test_a_failed_evaluation_leaves_the_others_scores(tmp_path, caplog):
     assert evaluations[2]["mean-accuracy"] == pytest.approx(np.mean([0.5, 0.7, 0.8]))
 
 
+def test_without_final_evaluation_no_node_is_evaluated_after_aggregation(tmp_path):
+    _, grid, evaluations = run(tmp_path, final_evaluation=False, fraction_evaluate=0.0)
+    assert evaluations == {}  # every node trained in both rounds; none was evaluated
+    rounds = read_jsonl(tmp_path / "rounds.jsonl")
+    assert [r["evaluate_clients"] for r in rounds] == [0, 0] and len(grid.attempts) == 8
+
+
 def test_a_node_failing_discovery_stops_the_run_before_training(tmp_path):
     strategy = make_strategy(tmp_path)
 
@@ -370,8 +377,65 @@ def test_a_node_failing_discovery_stops_the_run_before_training(tmp_path):
                 )
             return super()._answer(message, node_id)
 
-    with pytest.raises(ConfigError, match=r"node 102 failed before training.*'dataset'"):
+    with pytest.raises(ConfigError, match=r"failed before training.*'dataset'.*1 of 4 nodes: 102"):
         discover(strategy, Broken(strategy))
+
+
+def test_a_configuration_error_on_the_nodes_is_raised_once_with_its_key_and_fix(tmp_path):
+    strategy = make_strategy(tmp_path)
+    problem = "file 'x.csv' is empty; give a file with a header row and rows"
+
+    class Misconfigured(ScriptedGrid):
+        def _answer(self, message, node_id):
+            if node_id == 104:
+                return super()._answer(message, node_id)
+            record = ConfigRecord({"error-key": "dataset", "error": problem})
+            return Message(RecordDict({CONFIG: record}), reply_to=message)
+
+    with pytest.raises(ConfigError) as info:
+        discover(strategy, Misconfigured(strategy))
+    assert info.value.key == "dataset"
+    assert str(info.value) == (
+        f"run-config 'dataset': {problem} [reported by 3 of 4 nodes: 101, 102, 103]"
+    )
+
+
+def test_the_superlinks_error_reply_for_a_dead_node_names_that_node(tmp_path, caplog):
+    """Flower answers for a SuperNode that died with an error reply from the SuperLink
+    (node 1) that replies to the message sent: it is that node's failure."""
+
+    class DeadNode(ScriptedGrid):
+        def send_and_receive(self, messages, timeout):
+            messages = list(messages)
+            for number, message in enumerate(messages):
+                message.metadata.__dict__["_message_id"] = f"m{number}"
+            replies = super().send_and_receive(messages, timeout)
+            for reply in replies:
+                sent = next(
+                    m
+                    for m in messages
+                    if m.metadata.message_id == reply.metadata.reply_to_message_id
+                )
+                if sent.metadata.dst_node_id == 103 and MessageType.TRAIN in str(
+                    reply.metadata.message_type
+                ):
+                    dead = Message(
+                        Error(ErrorCode.NODE_UNAVAILABLE, "Error: Node Unavailable"), reply_to=sent
+                    )
+                    dead.metadata.__dict__["_src_node_id"] = 1
+                    replies[replies.index(reply)] = dead
+            return replies
+
+    strategy = make_strategy(tmp_path)
+    grid = DeadNode(strategy)
+    discover(strategy, grid)
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        run_all(strategy, grid)
+    assert "node 103 (client 2): train failed: Error: Node Unavailable" in caplog.text
+    assert "not asked" not in caplog.text and "no train reply" not in caplog.text
+    assert_same(
+        strategy.shared, expected_shared(tmp_path, {1: [101, 102, 104], 2: [101, 102, 104]})
+    )
 
 
 @pytest.mark.parametrize("name", ["fedalora-hetero", "hetlora", "flora", "zeropad"])
@@ -506,6 +570,5 @@ def test_bad_data_or_model_fails_at_discovery_naming_the_field_and_the_fix(
         run_id=1, node_id=1, state=RecordDict(), node_config=node, run_config=config.to_run_config()
     )
     query = Message(RecordDict(), dst_node_id=1, message_type=MessageType.QUERY)
-    with pytest.raises(ConfigError) as info:
-        client_app.query(query, context)
-    assert info.value.key == key and fix in str(info.value)
+    reply = client_app.query(query, context).content.config_records[CONFIG]
+    assert reply["error-key"] == key and fix in str(reply["error"])

@@ -96,7 +96,7 @@ def test_classification_smoke_grid_reports_intervals_over_seeds_in_process(tmp_p
 
 @pytest.mark.slow
 def test_instruction_smoke_grid_writes_the_table(tmp_path):
-    out = _grid(tmp_path, "--track", "instruction", "--preset", "smoke", "--mode", "ray")
+    out = _grid(tmp_path, "--track", "instruction", "--preset", "smoke", "--mode", "in-process")
     table = pd.read_csv(out / "table.csv").set_index("strategy")
     assert list(table.index) == ["fedalora-hetero", "local", "centralised"]
     runs = pd.read_csv(out / "runs.csv")

@@ -57,6 +57,16 @@ def test_the_local_model_score_is_that_of_the_model_the_client_uploads_from(stra
     assert untrained["loss"] != result.local_model["loss"]
 
 
+def test_local_models_can_be_scored_in_the_last_round_only():
+    config = tiny_config(
+        strategy="fedalora-hetero", ranks="8,4,2", local_model_scoring="final-round"
+    )
+    client, method = FederatedClient(config, 0, 3, 8), config.method
+    shared = method.initial_shared(client.base.layer_shapes(), config.rank_list)
+    assert client.train(shared, None, 1).local_model == {}
+    assert client.train(shared, None, 2, final=True).local_model["num_examples"] > 0
+
+
 def test_without_aggregation_both_protocols_score_the_same_model():
     config = tiny_config(strategy="local", ranks="8,4,2")
     client = FederatedClient(config, 1, 3, 4)

@@ -23,7 +23,7 @@ from fedalora.adapters import load_peft_adapter
 from fedalora.methods import registered_methods
 from fedalora.models import load_base_model
 from fedalora.outputs import read_jsonl
-from fedalora.simulate import SimulationFailed, ray_cluster, run_simulation
+from fedalora.simulate import ray_cluster, run_simulation
 
 from .comm_formulas import ORACLE, Layer, floats_per_layer
 from .conftest import TINY_OPTIONS
@@ -458,14 +458,12 @@ def test_a_method_of_ones_own_runs_with_heterogeneous_ranks(runs):
     }
 
 
-def test_bad_config_fails_before_training_and_is_not_completed(tmp_path, shared_ray):
-    """Through `flwr run`: the run fails with the key and the fix (a rank that only the
-    model's layer shapes can refuse); the configuration's own refusals are in
-    test_config."""
-    name = "rank-too-big"
-    with pytest.raises(SimulationFailed) as info:
-        _simulate(tmp_path, name, "strategy='fedalora-hetero' ranks='8,4,999'", shared_ray)
-    assert "'ranks'" in str(info.value) and "<= 384" in str(info.value)
-    summary = json.loads((tmp_path / "outputs" / name / "summary.json").read_text())
-    assert summary["status"] == "failed"
-    assert not (tmp_path / "outputs" / name / "metrics.jsonl").exists()
+def test_under_ray_a_clients_mistake_reaches_the_console_as_its_headline(tmp_path, shared_ray):
+    """Through the console launcher and `flwr run`, the nodes in Ray workers: their
+    ConfigError, not Ray's task error, is the console's last line and summary.json's
+    error, once (every other mistake of tests/test_user_models.py runs in process)."""
+    from .test_user_models import console_run
+
+    lines, summary, headline = console_run(tmp_path, "empty file", "--ray-address", shared_ray)
+    assert summary["error"].startswith(f"{headline} [reported by 3 of 3 nodes: ")
+    assert lines[-1] == f"run 'console' failed: {summary['error']}"

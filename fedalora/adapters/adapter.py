@@ -24,6 +24,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
+from ..models import quantisation_states, transposed_weights
 from ..training import LocalRecipe
 from ..types import Arrays, Tensors
 
@@ -170,9 +171,9 @@ def method_state(private: Mapping[str, torch.Tensor] | None) -> Tensors:
 
 def share_frozen_weights(base_model: nn.Module, head_modules: list[str]) -> nn.Module:
     """A copy of ``base_model`` whose modules are new but whose frozen parameters and
-    buffers are the base model's own tensors (no copy): every client that a worker
-    serves shares one set of base weights and swaps only its adapter. The new head
-    (``head_modules``), which clients train, is copied."""
+    buffers (and a quantised weight's bitsandbytes state) are the base model's own (no
+    copy): every client that a worker serves shares one set of base weights and swaps
+    only its adapter. The new head (``head_modules``), which clients train, is copied."""
     head = {
         id(t)
         for name in head_modules
@@ -181,10 +182,11 @@ def share_frozen_weights(base_model: nn.Module, head_modules: list[str]) -> nn.M
             *base_model.get_submodule(name).buffers(),
         ]
     }
-    shared = {
+    shared: dict[int, Any] = {
         id(t): t for t in [*base_model.parameters(), *base_model.buffers()] if id(t) not in head
     }
-    return copy.deepcopy(base_model, memo=dict(shared))
+    shared.update({id(state): state for state in quantisation_states(base_model)})
+    return copy.deepcopy(base_model, memo=shared)
 
 
 def export_peft_adapter(
@@ -194,7 +196,8 @@ def export_peft_adapter(
     on ``base_model``.
 
     lora_alpha = r makes PEFT's scale 1; the client's scale is folded into lora_B, so
-    ``PeftModel.from_pretrained(base_model, path)`` reproduces the client's outputs.
+    ``PeftModel.from_pretrained(base_model, path)`` reproduces the client's outputs (on
+    the quantised base the client trained on, and the unquantised one).
     """
     rank = max(lora_a.shape[0] for lora_a, _ in factors.values())
     config = LoraConfig(
@@ -203,6 +206,7 @@ def export_peft_adapter(
         lora_dropout=0.0,
         target_modules=adapter.targets,
         modules_to_save=adapter.head_modules or None,
+        fan_in_fan_out=transposed_weights(base_model, adapter.targets),
         **adapter.export_fields(),
     )
     peft_model = get_peft_model(copy.deepcopy(base_model), config)

@@ -18,22 +18,24 @@ import math
 import torch
 from torch import nn
 
+from ..models import adapter_placement, layer_dims
 from .adapter import ClientAdapter, PeftFactors
 
 
 class DecomposedLoRALinear(nn.Module):
-    """Wraps a frozen ``nn.Linear`` W0: y = W0 x + s (B0 h + B2 (B1 h)), h = M A x."""
+    """Wraps a frozen linear layer W0 (``ADAPTABLE_LAYERS``, quantised or not):
+    y = W0 x + s (B0 h + B2 (B1 h)), h = M A x, the adapter in full precision."""
 
     B0: torch.Tensor  # a buffer: the shared state, frozen on the client
 
     def __init__(
-        self, base: nn.Linear, rank: int, intermediate_rank: int, scale: float, dropout: float = 0.0
+        self, base: nn.Module, rank: int, intermediate_rank: int, scale: float, dropout: float = 0.0
     ) -> None:
         super().__init__()
         self.base = base
         self.rank, self.intermediate_rank, self.scale = rank, intermediate_rank, scale
-        d_out, d_in = base.weight.shape
-        device, dtype = base.weight.device, base.weight.dtype
+        d_out, d_in = layer_dims(base)
+        device, dtype = adapter_placement(base)
         self.A = nn.Parameter(torch.empty(rank, d_in, device=device, dtype=dtype))
         self.M = nn.Parameter(torch.empty(intermediate_rank, rank, device=device, dtype=dtype))
         self.B1 = nn.Parameter(torch.empty(rank, intermediate_rank, device=device, dtype=dtype))
@@ -92,7 +94,6 @@ class DecomposedAdapter(ClientAdapter):
         model.requires_grad_(False)
         for name in self.targets:
             base = model.get_submodule(name)
-            assert isinstance(base, nn.Linear)  # resolve_targets keeps linear layers only
             layer = DecomposedLoRALinear(
                 base, self.rank, self.intermediate_rank, self.scale, dropout
             )

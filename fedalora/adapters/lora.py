@@ -12,6 +12,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.optimizers import create_lorafa_optimizer, create_loraplus_optimizer
 from torch import nn
 
+from ..models import transposed_weights
 from ..training import LocalRecipe
 from ..variants import MAGNITUDE, Variants
 from .adapter import ClientAdapter, PeftFactors
@@ -54,6 +55,7 @@ class LoRAAdapter(ClientAdapter):
             lora_dropout=dropout,
             use_dora=variants.dora,
             init_lora_weights=init,
+            fan_in_fan_out=transposed_weights(model, self.targets),
             **self.peft_scaling,
         )
         peft_model = get_peft_model(model, config)

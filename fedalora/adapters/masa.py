@@ -17,23 +17,24 @@ import math
 import torch
 from torch import nn
 
+from ..models import adapter_placement, layer_dims
 from .adapter import ClientAdapter, PeftFactors
 
 
 class MASALinear(nn.Module):
-    """Wraps a frozen ``nn.Linear`` W0 with ``bank`` (E x r x d_in, shared with other
-    layers), its own mixing logits and its own B."""
+    """Wraps a frozen linear layer W0 (``ADAPTABLE_LAYERS``, quantised or not) with
+    ``bank`` (E x r x d_in, shared with other layers), its own mixing logits and its own
+    B, in full precision."""
 
     def __init__(
-        self, base: nn.Linear, bank: nn.Parameter, scale: float, dropout: float = 0.0
+        self, base: nn.Module, bank: nn.Parameter, scale: float, dropout: float = 0.0
     ) -> None:
         super().__init__()
         self.base, self.bank, self.scale = base, bank, scale
         experts, rank, _ = bank.shape
+        d_out, _ = layer_dims(base)
         self.mix = nn.Parameter(torch.zeros(experts, device=bank.device, dtype=bank.dtype))
-        self.B = nn.Parameter(
-            torch.zeros(base.weight.shape[0], rank, device=bank.device, dtype=bank.dtype)
-        )
+        self.B = nn.Parameter(torch.zeros(d_out, rank, device=bank.device, dtype=bank.dtype))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def mixed_a(self) -> torch.Tensor:
@@ -45,9 +46,11 @@ class MASALinear(nn.Module):
         return self.base(x) + self.scale * nn.functional.linear(h, self.B)
 
 
-def expert_bank(experts: int, rank: int, d_in: int, like: torch.Tensor) -> nn.Parameter:
+def expert_bank(
+    experts: int, rank: int, d_in: int, device: torch.device, dtype: torch.dtype
+) -> nn.Parameter:
     """E experts of r x d_in, each with PEFT's LoRA-A init (Kaiming-uniform, a = sqrt(5))."""
-    bank = nn.Parameter(torch.empty(experts, rank, d_in, device=like.device, dtype=like.dtype))
+    bank = nn.Parameter(torch.empty(experts, rank, d_in, device=device, dtype=dtype))
     for expert in bank:
         nn.init.kaiming_uniform_(expert, a=math.sqrt(5))
     return bank
@@ -76,10 +79,9 @@ class MASAAdapter(ClientAdapter):
         banks: dict[int, nn.Parameter] = {}
         for name in self.targets:
             base = model.get_submodule(name)
-            assert isinstance(base, nn.Linear)  # resolve_targets keeps linear layers only
-            d_in = base.weight.shape[1]
+            _, d_in = layer_dims(base)
             if d_in not in banks:
-                banks[d_in] = expert_bank(self.experts, self.rank, d_in, base.weight)
+                banks[d_in] = expert_bank(self.experts, self.rank, d_in, *adapter_placement(base))
             model.set_submodule(name, MASALinear(base, banks[d_in], self.scale, dropout))
         return model
 

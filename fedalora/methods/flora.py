@@ -7,8 +7,9 @@ Rule, per adapted layer: client i uploads A_i (r_i x d_in) and B_i (d_out x r_i)
 The server stacks A = [A_1; ...; A_K] (R x d_in, R = sum r_i) and
 B = [p_1 s_1 B_1, ..., p_K s_K B_K] (d_out x R), so B A = sum_i p_i s_i B_i A_i
 exactly, and broadcasts both (``<module>.stack_A``, ``<module>.stack_B``). Every
-client adds B A to a private copy of its frozen weight, once per aggregated round,
-and starts a fresh LoRA (seeded A, B = 0) every round. Scaling: s_i = s(r_i) from
+client adds B A to its private merged update, once per aggregated round, computes
+W0 x + merged x (W0 stays the worker's shared weight, quantised or not) and starts a
+fresh LoRA (seeded A, B = 0) every round. Scaling: s_i = s(r_i) from
 run-config ``scaling``, applied by the client in training and folded into the stack
 by the server. The exported adapter is the merged update plus the current LoRA,
 factorised exactly by SVD at full rank.
@@ -27,7 +28,7 @@ from torch import nn
 
 from ..adapters import ClientAdapter, LoRAAdapter, PeftFactors
 from ..aggregation import flora_stack
-from ..models import BaseModel
+from ..models import BaseModel, layer_dims
 from ..types import Arrays, LayerShapes
 from .base import Method, Paper, Participant
 from .registry import register_method
@@ -70,7 +71,10 @@ class FLoRA(Method):
     def make_adapter(self, base: BaseModel, rank: int, dropout: float) -> ClientAdapter:
         adapter = super().make_adapter(base, rank, dropout)
         for m in adapter.targets:
-            adapter.state[MERGED + m] = torch.zeros_like(_lora(adapter, m).base_layer.weight)
+            base_layer = _lora(adapter, m).base_layer
+            adapter.state[MERGED + m] = torch.zeros(
+                layer_dims(base_layer), device=base_layer.weight.device
+            )
         adapter.state[MERGED_ROUND] = torch.zeros(1, dtype=torch.int64)
         return adapter
 
@@ -92,14 +96,11 @@ class FLoRA(Method):
         adapter.state[MERGED_ROUND].fill_(shared_round)
 
     def start_round(self, adapter: ClientAdapter) -> None:
-        """This client's frozen weights become W0 + merged update (a private copy; the
-        worker's shared base weights are left as they are). The LoRA itself is fresh."""
-        with torch.no_grad():
-            for m in adapter.targets:
-                base_layer = _lora(adapter, m).base_layer
-                base_layer.weight = nn.Parameter(
-                    base_layer.weight + adapter.state[MERGED + m], requires_grad=False
-                )
+        """This client's frozen layers become W0 + merged update (the worker's shared base
+        layers are left as they are). The LoRA itself is fresh."""
+        for m in adapter.targets:
+            lora = _lora(adapter, m)
+            lora.base_layer = MergedLayer(lora.base_layer, adapter.state[MERGED + m])
 
     def export_factors(self, adapter: ClientAdapter) -> PeftFactors:
         """Merged update + current LoRA as one exact full-rank factorisation."""
@@ -110,6 +111,21 @@ class FLoRA(Method):
             )
             exact[m] = (vt.to(lora_a.dtype), (u * s).to(lora_a.dtype))
         return exact
+
+
+class MergedLayer(nn.Module):
+    """A frozen layer W0 (as stored: shared, quantised or not) plus this client's merged
+    update: y = W0 x + merged x."""
+
+    merged: torch.Tensor  # d_out x d_in, a buffer: frozen
+
+    def __init__(self, base: nn.Module, merged: torch.Tensor) -> None:
+        super().__init__()
+        self.base = base
+        self.register_buffer("merged", merged, persistent=False)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.base(x, *args, **kwargs) + nn.functional.linear(x, self.merged)
 
 
 def _lora(adapter: ClientAdapter, module: str) -> Any:
