@@ -51,8 +51,9 @@ def final_figures(last_round: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def progress_line(row: Mapping[str, Any], num_rounds: int | None) -> str:
-    """One console line for a rounds.jsonl row: both protocols' mean and worst score,
-    epsilon under DP, failed or rejected replies, and the round's seconds."""
+    """One line for a rounds.jsonl row (the server's log and the console): both
+    protocols' mean and worst score, epsilon under DP, failed or rejected replies, bytes
+    each way and the round's seconds."""
     parts = [f"round {row['round']}/{num_rounds or '?'}"]
     if row.get("skipped"):
         parts.append("skipped (no usable update)")
@@ -65,6 +66,8 @@ def progress_line(row: Mapping[str, Any], num_rounds: int | None) -> str:
         parts.append(f"epsilon {row['epsilon']:.2f}")
     lost = {k: row[k] for k in ("failed", "rejected") if row.get(k)}
     parts += [f"{count} {kind}" for kind, count in lost.items()]
+    if row.get("bytes_up") or row.get("bytes_down"):
+        parts.append(f"up {row['bytes_up'] / 1e6:.2f} MB, down {row['bytes_down'] / 1e6:.2f} MB")
     return " | ".join(parts) + f" | {row.get('seconds', 0.0):.0f} s"
 
 

@@ -159,16 +159,19 @@ class RunFollower:
         self.run_dir, self.echo = run_dir, echo
         self.stale = {name: _identity(run_dir / name) for name in (ROUNDS, WARNINGS)}
         self.shown = dict.fromkeys(self.stale, 0)
+        self.num_rounds: int | None = None
 
     def poll(self) -> None:
         for line in self._new_lines(WARNINGS):
             self.echo(f"warning: {line}")
-        config = self.run_dir / CONFIG
-        rounds = (
-            json.loads(config.read_text()).get("num-server-rounds") if config.exists() else None
-        )
         for line in self._new_lines(ROUNDS):
-            self.echo(progress_line(json.loads(line), rounds))
+            self.echo(progress_line(json.loads(line), self._num_rounds()))
+
+    def _num_rounds(self) -> int | None:
+        """The run's num-server-rounds, from its config.json once the server wrote it."""
+        if self.num_rounds is None and (self.run_dir / CONFIG).exists():
+            self.num_rounds = json.loads((self.run_dir / CONFIG).read_text())["num-server-rounds"]
+        return self.num_rounds
 
     def _new_lines(self, name: str) -> list[str]:
         path = self.run_dir / name

@@ -10,7 +10,7 @@ from typing import Any
 from flwr.app import Message
 from flwr.supercore import log
 
-from fedalora.outputs import EVALUATE, LOCAL_MODEL, TRAIN, protocol_scores
+from fedalora.outputs import EVALUATE, LOCAL_MODEL, TRAIN, progress_line, protocol_scores
 from protocol import (
     ACCURACY,
     ARRAYS,
@@ -69,20 +69,7 @@ def round_row(
 
 
 def log_round(row: Mapping[str, Any], num_rounds: int) -> None:
-    log(
-        INFO,
-        "round %d/%d | local models: mean acc %s, worst %s | after aggregation: mean acc %s, "
-        "worst %s | up %.2f MB | down %.2f MB | round %.1f s",
-        row["round"],
-        num_rounds,
-        _fmt(row["local_model_mean_accuracy"]),
-        _fmt(row["local_model_worst_accuracy"]),
-        _fmt(row["evaluate_mean_accuracy"]),
-        _fmt(row["evaluate_worst_accuracy"]),
-        row["bytes_up"] / 1e6,
-        row["bytes_down"] / 1e6,
-        row["seconds"],
-    )
+    log(INFO, "%s", progress_line(row, num_rounds))
 
 
 def _row(
@@ -102,7 +89,3 @@ def _row(
         "bytes_down": down,
         "seconds": metrics[SECONDS],
     }
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"

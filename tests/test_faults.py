@@ -146,9 +146,9 @@ def run_all(strategy, grid, **kwargs):
     )
 
 
-def run(tmp_path, faults=None, evaluate_faults=None, **overrides):
+def run(tmp_path, faults=None, evaluate_faults=None, grid_class=None, **overrides):
     strategy = make_strategy(tmp_path, **overrides)
-    grid = ScriptedGrid(strategy, faults, evaluate_faults)
+    grid = (grid_class or ScriptedGrid)(strategy, faults, evaluate_faults)
     discover(strategy, grid)
     evaluations = run_all(strategy, grid)
     return strategy, grid, evaluations
@@ -308,11 +308,8 @@ def test_a_reply_from_a_node_that_was_not_asked_is_ignored(tmp_path, caplog):
                     reply.metadata.__dict__["_src_node_id"] = 999
             return replies
 
-    strategy = make_strategy(tmp_path)
-    grid = Impostor(strategy)
-    discover(strategy, grid)
     with caplog.at_level(logging.WARNING, logger="flwr"):
-        run_all(strategy, grid)
+        strategy, _, _ = run(tmp_path, grid_class=Impostor)
     assert "reply from node 999, which was not asked" in caplog.text
     assert_same(
         strategy.shared, expected_shared(tmp_path, {1: [101, 102, 103], 2: [101, 102, 103]})
@@ -426,11 +423,8 @@ def test_the_superlinks_error_reply_for_a_dead_node_names_that_node(tmp_path, ca
                     replies[replies.index(reply)] = dead
             return replies
 
-    strategy = make_strategy(tmp_path)
-    grid = DeadNode(strategy)
-    discover(strategy, grid)
     with caplog.at_level(logging.WARNING, logger="flwr"):
-        run_all(strategy, grid)
+        strategy, _, _ = run(tmp_path, grid_class=DeadNode)
     assert "node 103 (client 2): train failed: Error: Node Unavailable" in caplog.text
     assert "not asked" not in caplog.text and "no train reply" not in caplog.text
     assert_same(
