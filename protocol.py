@@ -7,9 +7,15 @@ the arrays, ``final-round`` and ``run-name``). A reply carries ``metrics``
 (``REPLY_METRICS`` and any others, one spelling: snake_case, as in ``metrics.jsonl``)
 and, from training, ``arrays`` (the upload); a train reply's metrics also score the
 client's local model right after training (``LOCAL_MODEL_PREFIX``). The discovery
-query's reply is a ``config`` record of ``partition-id``, ``rank`` and ``num-examples``,
-or, from a node whose configuration, model or data cannot work, of ``error-key`` and
-``error`` (the run-config key and the problem with its fix).
+query's reply is a ``config`` record of ``partition-id``, ``rank``, ``num-examples``,
+``num-test-examples``, ``metric`` (the score clients are ranked by), ``head`` (the
+modules of the local head it trains) and ``labels`` (class names in label-id order; the
+last two only when there are any); from a node whose configuration, model or data
+cannot work, of ``error-key`` and ``error`` (the run-config key and the problem with
+its fix); from a node that failed otherwise, of ``error`` alone (the exception's type
+and message) and ``partition-id`` when the node has one. A ClientApp that fails in
+training or evaluation answers with an error reply whose reason is the exception's
+type and message.
 """
 
 from __future__ import annotations
@@ -31,8 +37,9 @@ SERVER_ROUND, SHARED_ROUND, FINAL_ROUND, RUN_NAME = (
     "final-round",
     "run-name",
 )
-#: Keys of the discovery reply (a node's partition, rank and training examples).
+#: Keys of the discovery reply (a node's partition, rank, examples and what it scores).
 PARTITION_ID, RANK, NUM_TRAIN_EXAMPLES = "partition-id", "rank", "num-examples"
+NUM_TEST_EXAMPLES, METRIC, HEAD, LABELS = "num-test-examples", "metric", "head", "labels"
 #: Keys of a discovery reply from a node that cannot take part (its ConfigError).
 ERROR_KEY, ERROR = "error-key", "error"
 #: Metrics of every train and evaluate reply.

@@ -43,9 +43,10 @@ import pandas as pd
 from tqdm import tqdm
 
 from fedalora.comparison import over_seeds, paired_gain, reading, run_figures
-from fedalora.config import FedConfig, parse_run_config
+from fedalora.config import FedConfig
 from fedalora.methods import method_class, registered_methods
 from fedalora.outputs import LOCAL_MODEL, PROTOCOLS
+from fedalora.run_config import parse_run_config
 from fedalora.simulate import SimulationFailed, completed_run, ray_cluster, run_simulation
 from fedalora.stats import Interval
 

@@ -23,7 +23,8 @@ from common import federation, machine, print_figures
 
 from fedalora import data, models
 from fedalora.client import FederatedClient
-from fedalora.config import FedConfig, parse_run_config
+from fedalora.config import FedConfig
+from fedalora.run_config import parse_run_config
 
 PARTITION, NUM_CLIENTS = 0, 8
 

@@ -16,16 +16,20 @@ round repeats exactly; the train reply reports that state's round
 from __future__ import annotations
 
 import functools
+import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app.error import Error
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 
 from fedalora.client import FederatedClient
 from fedalora.config import FedConfig
-from fedalora.errors import ConfigError
+from fedalora.errors import ConfigError, exception_line
 from fedalora.outputs import EVALUATE, LOCAL_MODEL, adapter_dir
 from fedalora.state import DiskStateStore, PrivateStateStore
 from fedalora.types import Tensors
@@ -35,7 +39,11 @@ from protocol import (
     ERROR,
     ERROR_KEY,
     FINAL_ROUND,
+    HEAD,
+    LABELS,
+    METRIC,
     METRICS,
+    NUM_TEST_EXAMPLES,
     NUM_TRAIN_EXAMPLES,
     PARTITION_ID,
     PRIVATE_STATE_ROUND,
@@ -50,6 +58,25 @@ from protocol import (
 )
 
 app = ClientApp()
+_LOG = logging.getLogger(__name__)
+Handler = Callable[[Message, Context], Message]
+
+
+def answers_failures(handler: Handler) -> Handler:
+    """A train or evaluate handler that answers any exception with an error reply whose
+    reason is the exception's type and message (the same under Ray, in process and
+    deployed), logging its traceback on the node."""
+
+    @functools.wraps(handler)
+    def handle(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes the reply
+            _LOG.exception("%s failed", handler.__name__)
+            code = ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+            return Message(Error(code, exception_line(exc)), reply_to=msg)
+
+    return handle
 
 
 class MemoryStateStore(PrivateStateStore):
@@ -82,8 +109,9 @@ class MemoryStateStore(PrivateStateStore):
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Report partition, rank and example count (loads model and data, validating both);
-    a configuration, model or data that cannot work is reported as its ConfigError."""
+    """Report partition, rank, example counts, metric, head and labels (loads model and
+    data, validating both); a configuration, model or data that cannot work is reported
+    as its ConfigError, any other failure as its exception's type and message."""
     try:
         client = _client(context)
         explicit_dir = _explicit_state_dir(context, client)
@@ -92,17 +120,30 @@ def query(msg: Message, context: Context) -> Message:
     except ConfigError as exc:
         problem = ConfigRecord({ERROR_KEY: exc.key, ERROR: exc.problem})
         return Message(RecordDict({CONFIG: problem}), reply_to=msg)
+    except Exception as exc:  # noqa: BLE001 - reported to the server as the headline
+        _LOG.exception("failed before training")
+        failure = ConfigRecord({ERROR: exception_line(exc)})
+        if "partition-id" in context.node_config:
+            failure[PARTITION_ID] = int(context.node_config["partition-id"])
+        return Message(RecordDict({CONFIG: failure}), reply_to=msg)
     info = ConfigRecord(
         {
             PARTITION_ID: client.partition_id,
             RANK: client.rank,
             NUM_TRAIN_EXAMPLES: client.data.num_train,
+            NUM_TEST_EXAMPLES: client.data.num_test,
+            METRIC: client.metric,
         }
     )
+    if client.base.head_modules:
+        info[HEAD] = list(client.base.head_modules)
+    if client.labels:
+        info[LABELS] = list(client.labels)
     return Message(RecordDict({CONFIG: info}), reply_to=msg)
 
 
 @app.train()
+@answers_failures
 def train(msg: Message, context: Context) -> Message:
     """Train on local data from the broadcast shared state; upload the shared part only."""
     client = _client(context)
@@ -135,6 +176,7 @@ def train(msg: Message, context: Context) -> Message:
 
 
 @app.evaluate()
+@answers_failures
 def evaluate(msg: Message, context: Context) -> Message:
     """Score the personalised model on the held-out split; after the last round also
     export it (unless export-adapters=false)."""

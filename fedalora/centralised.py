@@ -36,13 +36,14 @@ from torch import nn
 
 from .adapters import ClientAdapter, DecomposedAdapter, LoRAAdapter, MASAAdapter
 from .client import FederatedClient
-from .config import EVERY_ROUND, FedConfig, parse_run_config
+from .config import EVERY_ROUND, FedConfig
 from .data import collate
 from .errors import require
 from .methods.fedalora import FedALoRA
 from .methods.fedalora_hetero import FedALoRAHetero
 from .methods.masa import MASA
 from .outputs import PROTOCOLS, RunRecorder, final_figures, protocol_scores
+from .run_config import parse_run_config
 from .training import batch_indices
 
 STRATEGY = "centralised"
@@ -67,7 +68,7 @@ def run_centralised(config: FedConfig, num_clients: int, run_dir: str | Path) ->
         wall_seconds=time.perf_counter() - started,
         rounds=config.num_server_rounds,
         num_clients=num_clients,
-        **final_figures(last_round),
+        **final_figures(last_round, last_round["metric"]),
     )
     return Path(run_dir)
 
@@ -127,10 +128,16 @@ def _train(config: FedConfig, num_clients: int, recorder: RunRecorder) -> dict[s
         for phase in PROTOCOLS:
             for score in scores:
                 recorder.client_row({**score, "phase": phase})
-        accuracies = [score["accuracy"] for score in scores]
+        metric = clients[0].metric
+        values = [score[metric] for score in scores]
         row = {
             "round": server_round,
-            **{k: v for phase in PROTOCOLS for k, v in protocol_scores(phase, accuracies).items()},
+            "metric": metric,
+            **{
+                k: v
+                for phase in PROTOCOLS
+                for k, v in protocol_scores(phase, values, metric).items()
+            },
             "bytes_up": 0,
             "bytes_down": 0,
             "aggregate_seconds": 0.0,

@@ -37,6 +37,7 @@ RESUMABLE_CHANGES = frozenset(
         "device",
         "bf16",
         "export-adapters",
+        "tracker",
         "output-dir",
     }
 )

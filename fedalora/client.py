@@ -14,12 +14,22 @@ import torch
 from .adapters import ClientAdapter, export_peft_adapter, method_state
 from .adapters.adapter import HEAD, STATE
 from .config import EVERY_ROUND, FedConfig, validate_rank
-from .data import ClientData, load_client_data, load_official_test, num_labels_of
+from .data import (
+    ClientData,
+    label_names,
+    load_client_data,
+    load_labelled_dataset,
+    load_official_test,
+    num_labels_of,
+)
+from .errors import ConfigError
 from .metrics import generation_scores
-from .models import BaseModel, cached_base_model, select_device
+from .models import BaseModel, cached_base_model, select_device, unknown_token_share
 from .privacy import NOISE_STREAM, global_norm
 from .training import evaluate, generate_responses, train_steps
 from .types import Arrays, Tensors
+
+ACCURACY = "accuracy"
 
 
 class TrainResult(NamedTuple):
@@ -49,17 +59,26 @@ class FederatedClient:
         self.config, self.partition_id, self.rank = config, partition_id, rank
         self.method = config.method
         self.device = select_device(config.device, config.bf16)
+        drop = config.drop_incomplete_rows
         self.base: BaseModel = cached_base_model(
             config.model,
-            num_labels_of(config.dataset, config.columns),
+            num_labels_of(config.dataset, config.columns, drop),
             config.target_modules,
             config.num_hidden_layers,
             config.seed,
             config.quantization,
             self.device,  # loaded there once per worker: every adapter shares these weights
             config.reinit_head,
+            config.tokenizer,
         )
         validate_rank("lora-rank", rank, self.base.layer_shapes())
+        positions = getattr(self.base.model.config, "max_position_embeddings", None)
+        if positions and config.max_length > positions:
+            raise ConfigError(
+                "max-length",
+                f"{config.max_length} tokens exceed the {positions} positions the model "
+                f"'{config.model}' can embed; use max-length <= {positions}",
+            )
         data_partition = (0, 1) if own_data else (partition_id, num_partitions)
         self.data: ClientData = load_client_data(
             config.dataset,
@@ -71,7 +90,14 @@ class FederatedClient:
             config.max_length,
             1 if own_data else config.clients_per_group,
             config.columns,
+            drop,
         )
+        #: The class names in label-id order (empty for instruction data).
+        self.labels = label_names(load_labelled_dataset(config.dataset, config.columns, drop))
+        #: The score clients are ranked by: ROUGE-1 of generated answers on instruction
+        #: data, accuracy otherwise.
+        self.metric = "rouge1" if self.data.is_instruction else ACCURACY
+        self._require_known_tokens()
         if config.global_test_examples:  # fail before training if there is no such split
             load_official_test(
                 config.dataset,
@@ -79,6 +105,19 @@ class FederatedClient:
                 config.seed,
                 self.base.tokenizer,
                 config.max_length,
+            )
+
+    def _require_known_tokens(self) -> None:
+        """ConfigError when the tokenizer turns most of this client's training text into
+        its unknown token: it is not the tokenizer of this model or of this language."""
+        share = unknown_token_share(self.base.tokenizer, self.data.train["input_ids"])
+        if share > 0.5:
+            key = "tokenizer" if self.config.tokenizer else "model"
+            raise ConfigError(
+                key,
+                f"the tokenizer turns {share:.0%} of client {self.partition_id}'s tokens into "
+                f"{self.base.tokenizer.unk_token!r}, so the model would train on noise; give "
+                "the tokenizer the model was trained with (saved beside it, or tokenizer=)",
             )
 
     def build_adapter(
@@ -175,7 +214,9 @@ class FederatedClient:
                 num_examples=self.data.num_test, seconds=time.perf_counter() - started
             )
         if export_to is not None:
-            export_peft_adapter(method.export_factors(adapter), adapter, self.base.model, export_to)
+            export_peft_adapter(
+                method.export_factors(adapter), adapter, self.base.model, export_to, self.labels
+            )
         return TrainResult(upload, private_state, metrics, local_model)
 
     def evaluate(
@@ -244,7 +285,7 @@ class FederatedClient:
         """Write the personalised adapter as a standard PEFT LoRA adapter."""
         adapter = self.build_adapter(shared, private, shared_round, server_round)
         return export_peft_adapter(
-            self.method.export_factors(adapter), adapter, self.base.model, path
+            self.method.export_factors(adapter), adapter, self.base.model, path, self.labels
         )
 
 

@@ -13,7 +13,6 @@ import dataclasses
 import functools
 import math
 import re
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,7 +23,9 @@ from .methods import Method, MethodOptions, method_class, registered_methods
 from .methods.fedalora_hetero import FedALoRAHetero
 from .models import NO_QUANTIZATION, QUANTIZATIONS, require_bitsandbytes
 from .privacy import CENTRAL, DP_MODES, DPSettings
+from .run_config import unknown_key_problem
 from .scaling import SCALINGS, LoRAScaling
+from .tracking import TRACKERS
 from .training import LR_SCHEDULES, LocalRecipe
 from .variants import DORA_MAGNITUDES, LORA_INITS, Variants
 
@@ -66,6 +67,7 @@ class FedConfig:
     lora_fa: bool = False
     target_modules: str = "auto"
     model: str = "minilm"
+    tokenizer: str = ""
     num_hidden_layers: int = 0
     quantization: str = NO_QUANTIZATION
     reinit_head: bool = False
@@ -75,6 +77,7 @@ class FedConfig:
     instruction_column: str = "instruction"
     response_column: str = "response"
     task_column: str = "task"
+    drop_incomplete_rows: bool = False
     partitioning: str = "dirichlet:0.5"
     clients_per_group: int = 1
     test_fraction: float = 0.2
@@ -90,6 +93,7 @@ class FedConfig:
     bf16: bool = False
     output_dir: str = "outputs"
     run_name: str = ""
+    tracker: str = "none"
     round_timeout: float = 3600.0
     round_retries: int = 1
     max_update_rms: float = 100.0
@@ -248,6 +252,11 @@ class FedConfig:
             "must be >= 0 (0: no scoring on the data set's official test split)",
         )
         require(self.device in DEVICES, "device", f"choose one of: {', '.join(DEVICES)}")
+        require(
+            self.tracker in TRACKERS,
+            "tracker",
+            f"choose one of: {', '.join(TRACKERS)} (where the server also logs the run)",
+        )
         require(
             self.state_store in STATE_STORES,
             "state-store",
@@ -489,20 +498,6 @@ def validate_rank(key: str, rank: int, layer_shapes: Mapping[str, tuple[int, int
         )
 
 
-def parse_run_config(text: str) -> dict[str, Any]:
-    """``key=value`` pairs as ``flwr run --run-config`` reads them (values in TOML:
-    strings quoted, e.g. "strategy='fedalora' ranks='8' lr=0.002")."""
-    pairs = re.findall(r"(\S+?)=('[^']*'|\"[^\"]*\"|\S+)", text)
-    try:
-        return tomllib.loads("\n".join(f"{key} = {value}" for key, value in pairs))
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(
-            "run-config",
-            f"cannot read '{text}': {exc}; write key=value pairs "
-            "separated by spaces, strings in quotes, e.g. \"ranks='8,4' lr=0.002\"",
-        ) from exc
-
-
 def _global_keys() -> dict[str, dataclasses.Field[Any]]:
     """Run-config key -> FedConfig field, for every key that is not a method option."""
     return {
@@ -520,12 +515,8 @@ def _check_foreign_option(key: str, raw: Any, strategy: str) -> None:
         if key in cls.Options.fields_by_key()
     }
     if not owners:
-        raise ConfigError(
-            key,
-            f"unknown key; known keys: {', '.join(sorted(_global_keys()))} "
-            f"and the options of each method ({strategy}: "
-            f"{', '.join(method_class(strategy).Options.fields_by_key()) or 'none'})",
-        )
+        own = method_class(strategy).Options.fields_by_key()
+        raise ConfigError(key, unknown_key_problem(key, [*_global_keys(), *own]))
     name, option = next(iter(owners.items()))
     if _coerce(key, raw, type(option.default)) != option.default:
         raise ConfigError(

@@ -10,9 +10,12 @@ Two kinds of data set, told apart by their columns:
 
 from __future__ import annotations
 
+import codecs
 import csv
 import dataclasses
 import functools
+import logging
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +60,9 @@ LOCAL_FORMATS: dict[str, tuple[str, dict[str, object]]] = {
 LOCAL_FORMS = ".json/.jsonl/.csv file (or .tsv, .parquet, a datasets save_to_disk folder)"
 #: Column pairs that make a data set classification or instruction data.
 DATA_KINDS = (("text", "label"), ("instruction", "response"))
+#: Columns that must hold text.
+TEXT_COLUMNS = ("text", "instruction", "response")
+_LOG = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -101,9 +107,13 @@ ORANGE_STEMS = {"20newsgroups": "20newsgroups", "reuters-r8": "reuters-r8"}
 
 
 @functools.lru_cache(maxsize=4)
-def load_labelled_dataset(name: str, columns: ColumnNames = DEFAULT_COLUMNS) -> datasets.Dataset:
+def load_labelled_dataset(
+    name: str, columns: ColumnNames = DEFAULT_COLUMNS, drop_incomplete: bool = False
+) -> datasets.Dataset:
     """Classification data (``text`` and a ClassLabel ``label``) or instruction data
-    (``instruction``, ``response``); a user data set's ``columns`` renamed to those names."""
+    (``instruction``, ``response``); a user data set's ``columns`` renamed to those names,
+    its rows with an empty or missing value a ConfigError (``drop_incomplete``: left
+    out), its labels numbered in numeric order when they are numbers."""
     if name == "instructions":
         return build_instruction_dataset()
     if name in ORANGE_STEMS:
@@ -118,12 +128,99 @@ def load_labelled_dataset(name: str, columns: ColumnNames = DEFAULT_COLUMNS) -> 
             }
         )
     else:
-        dataset = _load_user_dataset(name, columns)
+        dataset = _complete_rows(_load_user_dataset(name, columns), name, columns, drop_incomplete)
         if is_instruction_data(dataset):
             return dataset
-    if not isinstance(dataset.features["label"], datasets.ClassLabel):
-        dataset = dataset.class_encode_column("label")
-    return dataset
+    return encode_labels(dataset)
+
+
+def encode_labels(dataset: datasets.Dataset) -> datasets.Dataset:
+    """``label`` as a ClassLabel: numbers (3, 7, 11, also written as text) in numeric
+    order, named as written; other labels in text order (``class_encode_column``)."""
+    if isinstance(dataset.features["label"], datasets.ClassLabel):
+        return dataset
+    names = sorted({_label_name(v) for v in dataset["label"]})
+    if not all(_is_number(n) for n in names):
+        return dataset.class_encode_column("label")
+    names.sort(key=float)
+    index = {n: i for i, n in enumerate(names)}
+    return dataset.map(
+        lambda rows: {"label": [index[_label_name(v)] for v in rows["label"]]},
+        batched=True,
+        features=datasets.Features({**dataset.features, "label": datasets.ClassLabel(names=names)}),
+    )
+
+
+def label_names(dataset: datasets.Dataset) -> list[str]:
+    """The class names in label-id order (empty for instruction data)."""
+    feature = dataset.features.get("label")
+    return list(feature.names) if isinstance(feature, datasets.ClassLabel) else []
+
+
+def _label_name(value: object) -> str:
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
+
+
+def _complete_rows(
+    dataset: datasets.Dataset, name: str, columns: ColumnNames, drop: bool
+) -> datasets.Dataset:
+    """The data set with its text columns as strings and no row that lacks a value it
+    needs (text and label, or instruction and response); such rows are a ConfigError
+    naming them, or with ``drop`` are left out."""
+    needed = DATA_KINDS[1] if is_instruction_data(dataset) else DATA_KINDS[0]
+    for column in needed:
+        if column in TEXT_COLUMNS and dataset.features[column] != datasets.Value("string"):
+            try:
+                dataset = dataset.cast_column(column, datasets.Value("string"))
+            except (TypeError, ValueError, pyarrow.ArrowException) as exc:
+                raise ConfigError(
+                    "dataset",
+                    f"the column '{getattr(columns, column)}' of '{name}' holds "
+                    f"{dataset.features[column]}, not text; give one text per row",
+                ) from exc
+    values = [dataset[column] for column in needed]
+    bad = [row for row, cells in enumerate(zip(*values, strict=True)) if any(map(_empty, cells))]
+    if not bad:
+        return dataset
+    if drop:
+        _LOG.warning("'%s': dropped %d incomplete rows (drop-incomplete-rows=true)", name, len(bad))
+        kept = sorted(set(range(len(dataset))) - set(bad))
+        if not kept:
+            raise ConfigError(
+                "dataset", f"'{name}' has no complete row; fill in its {', '.join(needed)}"
+            )
+        return dataset.select(kept)
+    faulty = [
+        getattr(columns, column)
+        for column, cells in zip(needed, values, strict=True)
+        if any(_empty(cells[row]) for row in bad)
+    ]
+    shown = ", ".join(str(row + 1) for row in bad[:10]) + (", ..." if len(bad) > 10 else "")
+    raise ConfigError(
+        "dataset",
+        f"'{name}' has {len(bad)} of {len(dataset)} rows with an empty or missing "
+        f"{' or '.join(repr(c) for c in faulty)} (row{'s' if len(bad) > 1 else ''} {shown}, "
+        "counting data rows from 1); "
+        "fill them in or drop them, or set drop-incomplete-rows=true to leave them out",
+    )
+
+
+def _empty(value: object) -> bool:
+    """A missing cell: None, NaN, or text that is only white space."""
+    if value is None:
+        return True
+    if isinstance(value, float):
+        return math.isnan(value)
+    return isinstance(value, str) and not value.strip()
 
 
 def make_partitioner(
@@ -188,9 +285,10 @@ def load_client_data(
     max_length: int,
     clients_per_group: int = 1,
     columns: ColumnNames = DEFAULT_COLUMNS,
+    drop_incomplete: bool = False,
 ) -> ClientData:
     """Partition ``partition_id``'s tokenised split (cached per worker process); ``columns``
-    names a user data set's columns.
+    names a user data set's columns, ``drop_incomplete`` leaves out its incomplete rows.
 
     The data set is first split into ``num_partitions / clients_per_group`` groups by
     ``partitioning`` (one per task, or IID, or Dirichlet over labels); client p takes an
@@ -203,11 +301,24 @@ def load_client_data(
             f"{num_partitions} clients do not split into groups of {clients_per_group}; "
             "use a number of clients that it divides",
         )
-    dataset = load_labelled_dataset(dataset_name, columns)
+    dataset = load_labelled_dataset(dataset_name, columns, drop_incomplete)
     group, member = divmod(partition_id, clients_per_group)
-    partition = _cached_partitioner(
-        dataset_name, columns, partitioning, num_partitions // clients_per_group, seed
-    ).load_partition(group)
+    num_groups = num_partitions // clients_per_group
+    partitioner = _cached_partitioner(
+        dataset_name, columns, drop_incomplete, partitioning, num_groups, seed
+    )
+    try:
+        partition = partitioner.load_partition(group)
+    except ValueError as exc:  # flwr-datasets: "The max number of attempts ... was reached"
+        if "attempts" not in str(exc):
+            raise
+        raise ConfigError(
+            "partitioning",
+            f"'{partitioning}' could not split the {len(dataset)} examples "
+            f"({len(set(dataset['label']))} classes) into {num_groups} parts of a useful size "
+            "(flwr-datasets gave up drawing); use a larger alpha (e.g. 'dirichlet:1.0'), "
+            "fewer clients, or 'iid'",
+        ) from exc
     if clients_per_group > 1:
         partition = partition.shuffle(seed=seed).shard(clients_per_group, member, contiguous=True)
     if len(partition) < 2:
@@ -254,9 +365,11 @@ def load_official_test(
     return _tokenise(test, tokenizer, max_length)
 
 
-def num_labels_of(dataset_name: str, columns: ColumnNames = DEFAULT_COLUMNS) -> int:
+def num_labels_of(
+    dataset_name: str, columns: ColumnNames = DEFAULT_COLUMNS, drop_incomplete: bool = False
+) -> int:
     """The number of classes; 0 for instruction data (a causal LM, no classifier head)."""
-    dataset = load_labelled_dataset(dataset_name, columns)
+    dataset = load_labelled_dataset(dataset_name, columns, drop_incomplete)
     return 0 if is_instruction_data(dataset) else dataset.features["label"].num_classes
 
 
@@ -295,10 +408,15 @@ def pad_right(sequences: list[list[int]], value: int) -> dict[str, torch.Tensor]
 
 @functools.lru_cache(maxsize=4)
 def _cached_partitioner(
-    name: str, columns: ColumnNames, partitioning: str, num_partitions: int, seed: int
+    name: str,
+    columns: ColumnNames,
+    drop_incomplete: bool,
+    partitioning: str,
+    num_partitions: int,
+    seed: int,
 ) -> Partitioner:
     return make_partitioner(
-        load_labelled_dataset(name, columns), partitioning, num_partitions, seed
+        load_labelled_dataset(name, columns, drop_incomplete), partitioning, num_partitions, seed
     )
 
 
@@ -394,6 +512,8 @@ def _load_local_file(path: Path) -> datasets.Dataset:
             "row per client",
         )
     loader, options = LOCAL_FORMATS[path.suffix.lower()]
+    if loader != "parquet":
+        _require_utf8(path)
     try:
         return datasets.load_dataset(loader, data_files=str(path), split="train", **options)
     except (DatasetGenerationError, pyarrow.ArrowException) as exc:
@@ -405,11 +525,38 @@ def _load_local_file(path: Path) -> datasets.Dataset:
             f"{path.suffix.lower()} data",
         ) from exc
     except ValueError as exc:  # datasets: 'Instruction "train" corresponds to no data!'
+        if "corresponds to no data" not in str(exc):
+            raise ConfigError(
+                "dataset",
+                f"cannot read '{path}': {type(exc).__name__}: {exc}; check that it is valid "
+                f"{path.suffix.lower()} data",
+            ) from exc
         header = "" if loader == "json" else "a header but "
         raise ConfigError(
             "dataset",
             f"the file '{path}' has {header}no rows; give at least one row per client",
         ) from exc
+
+
+def _require_utf8(path: Path, chunk: int = 1 << 20) -> None:
+    """ConfigError unless the text file is UTF-8 (a byte-order mark allowed): pyarrow's
+    JSON reader takes other bytes silently and fails only when a row is read."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with path.open("rb") as handle:
+        while True:
+            block = handle.read(chunk)
+            try:
+                decoder.decode(block, final=not block)
+            except UnicodeDecodeError as exc:
+                raise ConfigError(
+                    "dataset",
+                    f"cannot read '{path}': it is not UTF-8 text ({exc.reason} at byte "
+                    f"{offset + exc.start}); save it as UTF-8",
+                ) from exc
+            if not block:
+                return
+            offset += len(block)
 
 
 def _load_saved_dataset(path: Path) -> datasets.Dataset:

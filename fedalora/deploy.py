@@ -39,12 +39,15 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
+from .errors import ConfigError
 from .simulate import (
     BIN,
     SimulationFailed,
+    check_run_config,
     completed_run,
     connection_toml,
     free_port,
+    refuse_run,
     run_logged,
     runtime_env,
     stop_process_tree,
@@ -266,6 +269,7 @@ class LocalDeployment:
         """``flwr run`` the app on this federation; returns the completed run directory
         (``progress`` receives a line per finished round and each server warning)."""
         output_dir = Path(output_dir).resolve()
+        check_run_config(app, run_config)
         command = [
             "run",
             str(Path(app).resolve()),
@@ -437,14 +441,16 @@ def main(argv: Sequence[str] | None = None) -> None:
             for i, r in enumerate(ranks)
         ]
         root = Path(args.root)
+        run_name = time.strftime("deploy-%Y%m%d-%H%M%S")
+        run_config = f"min-nodes={len(ranks)} state-store='disk' {args.run_config}"
+        try:
+            check_run_config(Path.cwd(), run_config)
+        except ConfigError as exc:
+            raise refuse_run(root / "outputs" / run_name, exc) from None
         with LocalDeployment(root, nodes, secure=not args.insecure) as deployment:
             try:
                 run_dir = deployment.run(
-                    Path.cwd(),
-                    time.strftime("deploy-%Y%m%d-%H%M%S"),
-                    root / "outputs",
-                    f"min-nodes={len(ranks)} state-store='disk' {args.run_config}",
-                    progress=print,
+                    Path.cwd(), run_name, root / "outputs", run_config, progress=print
                 )
             except SimulationFailed as exc:
                 raise SystemExit(str(exc)) from None

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import functools
 import importlib
+import logging
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass
-from logging import WARNING
 from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.common.logger import log
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from peft.utils.integrations import get_bnb_param_type
 from torch import nn
@@ -26,6 +25,10 @@ from transformers import (
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
+)
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
 )
 from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging as transformers_logging
@@ -45,6 +48,21 @@ QUANTIZATIONS = (NO_QUANTIZATION, "8bit", "4bit")
 #: The layers an adapter can wrap: linear layers (bitsandbytes' quantised Linear4bit and
 #: Linear8bitLt among them) and transformers' Conv1D (GPT-2's, weight stored d_in x d_out).
 ADAPTABLE_LAYERS = (nn.Linear, Conv1D)
+#: Files that hold a tokenizer's vocabulary (fast tokenizers, WordPiece, BPE, SentencePiece).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "vocab.txt",
+    "vocab.json",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "tokenizer.model",
+)
+#: The kinds of model fedalora fine-tunes, for errors that refuse another kind.
+SUPPORTED_KINDS = (
+    "encoder-only models (BERT-like) as classifiers and decoder-only models (GPT-, "
+    "Llama-like) as classifiers or on instruction data"
+)
+_LOG = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -109,22 +127,31 @@ def load_base_model(
     quantization: str = NO_QUANTIZATION,
     device: torch.device | str = "cpu",
     reinit_head: bool = False,
+    tokenizer_name: str = "",
 ) -> BaseModel:
-    """Load a frozen sequence classifier (its freshly initialised head seeded by ``seed``),
-    or with ``num_labels=0`` a frozen causal LM (instruction data), on ``device``.
+    """Load a frozen sequence classifier, or with ``num_labels=0`` a frozen causal LM
+    (instruction data), on ``device``, with its tokenizer (``tokenizer_name``: another
+    folder or id than the model's own).
 
+    A classifier's head (the modules outside the backbone, and any the checkpoint
+    lacks, initialised from ``seed``) is trained by the clients, as PEFT does for
+    sequence classification: a head saved with the checkpoint may be a fresh one.
     ``quantization`` ('8bit', '4bit') loads the base quantised (``quantization_config``);
     ``reinit_head`` replaces a checkpoint's classifier whose label count is not
-    ``num_labels`` with a new head (without it, that is a ConfigError).
+    ``num_labels`` with a new head (without it, that is a ConfigError). A tokenizer
+    that cannot be this model's, or a kind of model fedalora cannot train (an
+    encoder-decoder), is a ConfigError before any weight is loaded.
     """
     source = model_source(name)
     overrides: dict[str, Any] = {"num_labels": num_labels} if num_labels else {}
     if num_hidden_layers:
         overrides["num_hidden_layers"] = num_hidden_layers
     auto_class = AutoModelForSequenceClassification if num_labels else AutoModelForCausalLM
+    checkpoint = read_model_config(name, source)
+    require_supported_family(name, checkpoint, classifier=bool(num_labels))
+    tokenizer = load_tokenizer(name, source, tokenizer_name)
+    require_fitting_vocabulary(name, tokenizer, checkpoint, tokenizer_name)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        checkpoint = AutoConfig.from_pretrained(source)
         trained = trained_head_labels(checkpoint)
         if num_labels and trained not in (None, num_labels) and not reinit_head:
             raise _head_mismatch(trained, num_labels)
@@ -155,8 +182,6 @@ def load_base_model(
             f"cannot load '{name}' ({source}): {exc}. Give a packaged "
             f"model ({', '.join(PACKAGED_MODELS)}) or a readable local path",
         ) from exc
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
     model.requires_grad_(False)
     model.eval()
@@ -166,8 +191,7 @@ def load_base_model(
         _keep_4bit_training_layout(model)
     replaced = sorted({key.rsplit(".", 1)[0] for key, _, _ in info["mismatched_keys"]})
     if replaced:
-        log(
-            WARNING,
+        _LOG.warning(
             "model '%s': the checkpoint's classifier has %s labels, the data set has %d; "
             "reinit-head=true, so its head (%s) is re-initialised and trained from scratch",
             name,
@@ -175,8 +199,10 @@ def load_base_model(
             num_labels,
             ", ".join(replaced),
         )
-    heads = sorted({key.rsplit(".", 1)[0] for key in info["missing_keys"]} | set(replaced))
-    return BaseModel(model, tokenizer, resolve_targets(model, targets_spec), heads)
+    heads = {key.rsplit(".", 1)[0] for key in info["missing_keys"]} | set(replaced)
+    if num_labels:
+        heads |= set(classifier_head(model))
+    return BaseModel(model, tokenizer, resolve_targets(model, targets_spec), sorted(heads))
 
 
 @functools.lru_cache(maxsize=2)
@@ -189,11 +215,135 @@ def cached_base_model(
     quantization: str,
     device: torch.device,
     reinit_head: bool,
+    tokenizer_name: str = "",
 ) -> BaseModel:
     """One base model per worker process, shared by every client it serves."""
     return load_base_model(
-        name, num_labels, targets_spec, num_hidden_layers, seed, quantization, device, reinit_head
+        name,
+        num_labels,
+        targets_spec,
+        num_hidden_layers,
+        seed,
+        quantization,
+        device,
+        reinit_head,
+        tokenizer_name,
     )
+
+
+def read_model_config(name: str, source: str) -> PretrainedConfig:
+    """The model's ``config.json``; ConfigError('model') when it cannot be read."""
+    try:
+        return AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        reason = " ".join(str(exc).split()).rstrip(".")
+        raise ConfigError(
+            "model",
+            f"cannot read the config of '{name}' ({source}): {reason}; give a packaged model "
+            f"({', '.join(PACKAGED_MODELS)}), a readable local path (a folder with "
+            "config.json) or a model id",
+        ) from exc
+
+
+def require_supported_family(name: str, checkpoint: PretrainedConfig, classifier: bool) -> None:
+    """ConfigError('model') for a kind of model fedalora cannot fine-tune: an
+    encoder-decoder (T5, BART), or a family without a transformers sequence classifier
+    (classification data) or causal LM (instruction data)."""
+    model_type = str(checkpoint.model_type)
+    if checkpoint.is_encoder_decoder:
+        raise ConfigError(
+            "model",
+            f"'{name}' is a {model_type} model, an encoder-decoder; fedalora fine-tunes "
+            f"{SUPPORTED_KINDS}",
+        )
+    kinds = (
+        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+        if classifier
+        else (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    )
+    if model_type not in kinds:
+        task = "sequence classifier" if classifier else "causal language model"
+        raise ConfigError(
+            "model",
+            f"transformers has no {task} for '{name}' (model type '{model_type}'); "
+            f"fedalora fine-tunes {SUPPORTED_KINDS}",
+        )
+
+
+def load_tokenizer(name: str, source: str, tokenizer_name: str = "") -> PreTrainedTokenizerBase:
+    """The tokenizer of ``source`` (or ``tokenizer_name``, run-config ``tokenizer``); a
+    local folder without a vocabulary file, or a tokenizer that cannot be loaded, is a
+    ConfigError naming what to add."""
+    key = "tokenizer" if tokenizer_name else "model"
+    where = model_source(tokenizer_name) if tokenizer_name else source
+    folder = Path(where)
+    if folder.is_dir() and not any((folder / f).exists() for f in TOKENIZER_FILES):
+        raise ConfigError(
+            key,
+            f"the folder '{where}' has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
+            "save the model's tokenizer there (tokenizer.save_pretrained), or point "
+            "tokenizer= at a folder or id that has it",
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ConfigError(
+            key,
+            f"cannot load the tokenizer of '{tokenizer_name or name}' ({where}): "
+            f"{' '.join(str(exc).split())[:300]}; give tokenizer= a folder or id with this "
+            "model's tokenizer",
+        ) from exc
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def require_fitting_vocabulary(
+    name: str, tokenizer: PreTrainedTokenizerBase, checkpoint: PretrainedConfig, tokenizer_name: str
+) -> None:
+    """ConfigError unless the tokenizer's vocabulary fits the model's embedding table:
+    no more tokens than rows (an id past the table cannot be embedded), and at least
+    half as many (tables are padded a little, never by half: fewer is another model's
+    tokenizer, or one saved without its vocabulary)."""
+    rows = getattr(checkpoint.get_text_config(), "vocab_size", None)
+    if not rows:
+        return
+    size = len(tokenizer)
+    if size <= rows and 2 * size >= rows:
+        return
+    key = "tokenizer" if tokenizer_name else "model"
+    problem = (
+        "more tokens than the model can embed" if size > rows else "far fewer tokens than the model"
+    )
+    raise ConfigError(
+        key,
+        f"the tokenizer of '{tokenizer_name or name}' has {size} tokens and the model's "
+        f"embedding {rows} rows ({problem}), so it is not this model's tokenizer; save the "
+        "tokenizer the model was trained with beside it, or point tokenizer= at it",
+    )
+
+
+def classifier_head(model: nn.Module) -> list[str]:
+    """A sequence classifier's head: its top-level modules with parameters other than
+    the backbone (``base_model_prefix``): BERT ``classifier``, DistilBERT
+    ``pre_classifier`` and ``classifier``, GPT-2 and Llama ``score``."""
+    prefix = getattr(model, "base_model_prefix", "")
+    return [
+        name
+        for name, module in model.named_children()
+        if name != prefix and any(True for _ in module.parameters())
+    ]
+
+
+def unknown_token_share(tokenizer: PreTrainedTokenizerBase, sequences: list[list[int]]) -> float:
+    """The share of the tokens in ``sequences`` (special tokens other than the unknown
+    token left out) that are the tokenizer's unknown token; 0 without one."""
+    unknown = tokenizer.unk_token_id
+    if unknown is None:
+        return 0.0
+    special = set(tokenizer.all_special_ids) - {unknown}
+    tokens = [t for sequence in sequences for t in sequence if t not in special]
+    return sum(t == unknown for t in tokens) / len(tokens) if tokens else 0.0
 
 
 def trained_head_labels(checkpoint: PretrainedConfig) -> int | None:
@@ -366,13 +516,14 @@ def adapted_layer_shapes(
 ) -> dict[str, tuple[int, int]]:
     """(d_out, d_in) of every adapted layer, from the model's config alone (no weights)."""
     source = model_source(name)
-    overrides = {"num_hidden_layers": num_hidden_layers} if num_hidden_layers else {}
-    try:
-        config = AutoConfig.from_pretrained(source, **overrides)
-    except (OSError, ValueError) as exc:
-        raise ConfigError("model", f"cannot read the config of '{name}' ({source}): {exc}") from exc
+    config = read_model_config(name, source)
+    if num_hidden_layers:
+        config.num_hidden_layers = num_hidden_layers
+    classifier = str(config.model_type) in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+    require_supported_family(name, config, classifier=classifier)
+    auto_class = AutoModelForSequenceClassification if classifier else AutoModelForCausalLM
     with torch.device("meta"):
-        model = AutoModelForSequenceClassification.from_config(config)
+        model = auto_class.from_config(config)
     return layer_shapes(model, resolve_targets(model, targets_spec))
 
 

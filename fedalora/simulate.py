@@ -28,7 +28,9 @@ from pathlib import Path
 
 import psutil
 
-from fedalora.outputs import CONFIG, ROUNDS, WARNINGS, progress_line
+from fedalora.errors import ConfigError
+from fedalora.outputs import CONFIG, ROUNDS, WARNINGS, RunRecorder, progress_line
+from fedalora.run_config import parse_run_config, resolve_run_config
 
 CONNECTION = "fedalora-sim"
 #: Flower's, Ray's and the clients' output, in the run directory.
@@ -38,6 +40,21 @@ BIN = Path(sys.executable).parent  # flwr, flower-superlink, ray of this environ
 
 class SimulationFailed(RuntimeError):
     """The run did not write a completed summary.json."""
+
+
+def check_run_config(app_dir: str | Path, run_config: str) -> None:
+    """Check ``--run-config`` text before anything starts: text that is not key=value
+    pairs, or a key the app does not declare (named with the closest declared key), is
+    a ConfigError instead of Flower's bare "Invalid run configuration". The values are
+    the ServerApp's to check (it reports them as the run's headline)."""
+    resolve_run_config(app_dir, parse_run_config(run_config))
+
+
+def refuse_run(run_dir: Path, exc: ConfigError) -> SystemExit:
+    """A run stopped before it started: its summary.json says why, and the console's
+    last line is the headline."""
+    RunRecorder(run_dir).finish("failed", error=str(exc), error_key=exc.key)
+    return SystemExit(f"run '{run_dir.name}' failed: {exc}")
 
 
 def run_simulation(
@@ -68,6 +85,7 @@ def run_simulation(
     app_dir = Path(app_dir).resolve()
     output_dir = Path(output_dir or app_dir / "outputs").resolve()
     flwr_home = Path(flwr_home or app_dir / ".flwr-home").resolve()
+    check_run_config(app_dir, run_config)
     port = free_port()
     write_connection(flwr_home, CONNECTION, f"127.0.0.1:{port}", ca=None)
     env = {**runtime_env(), "FLWR_HOME": str(flwr_home)}
@@ -374,6 +392,10 @@ def main() -> None:
     output_dir = Path(args.output_dir or Path(args.app) / "outputs").resolve()
     run_dir = output_dir / args.run_name
     run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        check_run_config(args.app, args.run_config)
+    except ConfigError as exc:
+        raise refuse_run(run_dir, exc) from None
     log_path = None if args.verbose else run_dir / FLOWER_LOG
     progress = None if args.verbose else _echo
     if not args.verbose:

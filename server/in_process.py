@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-import tomllib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,8 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from clients.client_app import app as client_app
-from fedalora.config import parse_run_config
+from fedalora.errors import ConfigError
+from fedalora.run_config import parse_run_config, resolve_run_config
 from server.server_app import app as server_app
 
 RUN_ID = 1
@@ -98,17 +98,6 @@ class InProcessGrid(Grid):
         return self.pull_messages(self.push_messages(messages))
 
 
-def app_run_config(app_dir: str | Path, overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """The app's ``[tool.flwr.app.config]`` with ``overrides``, which must be keys it
-    declares (as ``flwr run --run-config`` requires)."""
-    manifest = tomllib.loads((Path(app_dir) / "pyproject.toml").read_text())
-    config: dict[str, Any] = dict(manifest["tool"]["flwr"]["app"]["config"])
-    unknown = sorted(set(overrides) - set(config))
-    if unknown:
-        raise ValueError(f"run-config keys {unknown} are not declared in pyproject.toml")
-    return {**config, **overrides}
-
-
 def run_in_process(
     app_dir: str | Path,
     run_name: str,
@@ -121,7 +110,7 @@ def run_in_process(
     (its summary.json says whether the run completed)."""
     app_dir = Path(app_dir).resolve()
     output_dir = Path(output_dir or app_dir / "outputs").resolve()
-    config = app_run_config(
+    config = resolve_run_config(
         app_dir,
         {**parse_run_config(run_config), "run-name": run_name, "output-dir": str(output_dir)},
     )
@@ -147,13 +136,16 @@ def main() -> None:
     parser.add_argument("--output-dir", default=None, help="default: <app>/outputs")
     args = parser.parse_args()
     started = time.perf_counter()
-    run_dir = run_in_process(
-        args.app,
-        args.run_name,
-        num_supernodes=args.num_supernodes,
-        run_config=args.run_config,
-        output_dir=args.output_dir,
-    )
+    try:
+        run_dir = run_in_process(
+            args.app,
+            args.run_name,
+            num_supernodes=args.num_supernodes,
+            run_config=args.run_config,
+            output_dir=args.output_dir,
+        )
+    except ConfigError as exc:  # a key or value refused before the run started
+        raise SystemExit(str(exc)) from None
     summary = json.loads((run_dir / "summary.json").read_text())
     print(f"{summary['status']} in {time.perf_counter() - started:.0f} s: {run_dir}")
     print(json.dumps(summary, indent=2))

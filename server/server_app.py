@@ -5,14 +5,17 @@ the run directory (config, metrics, rounds, checkpoint, shared state, summary)."
 from __future__ import annotations
 
 import time
-from logging import ERROR, INFO
+from collections.abc import Iterable
+from logging import ERROR, INFO, WARNING
 from pathlib import Path
+from typing import Any
 
 from flwr.app import ConfigRecord, Context
 from flwr.common.logger import FLOWER_LOGGER
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
+from fedalora.adapters.adapter import label_map
 from fedalora.checkpoint import (
     RESUMABLE_CHANGES,
     Checkpoint,
@@ -21,11 +24,12 @@ from fedalora.checkpoint import (
     save_checkpoint,
 )
 from fedalora.config import FedConfig, validate_rank
-from fedalora.errors import ConfigError
+from fedalora.errors import ConfigError, RunFailed
 from fedalora.models import adapted_layer_shapes
 from fedalora.outputs import RunRecorder, final_figures
+from fedalora.tracking import open_tracker
 from protocol import RUN_NAME
-from strategies import discover_nodes, make_strategy, run_rounds
+from strategies import Node, discover_nodes, make_strategy, run_rounds
 
 app = ServerApp()
 
@@ -42,12 +46,17 @@ def main(grid: Grid, context: Context) -> None:
     try:
         with recorder.warnings_to_file(FLOWER_LOGGER):
             config = FedConfig.from_run_config(raw)
+            recorder.attach(open_tracker(config.tracker, recorder.run_dir, run_name))
             summary = run_federation(grid, config, run_name, recorder)
     except ConfigError as exc:  # the user's to fix: the headline, once
         log(ERROR, "%s", exc)
         recorder.finish(
             "failed", error=str(exc), error_key=exc.key, wall_seconds=time.perf_counter() - started
         )
+        raise
+    except RunFailed as exc:  # the clients' own errors: the headline, once
+        log(ERROR, "%s", exc)
+        recorder.finish("failed", error=str(exc), wall_seconds=time.perf_counter() - started)
         raise
     except BaseException as exc:
         recorder.finish(
@@ -60,7 +69,8 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def run_federation(grid: Grid, config: FedConfig, run_name: str, recorder: RunRecorder) -> dict:
-    """Everything before training is validated; returns the final figures.
+    """Everything before training is validated; returns the final figures. RunFailed
+    when no round trained (every client failed, or every update was left out).
 
     With ``checkpoint=true`` the shared and strategy state is checkpointed after every
     round; ``resume=true`` continues from the last checkpoint of ``run-name``.
@@ -89,10 +99,17 @@ def run_federation(grid: Grid, config: FedConfig, run_name: str, recorder: RunRe
             **config.to_run_config(),
             "run-name": run_name,
             "clients": [
-                {"client": n.partition_id, "rank": n.rank, "num_examples": n.num_examples}
+                {
+                    "client": n.partition_id,
+                    "rank": n.rank,
+                    "num_examples": n.num_examples,
+                    "num_test_examples": n.num_test_examples,
+                }
                 for n in strategy.nodes.values()
             ],
             "adapted_layers": {k: list(v) for k, v in layer_shapes.items()},
+            "metric": strategy.metric,
+            **_heads_and_labels(strategy.nodes.values()),
         }
     )
 
@@ -110,14 +127,36 @@ def run_federation(grid: Grid, config: FedConfig, run_name: str, recorder: RunRe
         evaluate_config=ConfigRecord({RUN_NAME: run_name}),
         on_round_end=checkpoint,
     )
+    strategy.require_training()
     recorder.save_shared(strategy.shared)
     return {
         "rounds": strategy.last_round.get("round", resume_after),
         "num_clients": len(strategy.nodes),
         "resumed_after_round": resume_after or None,
+        "trained_rounds": strategy.trained_rounds,
         "stopped_early": strategy.stopped,
-        **final_figures(strategy.last_round),
+        **final_figures(strategy.last_round, strategy.metric),
         **strategy.summary_fields(),
+    }
+
+
+def _heads_and_labels(nodes: Iterable[Node]) -> dict[str, Any]:
+    """config.json's record of the clients' local head (``trained_head``: its modules,
+    trained and kept on each client) and label map (``id2label``, ``label2id``)."""
+    nodes = list(nodes)
+    heads = sorted({tuple(n.head) for n in nodes})
+    labels = sorted({tuple(n.labels) for n in nodes})
+    if len(labels) > 1:
+        log(
+            WARNING,
+            "the nodes' data sets have different labels (%s); each client's head is its "
+            "own, config.json records the first node's label map",
+            "; ".join(",".join(group) for group in labels),
+        )
+    first = nodes[0] if nodes else None
+    return {
+        "trained_head": list(first.head) if first and len(heads) == 1 else [list(h) for h in heads],
+        **(label_map(first.labels) if first and first.labels else {}),
     }
 
 

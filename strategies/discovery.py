@@ -1,24 +1,28 @@
 """Discovery: the query round before training, in which every node reports its
-partition, its LoRA rank and its number of training examples (the server cannot read
-a node's node-config)."""
+partition, its LoRA rank, its numbers of examples, the metric it is scored by, its local
+head and its labels (the server cannot read a node's node-config)."""
 
 from __future__ import annotations
 
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from logging import INFO, WARNING
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
-from fedalora.errors import ConfigError
+from fedalora.errors import ConfigError, RunFailed
 from fedalora.methods import Participant
 from protocol import (
     CONFIG,
     ERROR,
     ERROR_KEY,
+    HEAD,
+    LABELS,
+    METRIC,
+    NUM_TEST_EXAMPLES,
     NUM_TRAIN_EXAMPLES,
     PARTITION_ID,
     RANK,
@@ -27,12 +31,19 @@ from protocol import (
     reply_sender,
 )
 
+#: Fewer held-out examples than this make a client's scores too coarse to compare.
+FEW_TEST_EXAMPLES = 5
+
 
 @dataclass(frozen=True)
 class Node(Participant):
     """A client as the server addresses it: its Flower node id and what it reported."""
 
     node_id: int
+    num_test_examples: int = 0
+    metric: str = "accuracy"
+    head: tuple[str, ...] = field(default=())
+    labels: tuple[str, ...] = field(default=())
 
 
 def discover_nodes(grid: Grid, min_nodes: int, timeout: float) -> list[Node]:
@@ -40,7 +51,9 @@ def discover_nodes(grid: Grid, min_nodes: int, timeout: float) -> list[Node]:
 
     Raises ConfigError before any training if too few nodes connect or a node cannot
     take part: a node's own ConfigError (its ClientApp validates its configuration, model
-    and data when asked) is raised once, with its key and fix, however many nodes report it.
+    and data when asked) is raised once, with its key and fix, however many nodes report
+    it. A node that failed otherwise raises RunFailed with its client, the exception's
+    type and its message. Warns about clients with fewer than 5 held-out examples.
     """
     node_ids = _wait_for_nodes(grid, min_nodes, timeout)
     queries = [
@@ -55,23 +68,22 @@ def discover_nodes(grid: Grid, min_nodes: int, timeout: float) -> list[Node]:
     sent_to = destinations(queries)
     nodes: list[Node] = []
     problems: defaultdict[tuple[str, str], list[int]] = defaultdict(list)
+    failures: defaultdict[str, list[str]] = defaultdict(list)  # error -> "client p (node n)"
     for reply in replies:
         node_id = reply_sender(reply, sent_to)
         if reply.has_error():
-            problems[("node", f"failed before training: {reply.error.reason}")].append(node_id)
+            failures[str(reply.error.reason)].append(f"node {node_id}")
             continue
         info = reply.content.config_records[CONFIG]
         if ERROR_KEY in info:
             problems[(str(info[ERROR_KEY]), str(info[ERROR]))].append(node_id)
-            continue
-        nodes.append(
-            Node(
-                partition_id=int(number(info, PARTITION_ID)),
-                rank=int(number(info, RANK)),
-                num_examples=int(number(info, NUM_TRAIN_EXAMPLES)),
-                node_id=node_id,
-            )
-        )
+        elif ERROR in info:
+            who = f"node {node_id}"
+            if PARTITION_ID in info:
+                who = f"client {int(number(info, PARTITION_ID))} ({who})"
+            failures[str(info[ERROR])].append(who)
+        else:
+            nodes.append(_node(info, node_id))
     if problems:
         ranked = sorted(problems.items(), key=lambda item: -len(item[1]))
         for (key, problem), reporters in ranked[1:]:
@@ -84,7 +96,41 @@ def discover_nodes(grid: Grid, min_nodes: int, timeout: float) -> list[Node]:
             f"{', '.join(map(str, sorted(reporters)[:5]))}{', ...' if len(reporters) > 5 else ''}"
             + (f"; {others} other problem(s) in the log]" if others else "]"),
         )
+    if failures:
+        ranked_failures = sorted(failures.items(), key=lambda item: -len(item[1]))
+        for failure, clients in ranked_failures[1:]:
+            log(WARNING, "%s failed before training: %s", ", ".join(clients), failure)
+        failure, clients = ranked_failures[0]
+        shown = ", ".join(clients[:5]) + (", ..." if len(clients) > 5 else "")
+        raise RunFailed(
+            f"{shown} failed before training: {failure}"
+            + (f" [{len(clients)} of {len(node_ids)} nodes]" if len(clients) > 1 else "")
+        )
+    for node in nodes:
+        if node.num_test_examples < FEW_TEST_EXAMPLES:
+            log(
+                WARNING,
+                "client %d has %d held-out examples (fewer than %d), so its scores are "
+                "coarse; use fewer clients, more data or a larger test-fraction",
+                node.partition_id,
+                node.num_test_examples,
+                FEW_TEST_EXAMPLES,
+            )
     return nodes
+
+
+def _node(info: ConfigRecord, node_id: int) -> Node:
+    """A node from its discovery reply."""
+    return Node(
+        partition_id=int(number(info, PARTITION_ID)),
+        rank=int(number(info, RANK)),
+        num_examples=int(number(info, NUM_TRAIN_EXAMPLES)),
+        node_id=node_id,
+        num_test_examples=int(number(info, NUM_TEST_EXAMPLES)),
+        metric=str(info[METRIC]),
+        head=tuple(str(h) for h in info.get(HEAD, [])),  # type: ignore[union-attr]
+        labels=tuple(str(label) for label in info.get(LABELS, [])),  # type: ignore[union-attr]
+    )
 
 
 def _wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from logging import INFO, WARNING
 from typing import Any
@@ -27,7 +28,7 @@ from flwr.supercore import log
 
 from fedalora.checkpoint import Checkpoint
 from fedalora.config import FedConfig, heterogeneous_methods, validate_rank
-from fedalora.errors import ConfigError
+from fedalora.errors import ConfigError, RunFailed
 from fedalora.outputs import EVALUATE, LOCAL_MODEL, TRAIN, RunRecorder
 from fedalora.types import Arrays, LayerShapes
 from protocol import (
@@ -76,6 +77,12 @@ class MethodStrategy(Strategy):
         self.screen = ReplyScreen(
             self.method, self.layer_shapes, config.max_update_rms, config.max_norm_ratio
         )
+        #: The score the clients are ranked by (their discovery reports).
+        self.metric = ACCURACY
+        #: Rounds whose training was aggregated (this run, resumed rounds not counted).
+        self.trained_rounds = 0
+        #: Why training replies were lost: problem -> the clients it happened to.
+        self.train_faults: defaultdict[str, list[int]] = defaultdict(list)
 
     # ------------------------------------------------------------------ set-up
     def connect(self, nodes: Iterable[Node]) -> ArrayRecord:
@@ -92,6 +99,14 @@ class MethodStrategy(Strategy):
                 f"every client, but the nodes report ranks {ranks}; use "
                 f"{', '.join(heterogeneous_methods())}",
             )
+        metrics = sorted({n.metric for n in nodes})
+        if len(metrics) > 1:
+            raise ConfigError(
+                "dataset",
+                f"the nodes' data sets are of different kinds (scored by {metrics}); give "
+                "every node classification data, or every node instruction data",
+            )
+        self.metric = metrics[0] if metrics else ACCURACY
         self.nodes = {n.node_id: n for n in nodes}
         self.shared = self.method.initial_shared(self.layer_shapes, [n.rank for n in nodes])
         self.shared_round = 0
@@ -230,6 +245,7 @@ class MethodStrategy(Strategy):
             server_round, [u for _, u, _ in accepted], [n for n, _, _ in accepted]
         )
         self.shared_round = server_round
+        self.trained_rounds += 1
         self.tally.aggregate_seconds = time.perf_counter() - started
         weights = np.array([number(m, NUM_EXAMPLES) for _, _, m in accepted])
         mean_loss = float(np.average([number(m, LOSS) for _, _, m in accepted], weights=weights))
@@ -261,12 +277,16 @@ class MethodStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         scores = [
-            number(reply.content.metric_records[METRICS], ACCURACY)
+            number(reply.content.metric_records[METRICS], self.metric)
             for reply, _ in self._replies(replies, server_round, EVALUATE)
         ]
         self.last_round = {
             **round_row(
-                self.tally, self.shared_round < server_round, self.tally.local_model_scores, scores
+                self.tally,
+                self.shared_round < server_round,
+                self.tally.local_model_scores,
+                scores,
+                self.metric,
             ),
             **self.round_fields(),
         }
@@ -277,9 +297,27 @@ class MethodStrategy(Strategy):
             return None
         return MetricRecord(
             {
-                "mean-accuracy": self.last_round["evaluate_mean_accuracy"],
-                "worst-accuracy": self.last_round["evaluate_worst_accuracy"],
+                f"mean-{self.metric}": self.last_round[f"evaluate_mean_{self.metric}"],
+                f"worst-{self.metric}": self.last_round[f"evaluate_worst_{self.metric}"],
             }
+        )
+
+    def require_training(self) -> None:
+        """RunFailed unless some round's training was aggregated: the headline is the
+        clients' own error (the most frequent), else why their updates were left out."""
+        if self.trained_rounds:
+            return
+        if self.stopped:
+            raise RunFailed(f"no round trained: {self.stopped}")
+        if self.train_faults:
+            problem, clients = max(self.train_faults.items(), key=lambda item: len(item[1]))
+            who = sorted(set(clients))
+            raise RunFailed(
+                f"no round trained: client{'s' if len(who) > 1 else ''} "
+                f"{', '.join(map(str, who[:5]))}{', ...' if len(who) > 5 else ''}: {problem}"
+            )
+        raise RunFailed(
+            "no round trained: no client update was accepted in any round (see the warnings above)"
         )
 
     def round_fields(self) -> dict[str, Any]:
@@ -362,6 +400,8 @@ class MethodStrategy(Strategy):
             )
             if problem:
                 self.tally.failed += 1
+                if phase == TRAIN:
+                    self.train_faults[problem].append(node.partition_id)
                 log(
                     WARNING,
                     "round %d: node %d (client %d): %s",
@@ -376,7 +416,7 @@ class MethodStrategy(Strategy):
                 reply, node, server_round, phase, self.tally.sent.get(node.node_id, 0)
             )
             self.tally.local_model_scores += [
-                row[ACCURACY] for row in rows if row["phase"] == LOCAL_MODEL
+                row[self.metric] for row in rows if row["phase"] == LOCAL_MODEL
             ]
             for row in rows:
                 if self.recorder:

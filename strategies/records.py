@@ -48,10 +48,14 @@ def client_rows(
 
 
 def round_row(
-    tally: RoundTally, skipped: bool, local_model: Sequence[float], evaluated: Sequence[float]
+    tally: RoundTally,
+    skipped: bool,
+    local_model: Sequence[float],
+    evaluated: Sequence[float],
+    metric: str = ACCURACY,
 ) -> dict[str, Any]:
-    """The round's server-side record: attempts, faults, the clients' scores under both
-    protocols (``local_model_*``: each trained client's local model, the paper's;
+    """The round's server-side record: attempts, faults, the clients' ``metric`` under
+    both protocols (``local_model_*``: each trained client's local model, the paper's;
     ``evaluate_*``: the evaluated clients after aggregation), traffic and time."""
     return {
         "round": tally.server_round,
@@ -59,8 +63,9 @@ def round_row(
         "skipped": skipped,
         "failed": tally.failed,
         "rejected": tally.rejected,
-        **protocol_scores(LOCAL_MODEL, local_model),
-        **protocol_scores(EVALUATE, evaluated),
+        "metric": metric,
+        **protocol_scores(LOCAL_MODEL, local_model, metric),
+        **protocol_scores(EVALUATE, evaluated, metric),
         "bytes_up": tally.bytes_up,
         "bytes_down": tally.bytes_down,
         "aggregate_seconds": tally.aggregate_seconds,

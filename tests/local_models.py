@@ -14,6 +14,7 @@ from transformers import (
     GPT2Config,
     PretrainedConfig,
     Qwen2Config,
+    T5Config,
 )
 
 from fedalora.models import load_base_model
@@ -37,16 +38,21 @@ def _configs(vocab_size: int) -> dict[str, PretrainedConfig]:
             num_key_value_heads=1,
             max_position_embeddings=128,
         ),
+        # T5: an encoder-decoder, which fedalora refuses
+        "t5": T5Config(
+            vocab_size=vocab_size, d_model=32, d_kv=16, d_ff=64, num_layers=1, num_heads=2
+        ),
     }
 
 
-def save_tiny_model(family: str, folder: Path, num_labels: int = 0) -> Path:
+def save_tiny_model(family: str, folder: Path, num_labels: int = 0, vocab_size: int = 0) -> Path:
     """A tiny ``family`` model in ``folder``: a sequence classifier with ``num_labels``
-    labels, or a causal LM with 0. DistilBERT takes the packaged MiniLM's WordPiece
-    tokenizer, the others SmolLM2's byte-level BPE tokenizer."""
+    labels, or a causal LM with 0, with an embedding of the tokenizer's size (or of
+    ``vocab_size`` rows). DistilBERT takes the packaged MiniLM's WordPiece tokenizer,
+    the others SmolLM2's byte-level BPE tokenizer."""
     donor = ("minilm", 2) if family == "distilbert" else ("smollm2", 0)
     tokenizer = load_base_model(donor[0], donor[1], num_hidden_layers=1).tokenizer
-    config = _configs(len(tokenizer))[family]
+    config = _configs(vocab_size or len(tokenizer))[family]
     config.pad_token_id = tokenizer.pad_token_id
     torch.manual_seed(0)
     if num_labels:

@@ -3,11 +3,12 @@ from types import SimpleNamespace
 import pytest
 from torch import nn
 
-from fedalora.config import FedConfig, parse_run_config, validate_rank
+from fedalora.config import FedConfig, validate_rank
 from fedalora.data import load_labelled_dataset
 from fedalora.errors import ConfigError
 from fedalora.methods import registered_methods
 from fedalora.models import adapted_layer_shapes, model_source, resolve_targets
+from fedalora.run_config import parse_run_config
 from fedalora.scaling import LoRAScaling
 
 

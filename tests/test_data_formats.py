@@ -193,3 +193,51 @@ def test_a_client_gets_its_examples_from_parquet_and_saved_folders(tmp_path, for
     data = load_client_data(path, "iid", 1, 2, 0.2, 0, tokenizer, 16)
     assert data.num_labels == 2 and (data.num_train, data.num_test) == (4, 2)
     assert set(data.train["labels"] + data.test["labels"]) <= {0, 1}
+
+
+# ------------------------------------------------------- labels and incomplete rows
+def test_integer_labels_keep_their_numeric_order(tmp_path):
+    path = tmp_path / "numbers.csv"
+    path.write_text("text,label\n" + "".join(f"t{i},{v}\n" for i, v in enumerate([11, 3, 7, 3])))
+    dataset = load_labelled_dataset(str(path))
+    assert dataset.features["label"].names == ["3", "7", "11"]  # not text order '11', '3', '7'
+    assert dataset["label"] == [2, 0, 1, 0]
+    quoted = tmp_path / "quoted.jsonl"  # numbers written as text sort the same way
+    quoted.write_text(
+        "".join(f'{{"text": "t{i}", "label": "{v}"}}\n' for i, v in enumerate([10, 9]))
+    )
+    assert load_labelled_dataset(str(quoted)).features["label"].names == ["9", "10"]
+    words = tmp_path / "words.csv"  # names stay in the order class_encode_column gives
+    words.write_text("text,label\na,tech\nb,arts\nc,sport\n")
+    assert load_labelled_dataset(str(words)).features["label"].names == ["arts", "sport", "tech"]
+
+
+def test_incomplete_rows_are_named_or_dropped_on_request(tmp_path):
+    path = tmp_path / "gaps.csv"
+    path.write_text("text,label\nfirst,x\n,y\nthird,\nfourth,y\n")
+    error = load_error(path)
+    assert error.key == "dataset"
+    assert "2 of 4 rows with an empty or missing 'text' or 'label' (rows 2, 3," in error.problem
+    assert "drop-incomplete-rows=true" in error.problem
+    kept = load_labelled_dataset(str(path), DEFAULT_COLUMNS, True)
+    assert kept["text"] == ["first", "fourth"]
+    instructions = tmp_path / "qa.jsonl"
+    instructions.write_text(
+        '{"instruction": "q1", "response": "a1"}\n{"instruction": "q2", "response": " "}\n'
+    )
+    assert "missing 'response' (row 2," in load_error(instructions).problem
+
+
+def test_a_file_that_is_not_utf8_is_refused_with_the_byte(tmp_path):
+    for suffix in (".csv", ".jsonl"):
+        path = tmp_path / f"latin{suffix}"
+        text = (
+            "text,label\ncaf\xe9,x\n" if suffix == ".csv" else '{"text": "caf\xe9", "label": "x"}\n'
+        )
+        path.write_bytes(text.encode("latin-1"))
+        error = load_error(path)
+        assert error.key == "dataset" and "is not UTF-8 text" in error.problem, error.problem
+        assert error.problem.endswith("save it as UTF-8")
+    marked = tmp_path / "bom.csv"  # a byte-order mark is UTF-8 too
+    marked.write_bytes("text,label\na,x\nb,y\n".encode("utf-8-sig"))
+    assert rows(marked) == [{"text": "a", "label": 0}, {"text": "b", "label": 1}]

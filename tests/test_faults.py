@@ -18,7 +18,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedalora.aggregation import accumulate_decomposed
 from fedalora.checkpoint import load_checkpoint, save_checkpoint
-from fedalora.errors import ConfigError
+from fedalora.errors import ConfigError, RunFailed
 from fedalora.outputs import RunRecorder, read_jsonl
 from protocol import ARRAYS, CONFIG, METRICS, to_numpy, to_record
 from strategies import discover_nodes, run_rounds
@@ -84,7 +84,13 @@ class ScriptedGrid:
                 RecordDict(
                     {
                         CONFIG: ConfigRecord(
-                            {"partition-id": partition, "rank": rank, "num-examples": examples}
+                            {
+                                "partition-id": partition,
+                                "rank": rank,
+                                "num-examples": examples,
+                                "num-test-examples": examples // 4,
+                                "metric": "accuracy",
+                            }
                         )
                     }
                 ),
@@ -374,7 +380,7 @@ def test_a_node_failing_discovery_stops_the_run_before_training(tmp_path):
                 )
             return super()._answer(message, node_id)
 
-    with pytest.raises(ConfigError, match=r"failed before training.*'dataset'.*1 of 4 nodes: 102"):
+    with pytest.raises(RunFailed, match=r"^node 102 failed before training: run-config 'dataset'"):
         discover(strategy, Broken(strategy))
 
 
@@ -566,3 +572,48 @@ def test_bad_data_or_model_fails_at_discovery_naming_the_field_and_the_fix(
     query = Message(RecordDict(), dst_node_id=1, message_type=MessageType.QUERY)
     reply = client_app.query(query, context).content.config_records[CONFIG]
     assert reply["error-key"] == key and fix in str(reply["error"])
+
+
+def test_a_client_that_crashes_before_training_is_the_headline_with_its_own_error(tmp_path):
+    """Not a ConfigError: its client, exception type and message, never a made-up key."""
+    strategy = make_strategy(tmp_path)
+
+    class Crashing(ScriptedGrid):
+        def _answer(self, message, node_id):
+            if node_id == 102 and message.metadata.message_type == MessageType.QUERY:
+                failure = {"error": "TypeError: '<' not supported", "partition-id": 1}
+                return Message(RecordDict({CONFIG: ConfigRecord(failure)}), reply_to=message)
+            return super()._answer(message, node_id)
+
+    with pytest.raises(RunFailed) as failed:
+        discover(strategy, Crashing(strategy))
+    assert str(failed.value) == (
+        "client 1 (node 102) failed before training: TypeError: '<' not supported"
+    )
+
+
+def test_a_client_with_few_held_out_examples_is_warned_about(tmp_path, caplog):
+    strategy = make_strategy(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        discover(strategy, ScriptedGrid(strategy))
+    warned = [r.getMessage() for r in caplog.records if "held-out examples" in r.getMessage()]
+    assert warned == [  # node 101 holds 10 // 4 = 2 test examples, the others 5 or more
+        "client 0 has 2 held-out examples (fewer than 5), so its scores are coarse; use "
+        "fewer clients, more data or a larger test-fraction"
+    ]
+
+
+def test_a_run_in_which_every_train_reply_fails_has_no_result(tmp_path):
+    strategy = make_strategy(tmp_path, round_retries=0)
+    crash = _error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, "ValueError: bad batch")
+    grid = ScriptedGrid(strategy, faults={(n, r): crash for n in NODES for r in (1, 2)})
+    discover(strategy, grid)
+    run_all(strategy, grid)
+    assert strategy.trained_rounds == 0
+    with pytest.raises(RunFailed) as failed:
+        strategy.require_training()
+    assert str(failed.value) == (
+        "no round trained: clients 0, 1, 2, 3: train failed: ValueError: bad batch"
+    )
+    strategy.trained_rounds = 1  # one aggregated round is a result
+    strategy.require_training()

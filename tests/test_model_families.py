@@ -3,6 +3,8 @@
 not the data's."""
 
 import json
+import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -165,7 +167,8 @@ def test_a_head_of_another_label_count_is_refused_with_its_fix(three_label_bert,
     assert "the checkpoint's classifier has 3 labels, the data set has 5; set reinit-head=true" in (
         str(refused.value)
     )
-    assert load_base_model(str(three_label_bert), 3).head_modules == []  # it fits: kept
+    # a head that fits is the checkpoint's, and still trained (it may be a fresh one)
+    assert load_base_model(str(three_label_bert), 3).head_modules == ["classifier"]
     # a config that does not name the architecture: transformers' own check, reworded
     hidden = tmp_path / "hidden"
     hidden.mkdir()
@@ -178,14 +181,14 @@ def test_a_head_of_another_label_count_is_refused_with_its_fix(three_label_bert,
         load_base_model(str(hidden), CLASSES)
 
 
-def test_reinit_head_trains_a_new_head_like_a_missing_one(three_label_bert, tmp_path, monkeypatch):
-    warnings = []
-    monkeypatch.setattr(models, "log", lambda level, *args: warnings.append((level, args)))
-    base = load_base_model(str(three_label_bert), CLASSES, reinit_head=True)
+def test_reinit_head_trains_a_new_head_like_a_missing_one(three_label_bert, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger=models.__name__):
+        base = load_base_model(str(three_label_bert), CLASSES, reinit_head=True)
     assert base.head_modules == ["classifier"]
     assert base.model.get_submodule("classifier").out_features == CLASSES
-    assert len(warnings) == 1 and warnings[0][0] == models.WARNING
-    assert "has %s labels" in warnings[0][1][0] and warnings[0][1][2:4] == (3, CLASSES)
+    [warning] = [r for r in caplog.records if r.name == models.__name__]
+    assert warning.levelno == logging.WARNING
+    assert f"classifier has 3 labels, the data set has {CLASSES}" in warning.getMessage()
     config = tiny_config(strategy="fedalora", ranks="4", reinit_head=True)
     assert config.reinit_head
     shared = config.method.initial_shared(base.layer_shapes(), [4])
@@ -201,3 +204,63 @@ def test_reinit_head_trains_a_new_head_like_a_missing_one(three_label_bert, tmp_
         torch.testing.assert_close(
             exported(**batch).logits, adapter.model.eval()(**batch).logits, atol=1e-4, rtol=1e-4
         )
+
+
+# ------------------------------------------------------------------ tokenizers
+@pytest.fixture(scope="module")
+def wordpiece_of_five_words(tmp_path_factory):
+    """A BERT classifier whose WordPiece vocabulary has five words and its tokenizer."""
+    from transformers import BertTokenizer
+
+    folder = tmp_path_factory.mktemp("five-words")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "zebra", "yak", "owl", "eel", "emu"]
+    BertTokenizer(vocab={word: i for i, word in enumerate(vocab)}).save_pretrained(folder)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=CLASSES,
+    )
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).save_pretrained(folder)
+    return folder
+
+
+def test_a_tokenizer_that_turns_the_clients_text_into_unknown_tokens_stops_it(
+    wordpiece_of_five_words,
+):
+    """Its vocabulary fits the model's embedding, but not English news: every word is
+    '[UNK]', which would train on noise."""
+    from fedalora.client import FederatedClient
+
+    config = tiny_config(
+        model=str(wordpiece_of_five_words),
+        num_hidden_layers=1,
+        strategy="fedalora",
+        ranks="4",
+        target_modules="query,value",
+    )
+    with pytest.raises(ConfigError) as refused:
+        FederatedClient(config, 0, 4, 4)
+    assert refused.value.key == "model"
+    assert refused.value.problem.startswith("the tokenizer turns 100% of client 0's tokens into")
+    assert "'[UNK]'" in refused.value.problem
+
+
+def test_a_tokenizer_key_names_the_tokenizer_and_must_fit_the_model(
+    wordpiece_of_five_words, gpt2, tmp_path
+):
+    with pytest.raises(ConfigError) as refused:  # MiniLM's 30522 rows, a 10-token vocabulary
+        load_base_model("minilm", CLASSES, tokenizer_name=str(wordpiece_of_five_words))
+    assert refused.value.key == "tokenizer"
+    assert "has 10 tokens and the model's embedding 30522 rows (far fewer" in refused.value.problem
+    bare = tmp_path / "gpt2-without-tokenizer"  # the weights alone, the tokenizer elsewhere
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (bare / name).write_bytes((Path(gpt2) / name).read_bytes())
+    with pytest.raises(ConfigError, match=r"has no tokenizer .*point tokenizer= at"):
+        load_base_model(str(bare), CLASSES)
+    base = load_base_model(str(bare), CLASSES, tokenizer_name=gpt2)
+    assert len(base.tokenizer) == base.model.config.vocab_size

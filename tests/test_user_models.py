@@ -46,6 +46,29 @@ def _folder(path: Path) -> str:
     return str(path)
 
 
+def _without_tokenizer(folder: Path) -> str:
+    """A model folder as saved without its tokenizer (config and weights only)."""
+    for item in folder.iterdir():
+        if item.name not in ("config.json", "model.safetensors", "generation_config.json"):
+            item.unlink()
+    return str(folder)
+
+
+def _news_csv(path: Path, labels: list[str], texts: list[str] | None = None) -> str:
+    texts = texts or [f"story {i} about {label or 'nothing'}" for i, label in enumerate(labels)]
+    rows = "".join(f"{t},{label}\n" for t, label in zip(texts, labels, strict=True))
+    return _write(path, "text,label\n" + rows)
+
+
+def _smollm2_vocabulary() -> int:
+    from fedalora.models import load_tokenizer, model_source
+
+    return len(load_tokenizer("smollm2", model_source("smollm2")))
+
+
+INCOMPLETE = "fill them in or drop them, or set drop-incomplete-rows=true to leave them out"
+
+
 #: mistake -> (run-config it makes under tmp, key, the headline's problem and fix).
 Mistake = Callable[[Path], tuple[dict[str, str], str, str]]
 MISTAKES: dict[str, Mistake] = {
@@ -117,6 +140,60 @@ MISTAKES: dict[str, Mistake] = {
         "to train a new head from scratch (the checkpoint's head is dropped), or give data "
         "with 3 labels",
     ),
+    "model without a tokenizer": lambda tmp: (
+        {"model": (p := _without_tokenizer(save_tiny_model("gpt2", tmp / "gpt2", num_labels=5)))},
+        "model",
+        f"the folder '{p}' has no tokenizer (none of tokenizer.json, vocab.txt, vocab.json, "
+        "spiece.model, sentencepiece.bpe.model, tokenizer.model); save the model's tokenizer "
+        "there (tokenizer.save_pretrained), or point tokenizer= at a folder or id that has it",
+    ),
+    "tokenizer that does not fit the model": lambda tmp: (
+        {"model": (p := str(save_tiny_model("gpt2", tmp / "gpt2", 5, vocab_size=1000)))},
+        "model",
+        f"the tokenizer of '{p}' has {_smollm2_vocabulary()} tokens and the model's embedding "
+        "1000 rows (more tokens than the model can embed), so it is not this model's "
+        "tokenizer; save the tokenizer the model was trained with beside it, or point "
+        "tokenizer= at it",
+    ),
+    "encoder-decoder model": lambda tmp: (
+        {"model": (p := str(save_tiny_model("t5", tmp / "t5", num_labels=5)))},
+        "model",
+        f"'{p}' is a t5 model, an encoder-decoder; fedalora fine-tunes encoder-only models "
+        "(BERT-like) as classifiers and decoder-only models (GPT-, Llama-like) as classifiers "
+        "or on instruction data",
+    ),
+    "max-length past the model's positions": lambda tmp: (
+        {"model": (p := str(save_tiny_model("gpt2", tmp / "gpt2", 5))), "max-length": 200},
+        "max-length",
+        f"200 tokens exceed the 128 positions the model '{p}' can embed; use max-length <= 128",
+    ),
+    "missing labels": lambda tmp: (
+        {"dataset": (p := _news_csv(tmp / "labels.csv", ["x", "", "y", "x", "", "y"]))},
+        "dataset",
+        f"'{p}' has 2 of 6 rows with an empty or missing 'label' (rows 2, 5, counting data "
+        f"rows from 1); {INCOMPLETE}",
+    ),
+    "empty text cells": lambda tmp: (
+        {
+            "dataset": (
+                p := _news_csv(tmp / "texts.csv", ["x", "y", "x", "y"], ["", "b", "  ", "d"])
+            ),
+            "text-column": "text",
+        },
+        "dataset",
+        f"'{p}' has 2 of 4 rows with an empty or missing 'text' (rows 1, 3, counting data "
+        f"rows from 1); {INCOMPLETE}",
+    ),
+    "a Dirichlet split that cannot be drawn": lambda tmp: (
+        {
+            "dataset": _news_csv(tmp / "skewed.csv", ["a"] * 34 + ["b", "b", "c", "c", "d", "d"]),
+            "partitioning": "dirichlet:0.01",
+        },
+        "partitioning",
+        "'dirichlet:0.01' could not split the 40 examples (4 classes) into 3 parts of a useful "
+        "size (flwr-datasets gave up drawing); use a larger alpha (e.g. 'dirichlet:1.0'), "
+        "fewer clients, or 'iid'",
+    ),
 }
 
 
@@ -176,6 +253,71 @@ def test_a_user_mistake_stops_before_training_with_its_headline(tmp_path, mistak
     ]
 
 
+def _console(tmp_path: Path, run_config: str, *launcher: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedalora.simulate",
+            *launcher,
+            "--run-name",
+            "console",
+            "--num-supernodes",
+            str(NODES),
+            "--output-dir",
+            str(tmp_path / "outputs"),
+            "--run-config",
+            run_config,
+        ],
+        cwd=APP,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize("launcher", [("--in-process",), ()], ids=["in-process", "ray"])
+def test_a_run_config_typo_is_named_with_the_closest_key_before_anything_starts(tmp_path, launcher):
+    """Both launchers check the keys before a SuperLink, Ray or any client starts."""
+    run = _console(tmp_path, "num-server-round=2 ranks='8'", *launcher)
+    headline = (
+        "run-config 'num-server-round': unknown key; did you mean 'num-server-rounds'? the keys "
+        "are those of pyproject.toml's [tool.flwr.app.config] (README: Configuration)"
+    )
+    assert run.returncode == 1
+    assert (run.stdout + run.stderr).strip().splitlines() == [f"run 'console' failed: {headline}"]
+    summary = json.loads((tmp_path / "outputs" / "console" / "summary.json").read_text())
+    assert summary == {"status": "failed", "error": headline, "error_key": "num-server-round"}
+
+
+def test_a_run_in_which_no_client_trained_fails_with_the_clients_own_error(tmp_path):
+    """Every train reply fails (the clients' upload raises): no round is aggregated, so
+    the run is not "completed" with null figures but failed, with that error."""
+    from .failing_method import FAILURE
+
+    run = _console(
+        tmp_path,
+        _run_config(
+            {
+                "strategy": "tests.failing_method:FailingUpload",
+                "ranks": "4",
+                "num-server-rounds": 1,
+                "round-retries": 0,
+            }
+        ),
+        "--in-process",
+    )
+    headline = f"no round trained: clients 0, 1, 2: train failed: RuntimeError: {FAILURE}"
+    assert run.returncode == 1
+    assert (run.stdout + run.stderr).strip().splitlines()[-1] == f"run 'console' failed: {headline}"
+    run_dir = tmp_path / "outputs" / "console"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["error"] == headline
+    assert "error_key" not in summary
+    assert [row["skipped"] for row in read_jsonl(run_dir / "rounds.jsonl")] == [True]
+
+
 def test_the_console_follows_a_run_a_line_per_round_and_its_warnings(tmp_path):
     from fedalora.simulate import RunFollower
 
@@ -203,8 +345,26 @@ def test_the_console_follows_a_run_a_line_per_round_and_its_warnings(tmp_path):
     follower.poll()
     assert lines == [
         "warning: round 1: node 7 (client 2): train failed: x",
-        "round 1/2 | local models: mean 0.500, worst 0.250 | 1 failed | 12 s",
+        "round 1/2 | local models: accuracy mean 0.500, worst 0.250 | 1 failed | 12 s",
     ]
+
+
+def test_the_console_names_the_metric_of_instruction_runs():
+    from fedalora.outputs import progress_line
+
+    row = {
+        "round": 2,
+        "metric": "rouge1",
+        "local_model_mean_rouge1": 0.25,
+        "local_model_worst_rouge1": 0.125,
+        "evaluate_mean_rouge1": 0.5,
+        "evaluate_worst_rouge1": 0.375,
+        "seconds": 3.0,
+    }
+    assert progress_line(row, 2) == (
+        "round 2/2 | local models: rouge1 mean 0.250, worst 0.125 | after aggregation: "
+        "rouge1 mean 0.500, worst 0.375 | 3 s"
+    )
 
 
 # ------------------------------------------------------------- other model families
@@ -295,6 +455,9 @@ def test_a_local_model_of_another_family_trains_end_to_end(tmp_path, family, met
     summary = json.loads((run_dir / "summary.json").read_text())
     config = json.loads((run_dir / "config.json").read_text())
     assert summary["status"] == "completed" and summary["rounds"] == 2
+    metric = "rouge1" if instruction else "accuracy"  # the score clients are ranked by
+    assert summary["metric"] == config["metric"] == metric
+    assert summary[f"final_local_model_mean_{metric}"] is not None
     assert {name.rsplit(".", 1)[-1] for name in config["adapted_layers"]} == layers
     assert [r["rejected"] + r["failed"] for r in read_jsonl(run_dir / "rounds.jsonl")] == [0, 0]
     for client in range(NODES):
@@ -318,3 +481,55 @@ def test_a_4bit_run_completes_on_cpu(tmp_path, method):
     assert json.loads((run_dir / "config.json").read_text())["quantization"] == "4bit"
     assert [r["rejected"] + r["failed"] for r in read_jsonl(run_dir / "rounds.jsonl")] == [0, 0]
     assert len(list(run_dir.glob("clients/*/adapter/adapter_model.safetensors"))) == NODES
+
+
+def test_a_checkpoint_with_a_fresh_head_trains_it_and_records_the_numeric_label_map(tmp_path):
+    """A classifier saved with a fresh head (AutoModelForSequenceClassification, never
+    trained) has that head trained, so accuracy rises over rounds; integer labels keep
+    their numeric order (3, 7, 11, not '11', '3', '7') in config.json and the exports."""
+    import torch
+    from safetensors.torch import load_file
+
+    from fedalora.models import load_base_model
+
+    fresh = load_base_model("minilm", 3, num_hidden_layers=2, seed=1)
+    folder = tmp_path / "minilm-classifier"
+    fresh.model.save_pretrained(folder)
+    fresh.tokenizer.save_pretrained(folder)
+    news = load_labelled_dataset("bbc-news").shuffle(seed=0)
+    names = news.features["label"].names
+    as_number = {"business": 11, "sports": 3, "tech": 7}
+    rows = [
+        {"text": r["text"][:400], "label": as_number[names[r["label"]]]}
+        for r in news
+        if names[r["label"]] in as_number
+    ][:240]
+    dataset = tmp_path / "numeric.jsonl"
+    dataset.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run_dir = run_in_process(
+        APP,
+        "fresh-head",
+        num_supernodes=NODES,
+        output_dir=tmp_path / "outputs",
+        run_config=(
+            f"model='{folder}' dataset='{dataset}' partitioning='iid' ranks='8' "
+            "strategy='fedalora' num-server-rounds=3 local-steps=8 test-fraction=0.3 lr=0.01 "
+            "max-length=48"
+        ),
+    )
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["id2label"] == {"0": "3", "1": "7", "2": "11"}
+    assert config["label2id"] == {"3": 0, "7": 1, "11": 2}
+    assert config["trained_head"] == ["classifier"]
+    exported = run_dir / "clients" / "0" / "adapter"
+    assert json.loads((exported / "labels.json").read_text())["id2label"] == config["id2label"]
+    head = {
+        k: v
+        for k, v in load_file(exported / "adapter_model.safetensors").items()
+        if "classifier" in k
+    }
+    assert head and not any(
+        torch.allclose(v, fresh.model.classifier.weight) for v in head.values() if v.dim() == 2
+    )
+    scores = [r["local_model_mean_accuracy"] for r in read_jsonl(run_dir / "rounds.jsonl")]
+    assert scores[-1] > scores[0], scores

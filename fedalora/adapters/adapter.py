@@ -14,8 +14,9 @@ them go up, come down and stay. Its private state is, by key prefix:
 from __future__ import annotations
 
 import copy
+import json
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,9 @@ from ..training import LocalRecipe
 from ..types import Arrays, Tensors
 
 HEAD, STATE = "head.", "state."
+#: The file beside an exported classifier adapter with its label map (transformers'
+#: ``id2label`` and ``label2id``; PEFT's adapter_config.json takes no extra keys).
+LABEL_MAP = "labels.json"
 #: Per target module, PEFT's (lora_A, lora_B) with the client's scale folded into lora_B.
 PeftFactors = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
@@ -190,10 +194,15 @@ def share_frozen_weights(base_model: nn.Module, head_modules: list[str]) -> nn.M
 
 
 def export_peft_adapter(
-    factors: PeftFactors, adapter: ClientAdapter, base_model: nn.Module, path: str | Path
+    factors: PeftFactors,
+    adapter: ClientAdapter,
+    base_model: nn.Module,
+    path: str | Path,
+    labels: Sequence[str] = (),
 ) -> Path:
     """Write ``factors`` and ``adapter``'s head as a standard PEFT LoRA adapter that loads
-    on ``base_model``.
+    on ``base_model``, and a classifier's class names (``labels``, in label-id order) as
+    ``labels.json`` beside it.
 
     lora_alpha = r makes PEFT's scale 1; the client's scale is folded into lora_B, so
     ``PeftModel.from_pretrained(base_model, path)`` reproduces the client's outputs (on
@@ -229,7 +238,17 @@ def export_peft_adapter(
                 param.copy_(head[f"{name}.{pname}"])
     path = Path(path)
     peft_model.save_pretrained(str(path))
+    if labels:
+        (path / LABEL_MAP).write_text(json.dumps(label_map(labels), indent=2), encoding="utf-8")
     return path
+
+
+def label_map(labels: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """transformers' ``id2label`` and ``label2id`` of class names in label-id order."""
+    return {
+        "id2label": {str(i): name for i, name in enumerate(labels)},
+        "label2id": {name: i for i, name in enumerate(labels)},
+    }
 
 
 def load_peft_adapter(base_model: nn.Module, path: str | Path) -> PeftModel:

@@ -15,8 +15,10 @@ A = seeded Kaiming-uniform, B = 0. Scaling: s_i = s(r_i) from run-config
 Rank self-pruning (``rank-decay`` gamma < 1): after local training a client compares
 ||s B[:, k:] A[k:]||_F, k = floor(gamma r_i), summed over layers, with its value last
 round; if it fell, the client cuts its rank to k and uploads at that rank from then
-on. ``rank-penalty`` lambda adds lambda times that norm to the local loss, so that the
-tail fades (the paper's regulariser).
+on. The cut uploads A[:k] and B[:, :k] s(r) / s(k), so that s(k) B A at rank k is
+the kept s(r) B[:, :k] A[:k] (only the tail is dropped), for the client and the
+server's norms alike. ``rank-penalty`` lambda adds lambda times that norm to the local
+loss, so that the tail fades (the paper's regulariser).
 Up per client per layer: r_i (d_in + d_out) floats; down: r_max (d_in + d_out).
 """
 
@@ -106,7 +108,8 @@ class HetLoRA(ZeroPadding):
 
     def after_training(self, adapter: ClientAdapter, upload: Arrays) -> Arrays:
         """Cut the rank to k when the tail norm fell since last round (then there is no
-        tail to compare until next round's); remember the rank and the tail norm."""
+        tail to compare until next round's), B rescaled to keep the kept components'
+        update; remember the rank and the tail norm."""
         if self.options.rank_decay >= 1.0:
             return upload
         keep, rank = self._keep(adapter), adapter.rank
@@ -114,8 +117,9 @@ class HetLoRA(ZeroPadding):
         if keep < rank:
             with torch.no_grad():
                 tail = float(tail_norm(adapter, keep))
-            if previous is not None and tail < float(previous):
-                upload, rank = truncate_rank(upload, keep), keep
+            if previous is not None and tail < float(previous):  # s(k) B' A' = s(r) B A
+                rescale = self.scaling.scale(rank) / self.scaling.scale(keep)
+                upload, rank = truncate_rank(upload, keep, rescale), keep
             else:
                 adapter.state[TAIL_NORM] = torch.tensor(tail)
         adapter.state[RANK] = torch.tensor(rank)
