@@ -142,10 +142,12 @@ def run_federation(grid: Grid, config: FedConfig, run_name: str, recorder: RunRe
 
 def _heads_and_labels(nodes: Iterable[Node]) -> dict[str, Any]:
     """config.json's record of the clients' local head (``trained_head``: its modules,
-    trained and kept on each client) and label map (``id2label``, ``label2id``)."""
+    trained and kept on each client; every node loads the same model) and label map
+    (``id2label``, ``label2id``)."""
     nodes = list(nodes)
-    heads = sorted({tuple(n.head) for n in nodes})
-    labels = sorted({tuple(n.labels) for n in nodes})
+    if not nodes:
+        return {"trained_head": []}
+    labels = sorted({n.labels for n in nodes})
     if len(labels) > 1:
         log(
             WARNING,
@@ -153,11 +155,8 @@ def _heads_and_labels(nodes: Iterable[Node]) -> dict[str, Any]:
             "own, config.json records the first node's label map",
             "; ".join(",".join(group) for group in labels),
         )
-    first = nodes[0] if nodes else None
-    return {
-        "trained_head": list(first.head) if first and len(heads) == 1 else [list(h) for h in heads],
-        **(label_map(first.labels) if first and first.labels else {}),
-    }
+    first = nodes[0]
+    return {"trained_head": list(first.head), **(label_map(first.labels) if first.labels else {})}
 
 
 def _checkpoint_to_resume(config: FedConfig, run_dir: Path) -> Checkpoint:

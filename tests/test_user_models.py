@@ -206,53 +206,6 @@ def _run_config(values: Mapping[str, object]) -> str:
     )
 
 
-def console_run(tmp_path: Path, mistake: str, *launcher: str) -> tuple[list[str], dict, str]:
-    """Run the console launcher on a mistake: its output lines, summary.json and the
-    headline expected (without the nodes that reported it)."""
-    values, key, problem = MISTAKES[mistake](tmp_path)
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fedalora.simulate",
-            *launcher,
-            "--run-name",
-            "console",
-            "--num-supernodes",
-            str(NODES),
-            "--output-dir",
-            str(tmp_path / "outputs"),
-            "--run-config",
-            _run_config(values),
-        ],
-        cwd=APP,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert run.returncode == 1, run.stderr[-2000:]
-    run_dir = tmp_path / "outputs" / "console"
-    assert not (run_dir / "metrics.jsonl").exists()  # no client trained
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["status"] == "failed" and summary["error_key"] == key
-    return (run.stdout + run.stderr).strip().splitlines(), summary, f"run-config '{key}': {problem}"
-
-
-@pytest.mark.parametrize("mistake", list(MISTAKES))
-def test_a_user_mistake_stops_before_training_with_its_headline(tmp_path, mistake):
-    """In process (ServerApp, strategy and ClientApps in one process): the console shows
-    where Flower's log went and the headline, nothing else."""
-    lines, summary, headline = console_run(tmp_path, mistake, "--in-process")
-    # the nodes' own errors name the nodes that reported them, once
-    assert summary["error"] in (headline, f"{headline} [reported by 3 of 3 nodes: 100, 101, 102]")
-    log = tmp_path / "outputs" / "console" / "flower.log"
-    assert lines == [
-        f"run 'console': Flower's log in {log}",
-        f"run 'console' failed: {summary['error']}",
-    ]
-
-
 def _console(tmp_path: Path, run_config: str, *launcher: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [
@@ -275,6 +228,33 @@ def _console(tmp_path: Path, run_config: str, *launcher: str) -> subprocess.Comp
         timeout=600,
         check=False,
     )
+
+
+def console_run(tmp_path: Path, mistake: str, *launcher: str) -> tuple[list[str], dict, str]:
+    """Run the console launcher on a mistake: its output lines, summary.json and the
+    headline expected (without the nodes that reported it)."""
+    values, key, problem = MISTAKES[mistake](tmp_path)
+    run = _console(tmp_path, _run_config(values), *launcher)
+    assert run.returncode == 1, run.stderr[-2000:]
+    run_dir = tmp_path / "outputs" / "console"
+    assert not (run_dir / "metrics.jsonl").exists()  # no client trained
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["error_key"] == key
+    return (run.stdout + run.stderr).strip().splitlines(), summary, f"run-config '{key}': {problem}"
+
+
+@pytest.mark.parametrize("mistake", list(MISTAKES))
+def test_a_user_mistake_stops_before_training_with_its_headline(tmp_path, mistake):
+    """In process (ServerApp, strategy and ClientApps in one process): the console shows
+    where Flower's log went and the headline, nothing else."""
+    lines, summary, headline = console_run(tmp_path, mistake, "--in-process")
+    # the nodes' own errors name the nodes that reported them, once
+    assert summary["error"] in (headline, f"{headline} [reported by 3 of 3 nodes: 100, 101, 102]")
+    log = tmp_path / "outputs" / "console" / "flower.log"
+    assert lines == [
+        f"run 'console': Flower's log in {log}",
+        f"run 'console' failed: {summary['error']}",
+    ]
 
 
 @pytest.mark.parametrize("launcher", [("--in-process",), ()], ids=["in-process", "ray"])
