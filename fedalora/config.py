@@ -23,6 +23,7 @@ from .methods import Method, MethodOptions, method_class, registered_methods
 from .methods.fedalora_hetero import FedALoRAHetero
 from .models import NO_QUANTIZATION, QUANTIZATIONS, require_bitsandbytes
 from .privacy import CENTRAL, DP_MODES, DPSettings
+from .robust import AGGREGATIONS, EXAMPLES, METHOD_RULE, UNIFORM, WEIGHTS, RobustSettings
 from .run_config import unknown_key_problem
 from .scaling import SCALINGS, LoRAScaling
 from .tracking import TRACKERS
@@ -98,6 +99,11 @@ class FedConfig:
     round_retries: int = 1
     max_update_rms: float = 100.0
     max_norm_ratio: float = 10.0
+    weights: str = EXAMPLES
+    weight_cap: float = 4.0
+    aggregation: str = METHOD_RULE
+    trim_fraction: float = 0.1
+    clip_norm: float = 0.0
     dp_clip: float = 1.0
     dp_noise_multiplier: float = 0.0
     dp_delta: float = 0.0
@@ -280,6 +286,7 @@ class FedConfig:
             "must be > 1 (an update this many times the round's median RMS is rejected) "
             "or 0 to turn the check off",
         )
+        self._validate_robustness()
         self._validate_privacy()
         if self.resume:
             require(self.checkpoint, "resume", "needs checkpoint=true")
@@ -386,6 +393,53 @@ class FedConfig:
         )
         require_bitsandbytes(self.quantization)
 
+    def _validate_robustness(self) -> None:
+        require(
+            self.weights in WEIGHTS,
+            "weights",
+            f"choose one of: {', '.join(WEIGHTS)} (how much a client's claimed example "
+            "count weighs in the aggregate)",
+        )
+        require(
+            self.weight_cap > 1 and math.isfinite(self.weight_cap),
+            "weight-cap",
+            "must be > 1 (a claim weighs at most this many times the median claim)",
+        )
+        require(
+            self.aggregation in AGGREGATIONS,
+            "aggregation",
+            f"choose one of: {', '.join(AGGREGATIONS)} (the method's rule, or a "
+            "coordinate-wise robust statistic of the clients' updates)",
+        )
+        require(
+            0 <= self.trim_fraction < 0.5,
+            "trim-fraction",
+            "must be in [0, 0.5) (the share of clients cut at each end, entry by entry)",
+        )
+        require(
+            self.clip_norm >= 0 and math.isfinite(self.clip_norm),
+            "clip-norm",
+            "must be >= 0 (the L2 bound on each client's update; 0: no clipping)",
+        )
+        if not self.robust.replaces_rule:
+            return
+        key = "aggregation" if self.aggregation != METHOD_RULE else "clip-norm"
+        refusal = self.method.dp_refusal()
+        if refusal:
+            able = [n for n, c in registered_methods().items() if c.linear]
+            raise ConfigError(
+                key,
+                f"strategy '{self.strategy}' cannot be aggregated robustly: {refusal}; "
+                f"methods that can: {', '.join(able)} (or use aggregation='{METHOD_RULE}' "
+                "and clip-norm=0)",
+            )
+        require(
+            not self.dp.enabled,
+            key,
+            "client-level DP already clips each client's change to dp-clip and calibrates "
+            f"its noise to the mean; keep aggregation='{METHOD_RULE}' and clip-norm=0 under DP",
+        )
+
     def _validate_privacy(self) -> None:
         require(
             self.dp_clip > 0 and math.isfinite(self.dp_clip),
@@ -408,6 +462,12 @@ class FedConfig:
             "dp-target-epsilon",
             "must be >= 0 (the run stops before its epsilon would pass it; 0: no target)",
         )
+        if self.dp.enabled:
+            require(
+                self.weights in (EXAMPLES, UNIFORM),
+                "weights",
+                "client-level DP weighs every client equally; leave weights at its default",
+            )
         if not self.dp.enabled:
             require(
                 self.dp_target_epsilon == 0,
@@ -434,6 +494,14 @@ class FedConfig:
             self.dp_mode,
             self.dp_target_epsilon,
             self.dp_secure_noise,
+        )
+
+    @property
+    def robust(self) -> RobustSettings:
+        """Aggregation weights and robust aggregation (run-config ``weights``,
+        ``weight-cap``, ``aggregation``, ``trim-fraction``, ``clip-norm``)."""
+        return RobustSettings(
+            self.weights, self.weight_cap, self.aggregation, self.trim_fraction, self.clip_norm
         )
 
     @property

@@ -16,21 +16,26 @@ On the SuperLink's machine, then on each node's machine (keys and ca.crt copied 
 
 ``local`` does all of it on loopback (a SuperLink and N SuperNodes, then one run).
 TLS and SuperNode authentication are on unless ``--insecure`` is given, which warns.
+``supernode`` runs flower-supernode as its child and starts it again while the
+SuperLink refuses it for still holding the same node from before a crash.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime
 import ipaddress
 import os
 import shlex
+import signal
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +43,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
+from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL, HEARTBEAT_PATIENCE
+from flwr.supercore.error import ApiErrorCode
+from flwr.supercore.exit import ExitCode
 
 from .errors import ConfigError
 from .simulate import (
@@ -59,6 +67,16 @@ CONNECTION = "fedalora-deployment"
 INSECURE_WARNING = (
     "insecure mode: no TLS and no SuperNode authentication; anyone who can "
     "reach the SuperLink can join the federation and read every message"
+)
+#: How long the SuperLink keeps a node online after its last heartbeat (s).
+HOLD = HEARTBEAT_PATIENCE * HEARTBEAT_DEFAULT_INTERVAL
+#: How long ``fedalora.deploy supernode`` retries a refused activation by default (s).
+REJOIN_TIMEOUT = HOLD + 30
+#: What flower-supernode prints, then exits 1, when the SuperLink refuses to activate it
+#: (flwr_exit in flwr/supernode/fleet_http_connection.py, code from fleet_handlers.py).
+REFUSED = (
+    f"Exit Code: {int(ExitCode.SUPERNODE_CONNECTION_ERROR)}",
+    f"[code: {int(ApiErrorCode.FLEET_NODE_ACTIVATION_FAILED)}]",
 )
 
 
@@ -192,6 +210,77 @@ def supernode_command(
     ]
 
 
+def supervise_supernode(
+    command: list[str],
+    env: Mapping[str, str],
+    rejoin_timeout: float = REJOIN_TIMEOUT,
+    retry_every: float = 3.0,
+) -> int:
+    """Run ``command`` (flower-supernode), its output on this stderr, and return its exit
+    status; while the SuperLink refuses its activation (it still holds this node from
+    before a crash), start it again every ``retry_every`` s, for at most
+    ``rejoin_timeout`` s, then SystemExit. SIGTERM, SIGINT and SIGHUP go to the child."""
+    deadline = time.monotonic() + rejoin_timeout
+    stopped = threading.Event()
+    received: list[int] = []
+    child: subprocess.Popen[str] | None = None
+
+    def forward(signum: int, _frame: object) -> None:
+        received.append(signum)
+        stopped.set()
+        if child is not None and child.poll() is None:
+            child.send_signal(signum)
+
+    previous = {
+        sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    }
+    try:
+        while not stopped.is_set():
+            child = subprocess.Popen(
+                command,
+                env=dict(env),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                errors="replace",
+            )
+            if received:  # a signal between the loop's test and the start
+                child.send_signal(received[0])
+            tail: collections.deque[str] = collections.deque(maxlen=50)
+            reader = threading.Thread(target=_echo_lines, args=(child.stdout, tail), daemon=True)
+            reader.start()
+            code = child.wait()
+            reader.join(timeout=2)  # its lines are in the pipe; its flower-superexec may linger
+            if stopped.is_set() or code != 1 or not all(m in "".join(tail) for m in REFUSED):
+                return code if code >= 0 else 128 - code
+            if time.monotonic() + retry_every > deadline:
+                raise SystemExit(
+                    f"the SuperLink still refuses this SuperNode after {rejoin_timeout:.0f} s: "
+                    "its key is not registered (flwr supernode register <key>.pub) or another "
+                    "SuperNode with this key is running"
+                )
+            print(
+                "the SuperLink refused this node's activation: it still holds this node from "
+                "before it stopped (it keeps a dead node online for about "
+                f"{HEARTBEAT_PATIENCE} heartbeat intervals, {HOLD:.0f} s), or its key is not "
+                f"registered; retrying in {retry_every:.0f} s",
+                file=sys.stderr,
+                flush=True,
+            )
+            stopped.wait(retry_every)
+        return 128 + received[0]
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _echo_lines(lines: Iterable[str], tail: collections.deque[str]) -> None:
+    for line in lines:
+        sys.stderr.write(line)
+        sys.stderr.flush()
+        tail.append(line)
+
+
 @dataclass
 class LocalDeployment:
     """A SuperLink and SuperNodes as real processes on this machine (loopback), each
@@ -243,15 +332,27 @@ class LocalDeployment:
             self.start_node(i)
 
     def start_node(self, i: int) -> None:
+        """Node i as ``python -m fedalora.deploy supernode`` (which waits out a refusal)."""
+        security = (
+            ["--ca", str(self.certs.ca), "--key", str(self._key(i))]
+            if self.certs
+            else ["--insecure"]
+        )
+        config = [arg for k, v in self.nodes[i].items() for arg in (f"--{k}", str(v))]
         self._spawn(
             f"node-{i}",
-            supernode_command(
+            [
+                sys.executable,
+                "-m",
+                "fedalora.deploy",
+                "supernode",
+                "--superlink",
                 self.address,
-                self.certs.ca if self.certs else None,
-                self._key(i) if self.secure else None,
-                self.nodes[i],
-                self.node_ports[i],
-            ),
+                *security,
+                *config,
+                "--port",
+                str(self.node_ports[i]),
+            ],
         )
 
     def stop_node(self, i: int) -> None:
@@ -387,6 +488,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="this node's own data: a .json/.jsonl/.csv/.tsv/.parquet file or save_to_disk folder",
     )
     node.add_argument("--port", type=int, default=9094, help="the node's local runtime port")
+    node.add_argument(
+        "--rejoin-timeout",
+        type=float,
+        default=REJOIN_TIMEOUT,
+        help="seconds to keep retrying while the SuperLink still holds this node",
+    )
     local = commands.add_parser("local", help="a SuperLink and SuperNodes on loopback, one run")
     local.add_argument("--ranks", default="8,4,2", help="one SuperNode per rank")
     local.add_argument("--root", default="deployment")
@@ -432,8 +539,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             config,
             args.port,
         )
-        print(shlex.join(command), file=sys.stderr)
-        os.execve(command[0], command, runtime_env())  # noqa: S606
+        print(shlex.join(command), file=sys.stderr, flush=True)
+        raise SystemExit(supervise_supernode(command, runtime_env(), args.rejoin_timeout))
     else:
         ranks = [int(r) for r in args.ranks.split(",")]
         nodes = [

@@ -46,6 +46,11 @@ NORM_TOLERANCE = 1e-4
 #: The noise's own stream in its seed (beside the run seed, the round and the client or
 #: attempt), apart from every other draw of the run.
 NOISE_STREAM = 0x4450
+#: The largest N x delta for N clients that ``DPSettings.delta_problem`` accepts. A
+#: mechanism that publishes each client's data with probability delta is (0, delta)-DP
+#: and exposes about N x delta clients, so delta must be well below 1/N (at 1/N, one
+#: client's data published at random satisfies it): here at most a tenth of it.
+MAX_DELTA_TIMES_CLIENTS = 0.1
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,23 @@ class DPSettings:
     def delta_for(self, num_clients: int) -> float:
         """``dp-delta``, or 1 / N^1.1 for N clients when it is 0."""
         return self.delta or 1.0 / num_clients**1.1
+
+    def delta_problem(self, num_clients: int) -> str | None:
+        """Why the delta for ``num_clients`` clients protects little (N x delta over
+        ``MAX_DELTA_TIMES_CLIENTS``, as 1 / N^1.1 always is below 10^10 clients), and
+        the fix; None if it is small enough."""
+        delta = self.delta_for(num_clients)
+        if num_clients * delta <= MAX_DELTA_TIMES_CLIENTS:
+            return None
+        name = f"dp-delta={delta:.3g}" if self.delta else f"delta 1/N^1.1 = {delta:.3g}"
+        return (
+            f"{name} is not well below 1/N for N={num_clients} clients (N x delta = "
+            f"{num_clients * delta:.2g}): a mechanism that publishes each client's data "
+            "with probability delta meets it, so the reported epsilon protects little; set "
+            "dp-delta to at most "
+            f"{MAX_DELTA_TIMES_CLIENTS:g}/N = {MAX_DELTA_TIMES_CLIENTS / num_clients:.2g}, "
+            "e.g. 1e-5 (more clients do not help at a fixed dp-delta)"
+        )
 
     def noise_rng(self, *stream: int) -> np.random.Generator:
         """The noise's generator: seeded by ``stream`` (run seed, round, ...) so that a

@@ -29,7 +29,16 @@ from pathlib import Path
 import psutil
 
 from fedalora.errors import ConfigError
-from fedalora.outputs import CONFIG, ROUNDS, WARNINGS, RunRecorder, progress_line
+from fedalora.outputs import (
+    CONFIG,
+    RESUMED_MARK,
+    ROUNDS,
+    SUMMARY,
+    WARNINGS,
+    RunRecorder,
+    progress_line,
+    run_status,
+)
 from fedalora.run_config import parse_run_config, resolve_run_config
 
 CONNECTION = "fedalora-sim"
@@ -171,7 +180,8 @@ def run_logged(
 class RunFollower:
     """Echoes a run's progress from its directory as the ServerApp writes it: one line
     per finished round (rounds.jsonl) and each of its warnings (warnings.log). Files left
-    by an earlier run of the same name are skipped until the new run replaces them."""
+    by an earlier run of the same name are skipped until the new run replaces them, and
+    so are a resumed run's earlier attempts' warnings."""
 
     def __init__(self, run_dir: Path, echo: Callable[[str], None]) -> None:
         self.run_dir, self.echo = run_dir, echo
@@ -200,6 +210,9 @@ class RunFollower:
             return []
         text = path.read_text(encoding="utf-8")
         complete = text.splitlines() if text.endswith("\n") else text.splitlines()[:-1]
+        if not self.shown[name]:  # a resumed run's warnings: this attempt's, after its mark
+            marks = [i for i, line in enumerate(complete) if line.startswith(RESUMED_MARK)]
+            self.shown[name] = marks[-1] + 1 if marks else 0
         new = complete[self.shown[name] :]
         self.shown[name] = len(complete)
         return [line for line in new if line.strip()]
@@ -215,17 +228,16 @@ def _identity(path: Path) -> tuple[int, int] | None:
 
 
 def completed_run(run_dir: Path, log_path: str | Path | None = None) -> Path:
-    """``run_dir`` if its summary.json says completed; else SimulationFailed with why."""
-    summary = run_dir / "summary.json"
-    if not summary.exists():
-        where = f"see {log_path}" if log_path else "see the output above"
+    """``run_dir`` if its summary.json says completed; else SimulationFailed with why
+    (``run_status``: a summary left ``running`` by a server that is gone is interrupted)."""
+    status = run_status(run_dir)
+    if status == "completed":
+        return run_dir
+    where = f"see {log_path}" if log_path else "see the output above"
+    if status is None:
         raise SimulationFailed(f"run '{run_dir.name}' wrote no summary.json ({where})")
-    status = json.loads(summary.read_text())
-    if status.get("status") != "completed":
-        raise SimulationFailed(
-            f"run '{run_dir.name}' {status.get('status')}: {status.get('error')}"
-        )
-    return run_dir
+    error = json.loads((run_dir / SUMMARY).read_text()).get("error")
+    raise SimulationFailed(f"run '{run_dir.name}' {status}: {error or f'not finished ({where})'}")
 
 
 @contextlib.contextmanager

@@ -11,14 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
 from flwr.app import Context, Message, RecordDict
 from flwr.app.error import Error
-from flwr.clientapp import ClientApp
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
@@ -30,13 +29,15 @@ from fedalora.run_config import parse_run_config, resolve_run_config
 from server.server_app import app as server_app
 
 RUN_ID = 1
+#: What a node runs: a ClientApp, or anything that answers a message the same way.
+NodeApp = Callable[[Message, Context], Message]
 
 
 class InProcessGrid(Grid):
     """Nodes whose ClientApp runs in this process: node ``100 + i`` is partition ``i`` of
     ``num_nodes``, with its own Context (its state persists across the run)."""
 
-    def __init__(self, app: ClientApp, run_config: Mapping[str, Any], num_nodes: int) -> None:
+    def __init__(self, app: NodeApp, run_config: Mapping[str, Any], num_nodes: int) -> None:
         self.app = app
         self._run = Run.create_empty(RUN_ID)
         self.contexts = {
@@ -105,16 +106,18 @@ def run_in_process(
     num_supernodes: int = 8,
     run_config: str = "",
     output_dir: str | Path | None = None,
+    node_app: NodeApp | None = None,
 ) -> Path:
     """Run the app with ``num_supernodes`` in-process nodes; returns the run directory
-    (its summary.json says whether the run completed)."""
+    (its summary.json says whether the run completed). ``node_app`` replaces the
+    ClientApp every node runs (tests and benchmarks wrap it, e.g. with a hostile one)."""
     app_dir = Path(app_dir).resolve()
     output_dir = Path(output_dir or app_dir / "outputs").resolve()
     config = resolve_run_config(
         app_dir,
         {**parse_run_config(run_config), "run-name": run_name, "output-dir": str(output_dir)},
     )
-    grid = InProcessGrid(client_app, config, num_supernodes)
+    grid = InProcessGrid(node_app or client_app, config, num_supernodes)
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = RUN_ID, SUPERLINK_NODE_ID, 1
     context = Context(
         run_id=RUN_ID,

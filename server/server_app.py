@@ -26,7 +26,7 @@ from fedalora.checkpoint import (
 from fedalora.config import FedConfig, validate_rank
 from fedalora.errors import ConfigError, RunFailed
 from fedalora.models import adapted_layer_shapes
-from fedalora.outputs import RunRecorder, final_figures
+from fedalora.outputs import INTERRUPTED, RunRecorder, final_figures
 from fedalora.tracking import open_tracker
 from protocol import RUN_NAME
 from strategies import Node, discover_nodes, make_strategy, run_rounds
@@ -44,8 +44,9 @@ def main(grid: Grid, context: Context) -> None:
     recorder = RunRecorder(output_dir / run_name)
     started = time.perf_counter()
     try:
+        config = FedConfig.from_run_config(raw)
+        recorder.begin(resume=config.resume)
         with recorder.warnings_to_file(FLOWER_LOGGER):
-            config = FedConfig.from_run_config(raw)
             recorder.attach(open_tracker(config.tracker, recorder.run_dir, run_name))
             summary = run_federation(grid, config, run_name, recorder)
     except ConfigError as exc:  # the user's to fix: the headline, once
@@ -57,6 +58,13 @@ def main(grid: Grid, context: Context) -> None:
     except RunFailed as exc:  # the clients' own errors: the headline, once
         log(ERROR, "%s", exc)
         recorder.finish("failed", error=str(exc), wall_seconds=time.perf_counter() - started)
+        raise
+    except (KeyboardInterrupt, SystemExit) as exc:  # Ctrl-C; SIGTERM (Flower's handler exits)
+        recorder.finish(
+            INTERRUPTED,
+            error=f"{type(exc).__name__}: {exc}",
+            wall_seconds=time.perf_counter() - started,
+        )
         raise
     except BaseException as exc:
         recorder.finish(

@@ -30,6 +30,8 @@ from fedalora.checkpoint import Checkpoint
 from fedalora.config import FedConfig, heterogeneous_methods, validate_rank
 from fedalora.errors import ConfigError, RunFailed
 from fedalora.outputs import EVALUATE, LOCAL_MODEL, TRAIN, RunRecorder
+from fedalora.privacy import leading_block
+from fedalora.robust import MEDIAN, TRIMMED_MEAN, claim_weights, outlying_claims, robust_step
 from fedalora.types import Arrays, LayerShapes
 from protocol import (
     ACCURACY,
@@ -77,6 +79,9 @@ class MethodStrategy(Strategy):
         self.screen = ReplyScreen(
             self.method, self.layer_shapes, config.max_update_rms, config.max_norm_ratio
         )
+        self.robust = config.robust
+        #: Each client's aggregation weight under the ``weights`` policy: partition -> n_i.
+        self.weights: dict[int, int] = {}
         #: The score the clients are ranked by (their discovery reports).
         self.metric = ACCURACY
         #: Rounds whose training was aggregated (this run, resumed rounds not counted).
@@ -108,6 +113,7 @@ class MethodStrategy(Strategy):
             )
         self.metric = metrics[0] if metrics else ACCURACY
         self.nodes = {n.node_id: n for n in nodes}
+        self._weigh_claims(nodes)
         self.shared = self.method.initial_shared(self.layer_shapes, [n.rank for n in nodes])
         self.shared_round = 0
         return self.arrays
@@ -190,7 +196,9 @@ class MethodStrategy(Strategy):
         self.tally.local_model_scores = []
         self.shared = to_numpy(arrays)
         config[FINAL_ROUND] = server_round == self.num_rounds
-        sampled = self._sample(server_round, self.config.fraction_train, stream=0, attempt=attempt)
+        sampled = self._sample(
+            server_round, self.config.fraction_train, stream=0, attempt=attempt, grid=grid
+        )
         log(INFO, "configure_train: %d of %d nodes", len(sampled), len(self.nodes))
         return self._messages(sampled, server_round, config, MessageType.TRAIN)
 
@@ -204,8 +212,13 @@ class MethodStrategy(Strategy):
                 reply.content.metric_records[METRICS],
             )
             self.tally.receive(upload)
+            problem, rank = self.screen.metrics_problem(node, metrics)
+            problem = problem or self.screen.declared_problem(rank, upload)
+            if problem:  # rejected before any array is read
+                self._reject(server_round, node, problem)
+                continue
             update = to_numpy(upload)
-            problem, rank = self.screen.form_problem(node, update, metrics)
+            problem = self.screen.upload_problem(rank, update)
             if problem:
                 self._reject(server_round, node, problem)
                 continue
@@ -223,7 +236,7 @@ class MethodStrategy(Strategy):
         accepted = []
         for candidate, problem in zip(
             candidates,
-            self.screen.size_problems([update for _, update, _ in candidates]),
+            self.screen.size_problems([(node.rank, update) for node, update, _ in candidates]),
             strict=True,
         ):
             if problem:
@@ -255,8 +268,33 @@ class MethodStrategy(Strategy):
         self, server_round: int, updates: Sequence[Arrays], clients: Sequence[Node]
     ) -> Arrays:
         """The new shared state from the accepted updates (sorted by partition id): the
-        method's rule."""
-        return self.method.aggregate(self.shared, updates, clients)
+        method's rule, each client weighed by the ``weights`` policy; or, with
+        ``aggregation`` or ``clip-norm`` set, the robust step over the clients' deltas."""
+        weighed = [
+            dataclasses.replace(n, num_examples=self.weights[n.partition_id]) for n in clients
+        ]
+        if not self.robust.replaces_rule:
+            return self.method.aggregate(self.shared, updates, weighed)
+        deltas = [
+            self.method.shared_delta(self._installed(node), update)
+            for node, update in zip(clients, updates, strict=True)
+        ]
+        return robust_step(
+            self.shared,
+            deltas,
+            [self.method.delta_shapes(self.layer_shapes, n.rank) for n in clients],
+            [n.num_examples for n in weighed],
+            self.robust,
+        )
+
+    def _installed(self, client: Node) -> Arrays:
+        """The shared tensors ``client`` started its round from: the leading block of
+        each shared array at its rank (``delta_shapes``), as DP-FedAvg's step takes it."""
+        blocks = self.method.delta_shapes(self.layer_shapes, client.rank)
+        return {
+            key: self.shared[key][leading_block(shape, self.shared[key].shape)]
+            for key, shape in blocks.items()
+        }
 
     # ---------------------------------------------------------- evaluate phase
     def configure_evaluate(
@@ -343,13 +381,31 @@ class MethodStrategy(Strategy):
         return min(len(self.nodes), max(int(len(self.nodes) * fraction), self.config.min_nodes))
 
     def _sample(
-        self, server_round: int, fraction: float, stream: int, attempt: int = 0
+        self,
+        server_round: int,
+        fraction: float,
+        stream: int,
+        attempt: int = 0,
+        grid: Grid | None = None,
     ) -> list[Node]:
-        """Seeded sample of ``sample_size(fraction)`` nodes; ``stream``
+        """Seeded sample of ``sample_size(fraction)`` nodes, of those ``grid`` reports
+        online when given (all of them, or fewer if fewer are online); ``stream``
         separates the training draw (0) from the evaluation draw (1), ``attempt`` a
         retried round's draw from the first."""
         nodes = list(self.nodes.values())
-        count = self.sample_size(fraction)
+        if grid is not None:
+            online = set(grid.get_node_ids())
+            if len(online & set(self.nodes)) < len(nodes):
+                log(
+                    INFO,
+                    "round %d: sampling among the %d of %d nodes online (offline: clients %s)",
+                    server_round,
+                    len(online & set(self.nodes)),
+                    len(nodes),
+                    [n.partition_id for n in nodes if n.node_id not in online],
+                )
+                nodes = [n for n in nodes if n.node_id in online]
+        count = min(len(nodes), self.sample_size(fraction))
         rng = np.random.default_rng([self.config.seed, server_round, stream, attempt])
         chosen = sorted(rng.choice(len(nodes), size=count, replace=False))
         return [nodes[i] for i in chosen]
@@ -434,6 +490,32 @@ class MethodStrategy(Strategy):
                 self.config.round_timeout,
             )
         return good
+
+    def _weigh_claims(self, nodes: Sequence[Node]) -> None:
+        """Each client's weight under the ``weights`` policy; claims far from the median
+        are logged with their node and client, whatever the policy."""
+        claims = [n.num_examples for n in nodes]
+        weights = claim_weights(claims, self.robust.weights, self.robust.weight_cap)
+        self.weights = {n.partition_id: w for n, w in zip(nodes, weights, strict=True)}
+        cap, rule = self.robust.weight_cap, self.robust.aggregation
+        for i in outlying_claims(claims, cap):
+            weighs = (
+                f"aggregation='{rule}' weighs every client equally"
+                if rule in (MEDIAN, TRIMMED_MEAN)
+                else f"under weights='{self.robust.weights}' it weighs {weights[i]}"
+            )
+            log(
+                WARNING,
+                "node %d (client %d) claims %d training examples, more than weight-cap=%g "
+                "times or under 1/%g of the median claim %g; %s",
+                nodes[i].node_id,
+                nodes[i].partition_id,
+                claims[i],
+                cap,
+                cap,
+                float(np.median(claims)),
+                weighs,
+            )
 
     def _reject(self, server_round: int, node: Node, problem: str) -> None:
         log(

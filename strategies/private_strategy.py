@@ -36,7 +36,8 @@ LEDGER = "privacy"
 class PrivateMethodStrategy(MethodStrategy):
     """A linear method (``Method.linear``) with clipped client updates, Gaussian noise
     on their sum (central mode) or on each of them (local mode), equal weights, and
-    epsilon at ``dp-delta`` in every rounds.jsonl row and in summary.json.
+    epsilon at ``dp-delta`` in every rounds.jsonl row and in summary.json (with a warning
+    and ``dp_delta_too_large`` when that delta is not well below 1/N).
 
     With ``dp-target-epsilon`` the run is planned to end at the last round whose
     epsilon stays within it; a retried round spends budget too, and the run then stops
@@ -63,6 +64,8 @@ class PrivateMethodStrategy(MethodStrategy):
         )
         self.ledger = PrivacyLedger()
         self.num_rounds = self._rounds_within_budget()
+        if problem := self.dp.delta_problem(num_clients):
+            log(WARNING, "%s", problem)
         return arrays
 
     def restore(self, checkpoint: Checkpoint) -> ArrayRecord:
@@ -127,6 +130,7 @@ class PrivateMethodStrategy(MethodStrategy):
         return {
             "epsilon": self.accountant.epsilon(self.ledger),
             "dp_delta": self.accountant.delta,
+            "dp_delta_too_large": self.dp.delta_problem(self.accountant.num_clients) is not None,
             "dp_mode": self.dp.mode,
             "dp_noise_multiplier": self.dp.noise_multiplier,
             "dp_clip": self.dp.clip,

@@ -7,20 +7,28 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
-from flwr.app import MetricRecord
+from flwr.app import ArrayRecord, MetricRecord
 
 from fedalora.methods import Method, Participant
 from fedalora.privacy import LOCAL, DPSettings, norm_problem
-from fedalora.screening import norm_problems, update_problem, update_rms
-from fedalora.types import Arrays, LayerShapes
+from fedalora.screening import (
+    Declared,
+    declared_problem,
+    norm_problems,
+    update_problem,
+    update_size,
+)
+from fedalora.types import Arrays, LayerShapes, Shapes
 from protocol import LOSS, NUM_EXAMPLES, UPLOAD_RANK, number
 
 
 class ReplyScreen:
-    """An upload is rejected when its metrics are unusable, its rank is not the client's
-    (a lower one only where the method lets ranks shrink), its keys, shapes or dtype
-    differ from what the method expects of that rank, it holds NaN/Inf, or its size is
-    implausible (``max-update-rms``, ``max-norm-ratio`` times the round's median)."""
+    """An upload is rejected when its metrics are unusable (its example count is not the
+    one the client claimed at discovery), its rank is not the client's (a lower one only
+    where the method lets ranks shrink), its declared arrays do not fit the method's
+    upload of that rank (checked before anything is read), its keys, shapes or dtype
+    differ from that upload, it holds NaN/Inf, or the update it applies is implausibly
+    large (``max-update-rms``, ``max-norm-ratio`` times the round's median)."""
 
     def __init__(
         self,
@@ -32,28 +40,48 @@ class ReplyScreen:
         self.method, self.layer_shapes = method, layer_shapes
         self.max_update_rms, self.max_norm_ratio = max_update_rms, max_norm_ratio
 
-    def form_problem(
-        self, client: Participant, update: Arrays, metrics: MetricRecord
-    ) -> tuple[str | None, int]:
-        """Why one upload is unusable on its own (or None), and the rank it reports."""
-        if not (number(metrics, NUM_EXAMPLES) > 0 and np.isfinite(number(metrics, NUM_EXAMPLES))):
+    def metrics_problem(self, client: Participant, metrics: MetricRecord) -> tuple[str | None, int]:
+        """Why a reply's metrics are unusable (or None), and the rank it reports."""
+        count = number(metrics, NUM_EXAMPLES)
+        if not (count > 0 and np.isfinite(count)):
             return f"num_examples is {metrics[NUM_EXAMPLES]}, must be positive", client.rank
+        if count != client.num_examples:
+            return (
+                f"claims {metrics[NUM_EXAMPLES]} training examples, but "
+                f"{client.num_examples} at discovery",
+                client.rank,
+            )
         if not np.isfinite(number(metrics, LOSS)):
             return f"training loss is {metrics[LOSS]}", client.rank
         rank = int(number(metrics, UPLOAD_RANK)) if UPLOAD_RANK in metrics else client.rank
         shrunk = self.method.ranks_can_shrink and 1 <= rank < client.rank
         if rank != client.rank and not shrunk:
             return f"reports rank {rank} but has rank {client.rank}", client.rank
-        return self.upload_problem(rank, update), rank
+        return None, rank
+
+    def declared_problem(self, rank: int, record: ArrayRecord) -> str | None:
+        """Why an upload at ``rank`` cannot fit, from what its arrays declare (unread)."""
+        declared = {
+            key: Declared(tuple(array.shape), str(array.dtype), len(array.data))
+            for key, array in record.items()
+        }
+        return declared_problem(declared, self.bounds(rank))
+
+    def bounds(self, rank: int) -> Shapes:
+        """The largest arrays an upload at ``rank`` may hold."""
+        return self.method.upload_bounds(self.layer_shapes, rank)
 
     def upload_problem(self, rank: int, update: Arrays) -> str | None:
         """Why an upload at ``rank`` does not have the method's form, or None."""
         return self.method.upload_problem(self.layer_shapes, rank, update)
 
-    def size_problems(self, updates: Sequence[Arrays]) -> list[str | None]:
-        """Per well-formed upload of a round, why its size is implausible, or None."""
+    def size_problems(self, updates: Sequence[tuple[int, Arrays]]) -> list[str | None]:
+        """Per well-formed upload of a round (its rank and arrays), why the update it
+        applies is implausibly large, or None."""
         return norm_problems(
-            [update_rms(u) for u in updates], self.max_update_rms, self.max_norm_ratio
+            [update_size(self.method.applied_update(u, rank)) for rank, u in updates],
+            self.max_update_rms,
+            self.max_norm_ratio,
         )
 
 
@@ -67,11 +95,14 @@ class PrivateReplyScreen(ReplyScreen):
         super().__init__(method, layer_shapes, max_update_rms=math.inf, max_norm_ratio=0.0)
         self.dp = dp
 
+    def bounds(self, rank: int) -> Shapes:
+        return self.method.delta_shapes(self.layer_shapes, rank)
+
     def upload_problem(self, rank: int, update: Arrays) -> str | None:
-        problem = update_problem(update, self.method.delta_shapes(self.layer_shapes, rank))
+        problem = update_problem(update, self.bounds(rank))
         if problem or self.dp.mode == LOCAL:
             return problem
         return norm_problem(update, self.dp.clip)
 
-    def size_problems(self, updates: Sequence[Arrays]) -> list[str | None]:
+    def size_problems(self, updates: Sequence[tuple[int, Arrays]]) -> list[str | None]:
         return [None] * len(updates)

@@ -241,7 +241,7 @@ REJECTED_OR_LOST = {
     "times out": (lambda reply, update: None, "no train reply from node 103"),
     "wrong shape": (
         _with_arrays(lambda u: {**u, _first(u): np.zeros((5, 5), np.float32)}),
-        "has shape (5, 5)",
+        "declares shape (5, 5)",
     ),
     "missing key": (_with_arrays(lambda u: dict(list(u.items())[1:])), "keys differ"),
     "extra key": (
@@ -254,8 +254,8 @@ REJECTED_OR_LOST = {
         _with_arrays(lambda u: {**u, _first(u): u[_first(u)].astype(np.int32)}),
         "expected a float array",
     ),
-    "implausible norm": (
-        _with_arrays(lambda u: {k: v * 1e3 for k, v in u.items()}),
+    "implausible norm": (  # B2 B1, the update it applies, 900 times an honest one
+        _with_arrays(lambda u: {k: v * 30 for k, v in u.items()}),
         "times the round's median",
     ),
     "absurd norm": (

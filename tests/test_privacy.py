@@ -250,6 +250,28 @@ def test_local_mode_adds_no_server_noise_and_accounts_each_clients_uploads(tmp_p
     assert strategy.summary_fields()["epsilon"] == expected
 
 
+@pytest.mark.parametrize(
+    ("num_clients", "delta", "weak"),
+    [(3, 0.0, True), (1000, 0.0, True), (3, 0.05, True), (3, 1e-5, False), (1000, 1e-5, False)],
+)
+def test_a_delta_not_well_below_one_over_n_is_named_with_the_fix(num_clients, delta, weak):
+    """N x delta > 0.1 is weak; the default 1 / N^1.1 always is (N x delta = N^-0.1)."""
+    problem = DPSettings(noise_multiplier=Z, delta=delta).delta_problem(num_clients)
+    assert (problem is not None) == weak
+    if delta == 0 and num_clients == 3:
+        assert problem.startswith("delta 1/N^1.1 = 0.299 is not well below 1/N for N=3 ")
+        assert "set dp-delta to at most 0.1/N = 0.033, e.g. 1e-5" in problem
+
+
+@pytest.mark.parametrize(("delta", "weak"), [(0.0, True), (1e-5, False)])
+def test_the_server_warns_at_connect_and_summary_json_says_so(tmp_path, caplog, delta, weak):
+    caplog.set_level(logging.WARNING)
+    strategy = make_strategy(tmp_path, **DP, dp_delta=delta)
+    discover(strategy, ScriptedGrid(strategy))
+    assert ("is not well below 1/N for N=4 clients" in caplog.text) == weak
+    assert strategy.summary_fields()["dp_delta_too_large"] == weak
+
+
 # -------------------------------------------------------------- configuration
 @pytest.mark.parametrize(
     ("overrides", "reason"),

@@ -53,9 +53,12 @@ def _update(strategy, client, rng, corrupt=False):
     return arrays
 
 
-def _reply(message, arrays=None, error=None, num_examples=1):
+def _reply(message, arrays=None, error=None, num_examples=None):
+    """A train reply; its example count is the one its node claimed at discovery."""
     if error:
         return Message(Error(code=1, reason=error), reply_to=message)
+    if num_examples is None:
+        num_examples = {n.node_id: n.num_examples for n in NODES}[message.metadata.dst_node_id]
     metrics = MetricRecord(
         {"num_examples": num_examples, "loss": 1.0, "accuracy": 0.5, "seconds": 0.1}
     )

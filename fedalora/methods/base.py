@@ -15,6 +15,7 @@ registered with ``@register_method`` (``fedalora.methods.registry``):
                                             start_round(adapter)
                                             train (+ loss_penalty(adapter))
     upload_shapes(layers, rank)  <-------   after_training(adapter, upload(adapter))
+    applied_update(upload, rank)   (size screens)
     aggregate(shared, updates, clients)     export_factors(adapter)
 
 Under client-level DP (``fedalora.privacy``) a ``linear`` method's client sends its
@@ -64,7 +65,9 @@ class Paper:
 @dataclass(frozen=True)
 class Participant:
     """What the server knows of a client: its partition, its current rank and the
-    number of its training examples (the weight n_i of p_i = n_i / sum(n))."""
+    number of its training examples it claims; in ``Method.aggregate``, the weight n_i
+    of p_i = n_i / sum(n) that the run's ``weights`` policy gives it (``fedalora.robust``:
+    the claim, capped, or 1)."""
 
     partition_id: int
     rank: int
@@ -146,6 +149,16 @@ class Method(ABC):
         """A well-formed upload of zeros from a client of ``rank`` (for the server side
         without a model: communication accounting, benchmarks)."""
         return {k: np.zeros(s, np.float32) for k, s in self.upload_shapes(layers, rank).items()}
+
+    def upload_bounds(self, layers: LayerShapes, rank: int) -> Shapes:
+        """The largest shape each array of an upload at ``rank`` may have: what the
+        server checks before it reads a reply (``upload_shapes`` unless sizes vary)."""
+        return self.upload_shapes(layers, rank)
+
+    def applied_update(self, upload: Arrays, rank: int) -> Arrays:
+        """What an upload at ``rank`` changes in the shared state, as the size screens
+        measure it: the uploaded factors themselves (their average is the rule)."""
+        return upload
 
     def upload_problem(self, layers: LayerShapes, rank: int, update: Arrays) -> str | None:
         """Why an upload of a client of ``rank`` cannot be used (keys, shapes, dtype,

@@ -88,6 +88,13 @@ class FedALoRAHetero(Method):
     ) -> Arrays:
         return accumulate_decomposed(shared, updates, [c.num_examples for c in clients])
 
+    def applied_update(self, upload: Arrays, rank: int) -> Arrays:
+        """B2_i B1_i: what the client's upload adds to B0 (d_out x d_m at every rank)."""
+        return {
+            f"{m}.B0": upload[f"{m}.B2"] @ upload[f"{m}.B1"]
+            for m in (k[: -len(".B1")] for k in upload if k.endswith(".B1"))
+        }
+
     def make_adapter(self, base: BaseModel, rank: int, dropout: float) -> ClientAdapter:
         return DecomposedAdapter(
             base.model,

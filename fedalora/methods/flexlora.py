@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..aggregation import flexlora_factors, truncate_rank
+from ..aggregation import flexlora_factors, scaled_products, truncate_rank
 from ..types import Arrays, LayerShapes
 from .base import Method, Paper, Participant
 from .lora_factors import initial_lora, padded_rank
@@ -51,6 +51,10 @@ class FlexLoRA(Method):
         return flexlora_factors(
             updates, [c.num_examples for c in clients], scales, padded_rank(shared)
         )
+
+    def applied_update(self, upload: Arrays, rank: int) -> Arrays:
+        """s B_i A_i: the client's share of the summed product is what the SVD spreads."""
+        return scaled_products(upload, self.scaling.scale(rank))
 
     def dp_refusal(self) -> str | None:
         return (

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..adapters import ClientAdapter, LoRAAdapter, PeftFactors
-from ..aggregation import flora_stack
+from ..aggregation import flora_stack, scaled_products
 from ..models import BaseModel, layer_dims
 from ..types import Arrays, LayerShapes
 from .base import Method, Paper, Participant
@@ -61,6 +61,10 @@ class FLoRA(Method):
     ) -> Arrays:
         scales = [self.scaling.scale(c.rank) for c in clients]
         return flora_stack(updates, [c.num_examples for c in clients], scales)
+
+    def applied_update(self, upload: Arrays, rank: int) -> Arrays:
+        """s B_i A_i: what the stack adds to every client's frozen weights."""
+        return scaled_products(upload, self.scaling.scale(rank))
 
     def dp_refusal(self) -> str | None:
         return (

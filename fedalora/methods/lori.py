@@ -119,6 +119,15 @@ class LoRI(Method):
             shapes[f"{m}.{MASK}"] = (math.ceil(d_out * rank / 8),)
         return shapes
 
+    def upload_bounds(self, layers: LayerShapes, rank: int) -> Shapes:
+        """Under LoRI-S a layer's values are at most all of its d_out x r entries."""
+        if not self.sparse:
+            return super().upload_bounds(layers, rank)
+        bounds = dict(self.upload_shapes(layers, rank))
+        for m, (d_out, _) in layers.items():
+            bounds[f"{m}.{VALUES}"] = (d_out * rank,)
+        return bounds
+
     def zero_upload(self, layers: LayerShapes, rank: int) -> Arrays:
         """Under LoRI-S: the first round((1 - s) d_out r) entries of each layer masked."""
         if not self.sparse:
