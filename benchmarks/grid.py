@@ -148,6 +148,7 @@ PRESETS = {
             "local-steps": 2,
             "batch-size": 8,
             "max-length": 32,
+            "test-fraction": 0.05,
             "export-adapters": False,
         },
         {"heterogeneous": "8,4,2"},

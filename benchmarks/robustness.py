@@ -56,6 +56,7 @@ from typing import Any
 import numpy as np
 from attacks import ATTACKS, LIE, hostile
 from common import ROOT, machine, print_figures
+from safetensors.numpy import load_file
 
 from fedalora.outputs import (
     CONFIG,
@@ -63,6 +64,7 @@ from fedalora.outputs import (
     LOCAL_MODEL,
     METRICS,
     ROUNDS,
+    SHARED_STATE,
     SUMMARY,
     TRAIN,
     WARNINGS,
@@ -346,7 +348,7 @@ def main() -> None:
     for cell, twin in reused.items():
         records[cell] = {**records[twin], "reused_from": twin.name}
 
-    rows, drops = table_rows(records, attacks, policies, seeds)
+    rows, drops = table_rows(records, attacks, policies, seeds, output_dir)
     ran = [r for r in records.values() if "reused_from" not in r]
     failed = [r for r in ran if r["status"] != "completed"]
     command = "python benchmarks/robustness.py " + " ".join(sys.argv[1:])
@@ -373,8 +375,11 @@ def main() -> None:
         f"(partitions other than {HOSTILE}) mean accuracy after the last round, as the mean "
         f"over {len(seeds)} seed(s); Δ own / Δ default: the per-seed difference against the "
         "no-attack run of the same policy / of the default policy, mean ± the half-width of "
-        "its 95% Student-t interval (no interval from one seed). Rejected: updates screened "
-        "out over all seeds and rounds, the hostile client's / the others'.\n\n"
+        "its 95% Student-t interval (no interval from one seed). Shared-state shift: "
+        "||S - S0|| / ||S0|| of the final shared B0 S against S0, the same policy's no-attack "
+        "run of that seed (how far the hostile client moved the shared state). Rejected: "
+        "updates screened out over all seeds and rounds, the hostile client's / the "
+        "others'.\n\n"
         f"Command: `{command.strip()}`; {len(ran)} runs ({len(failed)} failed) took "
         f"{sum(r['wall_seconds'] for r in ran) / 60:.1f} min "
         f"({sum(r['cpu_seconds'] for r in ran) / 60:.1f} min CPU); {machine()}; torch "
@@ -412,13 +417,14 @@ def table_rows(
     attacks: Sequence[str],
     policies: Sequence[str],
     seeds: Sequence[int],
+    output_dir: Path,
 ) -> tuple[list[str], dict[tuple[str, str], float]]:
     """The markdown table, and each attacked cell's mean drop under the evaluate protocol
     (no-attack minus attacked, same policy; positive: worse)."""
     lines = [
         "| attack | policy | evaluate | Δ own | Δ default | local-model | Δ own | Δ default "
-        "| rejected | failed runs | note |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| shared-state shift | rejected | failed runs | note |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     drops: dict[tuple[str, str], float] = {}
     for attack in attacks:
@@ -441,6 +447,23 @@ def table_rows(
                 ]
                 if column == PROTOCOL_COLUMNS[EVALUATE] and attack != NONE:
                     drops[(attack, policy)] = 0.0 - own_diff.mean
+            shift = (
+                "—"
+                if attack == NONE
+                else _fmt(
+                    mean_interval(
+                        [
+                            _shift(
+                                output_dir,
+                                records[Cell(attack, policy, s)],
+                                records[Cell(NONE, policy, s)],
+                            )
+                            for s in seeds
+                        ]
+                    )
+                )
+            )
+            figures.append(shift)
             hostile = sum(c["rejected_hostile"] for c in cells if c)
             honest = sum(c["rejected_honest"] for c in cells if c)
             failed = sum(c["status"] != "completed" for c in cells if c)
@@ -454,6 +477,18 @@ def table_rows(
                 + " |"
             )
     return lines, drops
+
+
+def _shift(output_dir: Path, run: Mapping[str, Any], reference: Mapping[str, Any]) -> float:
+    """||S - S_ref|| / ||S_ref|| over the final shared state S of a run and that of its
+    reference (the same policy and seed without the attack); NaN if either is missing."""
+    paths = [output_dir / r.get("reused_from", r["name"]) / SHARED_STATE for r in (run, reference)]
+    if not all(p.exists() for p in paths):
+        return math.nan
+    state, ref = (load_file(str(p)) for p in paths)
+    gap = sum(float(np.sum((state[k].astype(np.float64) - ref[k]) ** 2)) for k in ref)
+    size = sum(float(np.sum(ref[k].astype(np.float64) ** 2)) for k in ref)
+    return math.sqrt(gap / size) if size else math.nan
 
 
 def _paired(values: Sequence[float], baseline: Sequence[float]) -> Interval:
