@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import collections
 import datetime
+import functools
 import ipaddress
 import os
 import shlex
@@ -43,9 +44,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
-from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL, HEARTBEAT_PATIENCE
-from flwr.supercore.error import ApiErrorCode
-from flwr.supercore.exit import ExitCode
 
 from .errors import ConfigError
 from .simulate import (
@@ -68,16 +66,38 @@ INSECURE_WARNING = (
     "insecure mode: no TLS and no SuperNode authentication; anyone who can "
     "reach the SuperLink can join the federation and read every message"
 )
-#: How long the SuperLink keeps a node online after its last heartbeat (s).
-HOLD = HEARTBEAT_PATIENCE * HEARTBEAT_DEFAULT_INTERVAL
-#: How long ``fedalora.deploy supernode`` retries a refused activation by default (s).
-REJOIN_TIMEOUT = HOLD + 30
-#: What flower-supernode prints, then exits 1, when the SuperLink refuses to activate it
-#: (flwr_exit in flwr/supernode/fleet_http_connection.py, code from fleet_handlers.py).
-REFUSED = (
-    f"Exit Code: {int(ExitCode.SUPERNODE_CONNECTION_ERROR)}",
-    f"[code: {int(ApiErrorCode.FLEET_NODE_ACTIVATION_FAILED)}]",
-)
+#: How much longer than the SuperLink's hold ``supernode`` retries by default (s).
+REJOIN_MARGIN = 30.0
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A refused activation as Flower reports it: the lines flower-supernode prints
+    before it exits 1 (flwr_exit in flwr/supernode/fleet_http_connection.py, the code of
+    fleet_handlers.py), and how long the SuperLink keeps a dead node online (``patience``
+    heartbeat intervals, ``hold`` s)."""
+
+    markers: tuple[str, str]
+    patience: int
+    hold: float
+
+
+@functools.cache
+def refusal() -> Refusal:
+    """Flower's refusal, read from Flower when first needed (importing this module
+    needs no Flower)."""
+    from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL, HEARTBEAT_PATIENCE
+    from flwr.supercore.error import ApiErrorCode
+    from flwr.supercore.exit import ExitCode
+
+    return Refusal(
+        (
+            f"Exit Code: {int(ExitCode.SUPERNODE_CONNECTION_ERROR)}",
+            f"[code: {int(ApiErrorCode.FLEET_NODE_ACTIVATION_FAILED)}]",
+        ),
+        HEARTBEAT_PATIENCE,
+        float(HEARTBEAT_PATIENCE * HEARTBEAT_DEFAULT_INTERVAL),
+    )
 
 
 @dataclass(frozen=True)
@@ -213,13 +233,17 @@ def supernode_command(
 def supervise_supernode(
     command: list[str],
     env: Mapping[str, str],
-    rejoin_timeout: float = REJOIN_TIMEOUT,
+    rejoin_timeout: float | None = None,
     retry_every: float = 3.0,
 ) -> int:
     """Run ``command`` (flower-supernode), its output on this stderr, and return its exit
     status; while the SuperLink refuses its activation (it still holds this node from
     before a crash), start it again every ``retry_every`` s, for at most
-    ``rejoin_timeout`` s, then SystemExit. SIGTERM, SIGINT and SIGHUP go to the child."""
+    ``rejoin_timeout`` s (the SuperLink's hold plus ``REJOIN_MARGIN``), then SystemExit.
+    SIGTERM, SIGINT and SIGHUP go to the child."""
+    refused = refusal()
+    if rejoin_timeout is None:
+        rejoin_timeout = refused.hold + REJOIN_MARGIN
     deadline = time.monotonic() + rejoin_timeout
     stopped = threading.Event()
     received: list[int] = []
@@ -251,7 +275,11 @@ def supervise_supernode(
             reader.start()
             code = child.wait()
             reader.join(timeout=2)  # its lines are in the pipe; its flower-superexec may linger
-            if stopped.is_set() or code != 1 or not all(m in "".join(tail) for m in REFUSED):
+            if (
+                stopped.is_set()
+                or code != 1
+                or not all(m in "".join(tail) for m in refused.markers)
+            ):
                 return code if code >= 0 else 128 - code
             if time.monotonic() + retry_every > deadline:
                 raise SystemExit(
@@ -262,7 +290,7 @@ def supervise_supernode(
             print(
                 "the SuperLink refused this node's activation: it still holds this node from "
                 "before it stopped (it keeps a dead node online for about "
-                f"{HEARTBEAT_PATIENCE} heartbeat intervals, {HOLD:.0f} s), or its key is not "
+                f"{refused.patience} heartbeat intervals, {refused.hold:.0f} s), or its key is not "
                 f"registered; retrying in {retry_every:.0f} s",
                 file=sys.stderr,
                 flush=True,
@@ -491,8 +519,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     node.add_argument(
         "--rejoin-timeout",
         type=float,
-        default=REJOIN_TIMEOUT,
-        help="seconds to keep retrying while the SuperLink still holds this node",
+        default=None,
+        help="seconds to keep retrying while the SuperLink still holds this node "
+        f"(default: its hold, 2 heartbeat intervals, plus {REJOIN_MARGIN:g})",
     )
     local = commands.add_parser("local", help="a SuperLink and SuperNodes on loopback, one run")
     local.add_argument("--ranks", default="8,4,2", help="one SuperNode per rank")

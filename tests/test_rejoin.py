@@ -14,10 +14,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from fedalora.deploy import REFUSED, LocalDeployment, supervise_supernode
+from fedalora.deploy import LocalDeployment, refusal, supervise_supernode
 from fedalora.outputs import read_jsonl
 from tests.test_deployment import APP, TINY
 
+REFUSED = refusal().markers
 #: A stand-in for flower-supernode: refused (Flower's own exit lines, exit 1) while the
 #: counter file holds a number above 0, which it counts down; then it prints and exits 0.
 FAKE_SUPERNODE = f"""
