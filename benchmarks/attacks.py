@@ -12,18 +12,15 @@ Attacks (on the upload of Fed-ALoRA's decomposed layer, B2 and B1, or on any upl
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from flwr.app import Context, Message, MessageType
 
 from protocol import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, NUM_TRAIN_EXAMPLES, to_numpy, to_record
+from server.in_process import NodeApp
 
 ATTACKS = ("none", "count-liar", "scaled", "sign-flip")
 LIE = 1_000_000
 SCALE, FLIP = 9.0, -4.0
 FIRST_FACTORS = (".B2", ".lora_A")
-
-NodeApp = Callable[[Message, Context], Message]
 
 
 def hostile(app: NodeApp, node_id: int, attack: str) -> NodeApp:

@@ -46,7 +46,7 @@ from fedalora.comparison import over_seeds, paired_gain, reading, run_figures
 from fedalora.config import FedConfig
 from fedalora.methods import method_class, registered_methods
 from fedalora.outputs import LOCAL_MODEL, PROTOCOLS
-from fedalora.run_config import parse_run_config
+from fedalora.run_config import format_run_config, parse_run_config
 from fedalora.simulate import SimulationFailed, completed_run, ray_cluster, run_simulation
 from fedalora.stats import Interval
 
@@ -559,13 +559,7 @@ def _completed(run_dir: Path) -> bool:
 
 def _text(run_config: dict[str, object]) -> str:
     """``key=value`` pairs as ``--run-config`` takes them."""
-    return " ".join(f"{k}={_toml(v)}" for k, v in run_config.items())
-
-
-def _toml(value: object) -> str:
-    if isinstance(value, bool):
-        return str(value).lower()
-    return f"'{value}'" if isinstance(value, str) else str(value)
+    return format_run_config(run_config)
 
 
 def _cell(row: pd.Series, key: str) -> str:

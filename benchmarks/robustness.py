@@ -71,7 +71,7 @@ from fedalora.outputs import (
     read_jsonl,
 )
 from fedalora.robust import EXAMPLES_CAPPED, claim_weights
-from fedalora.run_config import parse_run_config
+from fedalora.run_config import format_run_config, parse_run_config
 from fedalora.stats import Interval, mean_interval
 
 NUM_CLIENTS = 12
@@ -143,15 +143,7 @@ def run_config(cell: Cell, rounds: int, clip: float, extra: Mapping[str, object]
         **POLICIES[cell.policy],
         **({"clip-norm": clip} if cell.policy == CLIP else {}),
     }
-    return " ".join(f"{k}={_toml(v)}" for k, v in values.items())
-
-
-def _toml(value: object) -> str:
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, str):
-        return f"'{value}'"
-    return repr(value)
+    return format_run_config(values)
 
 
 def execute(cell: Cell, config: str, output_dir: Path) -> dict[str, Any]:
@@ -352,7 +344,7 @@ def main() -> None:
     ran = [r for r in records.values() if "reused_from" not in r]
     failed = [r for r in ran if r["status"] != "completed"]
     command = "python benchmarks/robustness.py " + " ".join(sys.argv[1:])
-    settings = " ".join(f"{k}={_toml(v)}" for k, v in {**SETTING, **extra}.items())
+    settings = format_run_config({**SETTING, **extra})
     text = (
         f"# Robustness: one hostile client among {NUM_CLIENTS}\n\n"
         f"Setting: fedalora-hetero, {NUM_CLIENTS} clients (4 Dirichlet(0.5) groups x 3 "

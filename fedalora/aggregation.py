@@ -147,16 +147,6 @@ def product_norm(a: np.ndarray, b: np.ndarray, scale: float = 1.0) -> float:
     return abs(scale) * float(np.sqrt(max(np.sum((b.T @ b) * (a @ a.T)), 0.0)))
 
 
-def scaled_products(update: Arrays, scale: float) -> dict[str, np.ndarray]:
-    """s B A of every layer of an update (``<module>.BA``, d_out x d_in, float32)."""
-    return {
-        module + ".BA": _f32(
-            scale * (_f64(update[module + LORA_B]) @ _f64(update[module + LORA_A]))
-        )
-        for module in modules_of(update)
-    }
-
-
 def hetlora_average(
     updates: Sequence[Arrays], scales: Sequence[float], rank: int
 ) -> dict[str, np.ndarray]:

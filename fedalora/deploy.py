@@ -46,6 +46,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from .errors import ConfigError
+from .run_config import format_run_config
 from .simulate import (
     BIN,
     SimulationFailed,
@@ -215,7 +216,7 @@ def supernode_command(
         if ca is None
         else ["--root-certificates", str(ca), "--auth-supernode-private-key", str(key)]
     )
-    config = " ".join(f"{k}={_toml(v)}" for k, v in node_config.items())
+    config = format_run_config(node_config)
     return [
         str(BIN / "flower-supernode"),
         *security,
@@ -476,10 +477,6 @@ def _pem(key: rsa.RSAPrivateKey) -> bytes:
 def _write_private(path: Path, data: bytes) -> None:
     path.write_bytes(data)
     path.chmod(0o600)
-
-
-def _toml(value: object) -> str:
-    return f"'{value}'" if isinstance(value, str) else str(value)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

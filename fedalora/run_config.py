@@ -27,6 +27,18 @@ def parse_run_config(text: str) -> dict[str, Any]:
         ) from exc
 
 
+def format_run_config(values: Mapping[str, Any]) -> str:
+    """``values`` as the ``key=value`` text ``parse_run_config`` reads back (booleans in
+    TOML's lower case, strings single-quoted)."""
+
+    def value(item: Any) -> str:
+        if isinstance(item, bool):
+            return str(item).lower()
+        return f"'{item}'" if isinstance(item, str) else str(item)
+
+    return " ".join(f"{key}={value(item)}" for key, item in values.items())
+
+
 def resolve_run_config(app_dir: str | Path, overrides: Mapping[str, Any]) -> dict[str, Any]:
     """The app's ``[tool.flwr.app.config]`` (pyproject.toml) with ``overrides``, which
     must be keys it declares, as ``flwr run --run-config`` requires: an unknown key is a

@@ -6,7 +6,7 @@ method's largest upload (``declared_problem``), so that an oversized reply is re
 without being converted. Once read, an update is rejected when its keys or shapes
 differ from what a client of its rank uploads, when it holds NaN or Inf, when the
 root-mean-square entry of the update it applies to the shared state
-(``Method.applied_update``: Fed-ALoRA's B2 B1, FlexLoRA's s B A) exceeds
+(``Method.applied_size``: Fed-ALoRA's B2 B1, FlexLoRA's s B A) exceeds
 ``max-update-rms``, or when that RMS exceeds ``max-norm-ratio`` times the median RMS
 of the round's well-formed updates (with at least 3 of them, so that a median means
 something). RMS rather than the Frobenius norm, so that clients of different ranks
@@ -20,6 +20,8 @@ from collections.abc import Mapping
 from typing import NamedTuple
 
 import numpy as np
+
+from .aggregation import LORA_A, LORA_B, modules_of, product_norm
 
 Shapes = Mapping[str, tuple[int, ...]]
 #: Bytes an array's serialised form may hold beyond its entries (the .npy header).
@@ -68,6 +70,15 @@ def update_size(update: Mapping[str, np.ndarray]) -> tuple[float, float]:
     total = sum(float(np.dot(v, v)) for v in values)
     count = sum(v.size for v in values)
     return float(np.sqrt(total / max(count, 1))), float(np.sqrt(total))
+
+
+def product_size(update: Mapping[str, np.ndarray], scale: float) -> tuple[float, float]:
+    """``update_size`` of s B A over the layers of a LoRA update, from each layer's r x r
+    Gram matrices (``product_norm``): no d_out x d_in product is formed."""
+    modules = modules_of(update)
+    squares = sum(product_norm(update[m + LORA_A], update[m + LORA_B], scale) ** 2 for m in modules)
+    count = sum(update[m + LORA_B].shape[0] * update[m + LORA_A].shape[1] for m in modules)
+    return math.sqrt(squares / max(count, 1)), math.sqrt(squares)
 
 
 def update_problem(update: Mapping[str, np.ndarray], expected: Shapes) -> str | None:

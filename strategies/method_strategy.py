@@ -394,13 +394,13 @@ class MethodStrategy(Strategy):
         retried round's draw from the first."""
         nodes = list(self.nodes.values())
         if grid is not None:
-            online = set(grid.get_node_ids())
-            if len(online & set(self.nodes)) < len(nodes):
+            online = set(grid.get_node_ids()) & set(self.nodes)
+            if len(online) < len(nodes):
                 log(
                     INFO,
                     "round %d: sampling among the %d of %d nodes online (offline: clients %s)",
                     server_round,
-                    len(online & set(self.nodes)),
+                    len(online),
                     len(nodes),
                     [n.partition_id for n in nodes if n.node_id not in online],
                 )

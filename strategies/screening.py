@@ -16,7 +16,6 @@ from fedalora.screening import (
     declared_problem,
     norm_problems,
     update_problem,
-    update_size,
 )
 from fedalora.types import Arrays, LayerShapes, Shapes
 from protocol import LOSS, NUM_EXAMPLES, UPLOAD_RANK, number
@@ -79,7 +78,7 @@ class ReplyScreen:
         """Per well-formed upload of a round (its rank and arrays), why the update it
         applies is implausibly large, or None."""
         return norm_problems(
-            [update_size(self.method.applied_update(u, rank)) for rank, u in updates],
+            [self.method.applied_size(u, rank) for rank, u in updates],
             self.max_update_rms,
             self.max_norm_ratio,
         )

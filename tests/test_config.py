@@ -8,7 +8,7 @@ from fedalora.data import load_labelled_dataset
 from fedalora.errors import ConfigError
 from fedalora.methods import registered_methods
 from fedalora.models import adapted_layer_shapes, model_source, resolve_targets
-from fedalora.run_config import parse_run_config
+from fedalora.run_config import format_run_config, parse_run_config
 from fedalora.scaling import LoRAScaling
 
 
@@ -159,3 +159,10 @@ def test_a_method_for_equal_ranks_refuses_different_ones_naming_those_that_take_
     with pytest.raises(ConfigError, match="'ranks'") as raised:
         FedConfig.from_run_config({"strategy": "fedit", "ranks": "8,4,2"})
     assert all(name in str(raised.value) for name in ("fedit", "fedalora-hetero", "flexlora"))
+
+
+def test_formatted_run_config_reads_back_as_written():
+    """The launchers' and benchmarks' one writer of --run-config text."""
+    values = {"dora": True, "ranks": "8,4 2", "lr": 0.002, "num-server-rounds": 3}
+    assert format_run_config(values) == "dora=true ranks='8,4 2' lr=0.002 num-server-rounds=3"
+    assert parse_run_config(format_run_config(values)) == values

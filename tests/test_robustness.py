@@ -19,7 +19,7 @@ from fedalora.aggregation import accumulate_decomposed, weighted_average
 from fedalora.errors import ConfigError
 from fedalora.methods import registered_methods
 from fedalora.robust import MEDIAN, TRIMMED_MEAN, RobustSettings, claim_weights, robust_step
-from fedalora.screening import update_size
+from fedalora.screening import product_size, update_size
 from protocol import ARRAYS, METRICS, to_numpy, to_record
 from server.in_process import run_in_process
 from strategies import MethodStrategy, Node
@@ -143,6 +143,18 @@ def test_clip_norm_bounds_each_update_before_the_weighted_mean():
     )
 
 
+def test_the_size_of_s_b_a_is_that_of_the_dense_products():
+    rng = np.random.default_rng(6)
+    upload = {
+        "a.lora_A": rng.normal(size=(3, 7)),
+        "a.lora_B": rng.normal(size=(5, 3)),
+        "b.lora_A": rng.normal(size=(3, 4)),
+        "b.lora_B": rng.normal(size=(6, 3)),
+    }
+    dense = {m: 0.5 * upload[f"{m}.lora_B"] @ upload[f"{m}.lora_A"] for m in "ab"}
+    assert product_size(upload, 0.5) == pytest.approx(update_size(dense), rel=1e-9)
+
+
 def test_capped_weights_bound_a_claim_at_a_multiple_of_the_median():
     assert claim_weights([100, 110, 120, LIE], "examples", 4.0) == [100, 110, 120, LIE]
     assert claim_weights([100, 110, 120, LIE], "uniform", 4.0) == [1, 1, 1, 1]
@@ -199,7 +211,7 @@ def test_a_scaled_fedalora_update_is_rejected_by_the_norm_of_its_product(caplog)
     uploads[2] = {k: 9 * v for k, v in uploads[2].items()}
     factor_rms = [update_size(u)[0] for u in uploads]
     assert factor_rms[2] < 10 * np.median(factor_rms)  # what the old screen measured
-    product = strategy.method.applied_update(uploads[2], 4)
+    product = {m: uploads[2][f"{m}.B2"] @ uploads[2][f"{m}.B1"] for m in LAYERS}
     aggregate = _round(strategy, nodes, uploads)
     norm = update_size(product)[1]
     assert "client 2): its update's RMS entry" in caplog.text
@@ -268,7 +280,7 @@ def test_a_robust_aggregate_ignores_one_hostile_update(rule):
     )
     uploads = _uploads(mean, nodes)
     uploads[4] = {k: -30 * v if k.endswith("B2") else v for k, v in uploads[4].items()}
-    honest = [mean.method.applied_update(u, 2) for u in uploads[:4]]
+    honest = [{f"{m}.B0": u[f"{m}.B2"] @ u[f"{m}.B1"] for m in LAYERS} for u in uploads[:4]]
     low = {k: np.min([h[k] for h in honest], axis=0) for k in honest[0]}
     high = {k: np.max([h[k] for h in honest], axis=0) for k in honest[0]}
     robust_b0, mean_b0 = _round(robust, nodes, uploads), _round(mean, nodes, uploads)

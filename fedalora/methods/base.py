@@ -15,7 +15,7 @@ registered with ``@register_method`` (``fedalora.methods.registry``):
                                             start_round(adapter)
                                             train (+ loss_penalty(adapter))
     upload_shapes(layers, rank)  <-------   after_training(adapter, upload(adapter))
-    applied_update(upload, rank)   (size screens)
+    applied_size(upload, rank)   (size screens)
     aggregate(shared, updates, clients)     export_factors(adapter)
 
 Under client-level DP (``fedalora.privacy``) a ``linear`` method's client sends its
@@ -43,7 +43,7 @@ import torch
 from ..adapters import ClientAdapter, LoRAAdapter, PeftFactors
 from ..models import BaseModel
 from ..scaling import LoRAScaling
-from ..screening import update_problem
+from ..screening import update_problem, update_size
 from ..types import Arrays, LayerShapes, Shapes, Tensors
 from ..variants import MAGNITUDE, Variants
 
@@ -155,10 +155,11 @@ class Method(ABC):
         server checks before it reads a reply (``upload_shapes`` unless sizes vary)."""
         return self.upload_shapes(layers, rank)
 
-    def applied_update(self, upload: Arrays, rank: int) -> Arrays:
-        """What an upload at ``rank`` changes in the shared state, as the size screens
-        measure it: the uploaded factors themselves (their average is the rule)."""
-        return upload
+    def applied_size(self, upload: Arrays, rank: int) -> tuple[float, float]:
+        """(RMS entry, L2 norm) of what an upload at ``rank`` changes in the shared state,
+        as the size screens measure it: the uploaded factors themselves (their average
+        is the rule)."""
+        return update_size(upload)
 
     def upload_problem(self, layers: LayerShapes, rank: int, update: Arrays) -> str | None:
         """Why an upload of a client of ``rank`` cannot be used (keys, shapes, dtype,

@@ -31,6 +31,7 @@ from ..adapters import ClientAdapter, DecomposedAdapter
 from ..aggregation import accumulate_decomposed
 from ..errors import require
 from ..models import BaseModel
+from ..screening import update_size
 from ..types import Arrays, LayerShapes
 from .base import Method, MethodOptions, Participant
 from .fedalora import FED_ALORA
@@ -88,12 +89,9 @@ class FedALoRAHetero(Method):
     ) -> Arrays:
         return accumulate_decomposed(shared, updates, [c.num_examples for c in clients])
 
-    def applied_update(self, upload: Arrays, rank: int) -> Arrays:
-        """B2_i B1_i: what the client's upload adds to B0 (d_out x d_m at every rank)."""
-        return {
-            f"{m}.B0": upload[f"{m}.B2"] @ upload[f"{m}.B1"]
-            for m in (k[: -len(".B1")] for k in upload if k.endswith(".B1"))
-        }
+    def applied_size(self, upload: Arrays, rank: int) -> tuple[float, float]:
+        """Of B2_i B1_i: what the client's upload adds to B0 (d_out x d_m at every rank)."""
+        return update_size(_products(upload))
 
     def make_adapter(self, base: BaseModel, rank: int, dropout: float) -> ClientAdapter:
         return DecomposedAdapter(
@@ -108,11 +106,8 @@ class FedALoRAHetero(Method):
 
     def shared_delta(self, installed: Arrays, upload: Arrays) -> Arrays:
         """B2_i @ B1_i per layer: d_out x d_m, the same space whatever the rank."""
-        deltas: Arrays = {}
-        for key in installed:
-            module = key[: -len(".B0")]
-            deltas[key] = upload[f"{module}.B2"] @ upload[f"{module}.B1"]
-        return deltas
+        products = _products(upload)
+        return {key: products[key] for key in installed}
 
     def start_round(self, adapter: ClientAdapter) -> None:
         """B2 <- 0, so the round starts from exactly the shared B0."""
@@ -120,3 +115,11 @@ class FedALoRAHetero(Method):
         with torch.no_grad():
             for m in adapter.targets:
                 tensors[f"{m}.B2"].zero_()
+
+
+def _products(upload: Arrays) -> Arrays:
+    """``<module>.B0``: B2_i @ B1_i of every layer of an upload."""
+    return {
+        f"{m}.B0": upload[f"{m}.B2"] @ upload[f"{m}.B1"]
+        for m in (k[: -len(".B1")] for k in upload if k.endswith(".B1"))
+    }

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..aggregation import flexlora_factors, scaled_products, truncate_rank
+from ..aggregation import flexlora_factors, truncate_rank
+from ..screening import product_size
 from ..types import Arrays, LayerShapes
 from .base import Method, Paper, Participant
 from .lora_factors import initial_lora, padded_rank
@@ -52,9 +53,9 @@ class FlexLoRA(Method):
             updates, [c.num_examples for c in clients], scales, padded_rank(shared)
         )
 
-    def applied_update(self, upload: Arrays, rank: int) -> Arrays:
-        """s B_i A_i: the client's share of the summed product is what the SVD spreads."""
-        return scaled_products(upload, self.scaling.scale(rank))
+    def applied_size(self, upload: Arrays, rank: int) -> tuple[float, float]:
+        """Of s B_i A_i: the client's share of the summed product is what the SVD spreads."""
+        return product_size(upload, self.scaling.scale(rank))
 
     def dp_refusal(self) -> str | None:
         return (

@@ -27,8 +27,9 @@ import torch
 from torch import nn
 
 from ..adapters import ClientAdapter, LoRAAdapter, PeftFactors
-from ..aggregation import flora_stack, scaled_products
+from ..aggregation import flora_stack
 from ..models import BaseModel, layer_dims
+from ..screening import product_size
 from ..types import Arrays, LayerShapes
 from .base import Method, Paper, Participant
 from .registry import register_method
@@ -62,9 +63,9 @@ class FLoRA(Method):
         scales = [self.scaling.scale(c.rank) for c in clients]
         return flora_stack(updates, [c.num_examples for c in clients], scales)
 
-    def applied_update(self, upload: Arrays, rank: int) -> Arrays:
-        """s B_i A_i: what the stack adds to every client's frozen weights."""
-        return scaled_products(upload, self.scaling.scale(rank))
+    def applied_size(self, upload: Arrays, rank: int) -> tuple[float, float]:
+        """Of s B_i A_i: what the stack adds to every client's frozen weights."""
+        return product_size(upload, self.scaling.scale(rank))
 
     def dp_refusal(self) -> str | None:
         return (
