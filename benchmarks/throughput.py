@@ -27,14 +27,25 @@ from peft import LoraConfig, get_peft_model
 
 from fedalora.client import FederatedClient, round_seed
 from fedalora.config import FedConfig
-from fedalora.training import batch_indices
+from fedalora.run_config import parse_run_config
+from fedalora.training import autocast, batch_indices
 
 PARTITION, NUM_CLIENTS, SERVER_ROUND = 0, 8, 1
 
 
-def setup(strategy: str, steps: int) -> tuple[FederatedClient, dict[str, np.ndarray]]:
-    """The default configuration's first client and the method's initial shared state."""
-    config = FedConfig.from_run_config({"strategy": strategy, "ranks": "64", "local-steps": steps})
+def setup(
+    strategy: str, steps: int, overrides: str
+) -> tuple[FederatedClient, dict[str, np.ndarray]]:
+    """The default configuration's first client (with ``overrides``) and the method's
+    initial shared state."""
+    config = FedConfig.from_run_config(
+        {
+            **parse_run_config(overrides),
+            "strategy": strategy,
+            "ranks": "64",
+            "local-steps": steps,
+        }
+    )
     client = FederatedClient(config, PARTITION, NUM_CLIENTS, config.rank_for(PARTITION))
     return client, federation([client])[1]
 
@@ -53,10 +64,17 @@ def count_tokens(client: FederatedClient, batches: list[list[int]]) -> int:
     return sum(len(ids[i]) for batch in batches for i in batch)
 
 
+def synchronised_clock(device: torch.device) -> float:
+    """perf_counter after the device's queued work is done."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
 def time_client(client: FederatedClient, shared: dict[str, np.ndarray]) -> float:
-    started = time.perf_counter()
+    started = synchronised_clock(client.device)
     client.train(shared, None, SERVER_ROUND)
-    return time.perf_counter() - started
+    return synchronised_clock(client.device) - started
 
 
 def time_bare_peft(client: FederatedClient, batches: list[list[int]]) -> float:
@@ -64,7 +82,7 @@ def time_bare_peft(client: FederatedClient, batches: list[list[int]]) -> float:
     cfg, base, tokenizer = client.config, client.base, client.base.tokenizer
     model = copy.deepcopy(base.model)
     examples = client.data.train
-    started = time.perf_counter()
+    started = synchronised_clock(client.device)
     model = get_peft_model(
         model,
         LoraConfig(
@@ -82,22 +100,26 @@ def time_bare_peft(client: FederatedClient, batches: list[list[int]]) -> float:
             {"input_ids": [examples["input_ids"][i] for i in indices]}, return_tensors="pt"
         )
         batch["labels"] = torch.tensor([examples["labels"][i] for i in indices])
-        loss = model(**batch).loss
+        with autocast(client.device, cfg.bf16):
+            loss = model(**{k: v.to(client.device) for k, v in batch.items()}).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    return time.perf_counter() - started
+    return synchronised_clock(client.device) - started
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--run-config", default="", help="overrides, e.g. \"model='./minilm' device='cuda'\""
+    )
     args = parser.parse_args()
     print(f"machine: {machine()}; torch threads {torch.get_num_threads()}")
     ratios: dict[str, float] = {}
     for strategy in ("fedalora-hetero", "fedalora"):
-        client, shared = setup(strategy, args.steps)
+        client, shared = setup(strategy, args.steps, args.run_config)
         batches = client_batches(client)
         tokens = count_tokens(client, batches)
         time_client(client, shared)  # warm-up: allocator, kernels

@@ -4,15 +4,18 @@ shared state it received and its own private state, train, evaluate, export."""
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+import weakref
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import torch
+from torch import nn
 
 from .adapters import ClientAdapter, export_peft_adapter, method_state
 from .adapters.adapter import HEAD, STATE
+from .cohort import CohortMember, CohortModel, train_cohort_steps
 from .config import EVERY_ROUND, FedConfig, validate_rank
 from .data import (
     ClientData,
@@ -40,6 +43,21 @@ class TrainResult(NamedTuple):
     private: Tensors
     metrics: dict[str, float]
     local_model: dict[str, float]
+
+
+class RoundStart(NamedTuple):
+    """A client's round before its local steps: its cohort member (adapter, optimiser,
+    batch order, penalty), the shared tensors it installed (for its update), the round
+    and the time the round started."""
+
+    member: CohortMember
+    installed: Arrays
+    server_round: int
+    started: float
+
+    @property
+    def adapter(self) -> ClientAdapter:
+        return self.member.adapter
 
 
 class FederatedClient:
@@ -171,39 +189,69 @@ class FederatedClient:
         the upload is the clipped update (``fedalora.privacy``); without it, a method
         that DP could protect reports the update's L2 norm as ``update_norm``.
         """
-        cfg, method = self.config, self.method
-        started = time.perf_counter()
-        adapter = self.build_adapter(shared, private, shared_round, server_round)
-        linear = method.dp_refusal() is None
-        installed = adapter.arrays(method.downloads) if linear else {}
-        seed = round_seed(cfg.seed, server_round, self.partition_id)
-        torch.manual_seed(seed)  # dropout
+        start = self.start_training(shared, private, server_round, shared_round)
+        cfg = self.config
         metrics = train_steps(
-            adapter.model,
-            adapter.trainable_parameters(),
+            start.adapter.model,
+            start.adapter.trainable_parameters(),
             self.data.train,
             self.base.tokenizer,
             steps=cfg.local_steps,
             batch_size=cfg.batch_size,
             recipe=cfg.recipe,
-            optimiser=adapter.optimiser(cfg.recipe, cfg.local_steps),
+            optimiser=start.member.optimiser,
             device=self.device,
-            generator=torch.Generator().manual_seed(seed),
-            penalty=method.loss_penalty(adapter),
+            generator=start.member.generator,
+            penalty=start.member.penalty,
             bf16=cfg.bf16,
         )
+        return self.finish_training(start, metrics, final, export_to)
+
+    def start_training(
+        self,
+        shared: Mapping[str, np.ndarray],
+        private: Mapping[str, torch.Tensor] | None,
+        server_round: int,
+        shared_round: int = 0,
+    ) -> RoundStart:
+        """The adapter of ``server_round`` and what its local training needs (alone or
+        in a cohort); dropout's random stream seeded for this client and round."""
+        cfg, method = self.config, self.method
+        started = time.perf_counter()
+        adapter = self.build_adapter(shared, private, shared_round, server_round)
+        installed = adapter.arrays(method.downloads) if method.dp_refusal() is None else {}
+        seed = round_seed(cfg.seed, server_round, self.partition_id)
+        torch.manual_seed(seed)  # dropout
+        member = CohortMember(
+            adapter,
+            self.data.train,
+            adapter.optimiser(cfg.recipe, cfg.local_steps),
+            torch.Generator().manual_seed(seed),
+            method.loss_penalty(adapter),
+        )
+        return RoundStart(member, installed, server_round, started)
+
+    def finish_training(
+        self,
+        start: RoundStart,
+        metrics: dict[str, float],
+        final: bool = False,
+        export_to: Path | None = None,
+    ) -> TrainResult:
+        """The upload, private state and scores of a client whose local steps are done."""
+        cfg, method, adapter = self.config, self.method, start.adapter
         upload = method.after_training(adapter, method.upload(adapter))
         if cfg.dp.enabled:  # send the clipped (and in local mode noised) update instead
             upload = cfg.dp.client_upload(
-                method.shared_delta(installed, upload),
-                cfg.dp.noise_rng(cfg.seed, server_round, self.partition_id, NOISE_STREAM),
+                method.shared_delta(start.installed, upload),
+                cfg.dp.noise_rng(cfg.seed, start.server_round, self.partition_id, NOISE_STREAM),
             )
-        elif linear:  # what dp-clip would bound: the median is a common choice of C
-            metrics["update_norm"] = global_norm(method.shared_delta(installed, upload))
+        elif method.dp_refusal() is None:  # what dp-clip would bound (the median: a common C)
+            metrics["update_norm"] = global_norm(method.shared_delta(start.installed, upload))
         metrics.update(
             num_examples=self.data.num_train,
             rank=method.client_rank(self.rank, adapter.state),
-            seconds=time.perf_counter() - started,
+            seconds=time.perf_counter() - start.started,
         )
         private_state = adapter.private_state(method.keeps)
         local_model: dict[str, float] = {}
@@ -287,6 +335,67 @@ class FederatedClient:
         return export_peft_adapter(
             self.method.export_factors(adapter), adapter, self.base.model, path, self.labels
         )
+
+
+def train_cohort(
+    clients: Sequence[FederatedClient],
+    shared: Sequence[Mapping[str, np.ndarray]],
+    private: Sequence[Mapping[str, torch.Tensor] | None],
+    server_round: int,
+    shared_round: int = 0,
+    final: bool = False,
+    export_to: Sequence[Path | None] | None = None,
+    cohort_size: int = 0,
+) -> list[TrainResult]:
+    """``FederatedClient.train`` for clients of one worker (one base model, one run
+    configuration; ``shared[k]`` and ``private[k]`` are client k's), their local steps
+    taken together, ``cohort_size`` clients at a time (0: all) in one batched pass per
+    step (``fedalora.cohort``). Each client's result is the one it gets alone, to float
+    rounding with dropout off. Clients whose adapter cannot be batched
+    (``ClientAdapter.cohort_problem``) train one after another."""
+    if not clients:
+        return []
+    config, base = clients[0].config, clients[0].base
+    if any(c.base is not base or c.config != config for c in clients):
+        raise ValueError("a cohort's clients share one base model and one run configuration")
+    exports = list(export_to or [None] * len(clients))
+    results: dict[int, TrainResult] = {}
+    starts = {
+        k: client.start_training(shared[k], private[k], server_round, shared_round)
+        for k, client in enumerate(clients)
+    }
+    batched = [k for k, s in starts.items() if s.adapter.cohort_problem() is None]
+    for k in set(starts) - set(batched):
+        results[k] = clients[k].train(
+            shared[k], private[k], server_round, shared_round, final, exports[k]
+        )
+    size = cohort_size or len(batched) or 1
+    # one dropout stream for the cohort, seeded by its first client and the round
+    torch.manual_seed(round_seed(config.seed, server_round, clients[0].partition_id))
+    for first in range(0, len(batched), size):
+        chunk = batched[first : first + size]
+        metrics = train_cohort_steps(
+            cohort_model(base),
+            [starts[k].member for k in chunk],
+            steps=config.local_steps,
+            batch_size=config.batch_size,
+            recipe=config.recipe,
+            device=clients[0].device,
+            bf16=config.bf16,
+        )
+        for k, own in zip(chunk, metrics, strict=True):
+            results[k] = clients[k].finish_training(starts[k], own, final, exports[k])
+    return [results[k] for k in range(len(clients))]
+
+
+_COHORT_MODELS: weakref.WeakKeyDictionary[nn.Module, CohortModel] = weakref.WeakKeyDictionary()
+
+
+def cohort_model(base: BaseModel) -> CohortModel:
+    """The worker's one cohort model over ``base`` (built on first use)."""
+    if base.model not in _COHORT_MODELS:
+        _COHORT_MODELS[base.model] = CohortModel(base)
+    return _COHORT_MODELS[base.model]
 
 
 def round_seed(seed: int, server_round: int, partition_id: int) -> int:

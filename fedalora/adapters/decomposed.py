@@ -13,13 +13,11 @@ client's DeltaB = B2 B1 (d_out x d_m) into one B0 whatever the client's rank r.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from ..models import adapter_placement, layer_dims
-from .adapter import ClientAdapter, PeftFactors
+from .adapter import ClientAdapter, PeftFactors, lora_a_init_
 
 
 class DecomposedLoRALinear(nn.Module):
@@ -49,7 +47,7 @@ class DecomposedLoRALinear(nn.Module):
     def reset_private(self) -> None:
         """Kaiming-uniform A, M, B1 (PEFT's LoRA-A init); B2 back to zero."""
         for weight in (self.A, self.M, self.B1):
-            nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+            lora_a_init_(weight)
         self.reset_round()
 
     def reset_round(self) -> None:
@@ -65,12 +63,16 @@ class DecomposedLoRALinear(nn.Module):
         """DeltaW = s (B0 + B2 B1) M A, d_out x d_in."""
         return self.scale * self.up_projection() @ self.A
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def output_delta(self, x: torch.Tensor) -> torch.Tensor:
+        """The adapter's part of the output, s (B0 h + B2 (B1 h))."""
         h = nn.functional.linear(nn.functional.linear(self.dropout(x), self.A), self.M)
         update = nn.functional.linear(h, self.B0) + nn.functional.linear(
             nn.functional.linear(h, self.B1), self.B2
         )
-        return self.base(x) + self.scale * update
+        return self.scale * update
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.output_delta(x)
 
 
 class DecomposedAdapter(ClientAdapter):
@@ -119,6 +121,9 @@ class DecomposedAdapter(ClientAdapter):
                 }
             )
         return tensors
+
+    def output_delta(self, module: str, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(module).output_delta(x)
 
     def peft_factors(self) -> PeftFactors:
         with torch.no_grad():

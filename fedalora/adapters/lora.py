@@ -92,6 +92,22 @@ class LoRAAdapter(ClientAdapter):
             )
         return tensors
 
+    def cohort_problem(self) -> str | None:
+        if self.variants.dora:
+            return "DoRA rescales each output by the norm of the client's own W0 + s B A"
+        if self.initial:
+            return "a principal init (PiSSA, OLoRA) gives the client its own residual base"
+        return None
+
+    def output_delta(self, module: str, x: torch.Tensor) -> torch.Tensor:
+        """s B A dropout(x), plus what a method's wrapper of the frozen layer adds (an
+        ``output_delta`` of its own, as FLoRA's merged update has)."""
+        lora = self.layer(module)
+        a, b = lora.lora_A["default"], lora.lora_B["default"]
+        delta = b(a(lora.lora_dropout["default"](x))) * lora.scaling["default"]
+        wrapper_delta = getattr(lora.base_layer, "output_delta", None)
+        return delta if wrapper_delta is None else delta + wrapper_delta(x)
+
     def peft_factors(self) -> PeftFactors:
         """(A, s B); on a principal init's residual base also (A_0, -s B_0), so that the
         factors are exact on the plain base (rank 2r)."""

@@ -12,13 +12,11 @@ and one B per layer that integrates them.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from ..models import adapter_placement, layer_dims
-from .adapter import ClientAdapter, PeftFactors
+from .adapter import ClientAdapter, PeftFactors, lora_a_init_
 
 
 class MASALinear(nn.Module):
@@ -41,9 +39,13 @@ class MASALinear(nn.Module):
         """The layer's effective down-projection sum_e g_e A_e (r x d_in)."""
         return torch.einsum("e,erd->rd", torch.softmax(self.mix, dim=0), self.bank)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def output_delta(self, x: torch.Tensor) -> torch.Tensor:
+        """The adapter's part of the output, s B h."""
         h = nn.functional.linear(self.dropout(x), self.mixed_a())
-        return self.base(x) + self.scale * nn.functional.linear(h, self.B)
+        return self.scale * nn.functional.linear(h, self.B)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.output_delta(x)
 
 
 def expert_bank(
@@ -52,7 +54,7 @@ def expert_bank(
     """E experts of r x d_in, each with PEFT's LoRA-A init (Kaiming-uniform, a = sqrt(5))."""
     bank = nn.Parameter(torch.empty(experts, rank, d_in, device=device, dtype=dtype))
     for expert in bank:
-        nn.init.kaiming_uniform_(expert, a=math.sqrt(5))
+        lora_a_init_(expert)
     return bank
 
 
@@ -96,6 +98,9 @@ class MASAAdapter(ClientAdapter):
             layer = self.layer(m)
             tensors.update({f"{m}.lora_B": layer.B, f"{m}.mix": layer.mix, f"{m}.bank": layer.bank})
         return tensors
+
+    def output_delta(self, module: str, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(module).output_delta(x)
 
     def peft_factors(self) -> PeftFactors:
         """Exact: lora_A = sum_e g_e A_e and lora_B = s B per layer."""

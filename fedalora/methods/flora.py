@@ -129,8 +129,12 @@ class MergedLayer(nn.Module):
         self.base = base
         self.register_buffer("merged", merged, persistent=False)
 
+    def output_delta(self, x: torch.Tensor) -> torch.Tensor:
+        """The merged update's part of the output, merged x."""
+        return nn.functional.linear(x, self.merged)
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return self.base(x, *args, **kwargs) + nn.functional.linear(x, self.merged)
+        return self.base(x, *args, **kwargs) + self.output_delta(x)
 
 
 def _lora(adapter: ClientAdapter, module: str) -> Any:

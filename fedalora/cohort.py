@@ -1,0 +1,220 @@
+"""Cohorts: several clients' local steps in one batched pass over one frozen base.
+
+A cohort model is a copy of the worker's base model (its frozen weights shared, not
+copied) whose adapted layers compute the frozen product once for the rows of every
+client in the batch and add each client's own adapter contribution
+(``ClientAdapter.output_delta``) to that client's rows; its head modules run each
+client's own head on its rows. One local step of a cohort concatenates one batch of
+every client, runs one forward and one backward, and then steps each client's own
+optimiser with its own gradient clipping and learning-rate schedule. No parameter is
+shared between clients and the base is frozen, so the summed loss gives every client
+exactly its own gradient: a client's update is the one it gets training alone, to float
+rounding, as in the multi-adapter training of mLoRA (Ye et al., VLDB 2025,
+arXiv:2312.02515) and the segmented adapter products of Punica (Chen et al., MLSys 2024,
+arXiv:2310.18547), here with every client's own optimiser.
+
+Rows of different clients meet only in the frozen layers' matrix products: attention
+and normalisation act per example, and padding to the cohort's longest sequence is
+masked. With dropout on, the masks come from one random stream for the whole batch, so
+they differ from a client training alone; the run stays deterministic for a seed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .adapters import ClientAdapter
+from .adapters.adapter import share_frozen_weights
+from .data import IGNORE, collate
+from .models import BaseModel
+from .training import LocalRecipe, _hits, autocast, batch_indices
+
+
+@dataclass
+class _Rows:
+    """The batch's row ranges, one per client, in cohort order (set before a forward)."""
+
+    bounds: list[tuple[int, int]] = field(default_factory=list)
+
+    def split(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [x[start:end] for start, end in self.bounds]
+
+
+class CohortLayer(nn.Module):
+    """A frozen layer computed once for every row, plus each client's adapter output on
+    its own rows."""
+
+    def __init__(self, frozen: nn.Module, rows: _Rows) -> None:
+        super().__init__()
+        self.frozen, self.rows = frozen, rows
+        self.deltas: list[Callable[[torch.Tensor], torch.Tensor]] = []
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        shared = self.frozen(x, *args, **kwargs)
+        own = [delta(rows) for delta, rows in zip(self.deltas, self.rows.split(x), strict=True)]
+        return shared + torch.cat(own).to(shared.dtype)
+
+
+class CohortHead(nn.Module):
+    """Each client's own head module on its own rows."""
+
+    def __init__(self, rows: _Rows) -> None:
+        super().__init__()
+        self.rows = rows
+        self.heads: list[nn.Module] = []
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        outputs = [
+            head(rows, *args, **kwargs)
+            for head, rows in zip(self.heads, self.rows.split(x), strict=True)
+        ]
+        return torch.cat(outputs)
+
+
+class CohortModel:
+    """The worker's base model once more, its frozen weights shared, with cohort layers
+    on the adapted modules and cohort heads on the head modules."""
+
+    def __init__(self, base: BaseModel) -> None:
+        self.base, self.rows = base, _Rows()
+        self.model = share_frozen_weights(base.model, base.head_modules)
+        self.model.requires_grad_(False)
+        self.layers: dict[str, CohortLayer] = {}
+        for name in base.targets:
+            self.layers[name] = CohortLayer(self.model.get_submodule(name), self.rows)
+            self.model.set_submodule(name, self.layers[name])
+        self.heads: dict[str, CohortHead] = {}
+        for name in base.head_modules:
+            self.heads[name] = CohortHead(self.rows)
+            self.model.set_submodule(name, self.heads[name])
+
+    def bind(self, adapters: Sequence[ClientAdapter], rows_per_client: Sequence[int]) -> None:
+        """Route ``rows_per_client[k]`` consecutive rows of the next batches through
+        ``adapters[k]``."""
+        problems = [p for p in (a.cohort_problem() for a in adapters) if p]
+        if problems:
+            raise ValueError(f"these adapters cannot share a batched pass: {problems[0]}")
+        ends = torch.tensor(rows_per_client).cumsum(0).tolist()
+        self.rows.bounds = list(zip([0, *ends[:-1]], ends, strict=True))
+        for name, layer in self.layers.items():
+            layer.deltas = [_delta_of(a, name) for a in adapters]
+        for name, head in self.heads.items():
+            head.heads = [a.inner_model.get_submodule(name) for a in adapters]
+
+    def to(self, device: torch.device) -> CohortModel:
+        self.model.to(device)
+        return self
+
+
+def _delta_of(adapter: ClientAdapter, module: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda x: adapter.output_delta(module, x)
+
+
+@dataclass
+class CohortMember:
+    """One client's part of a cohort's local training: its adapter (built for the
+    round), its training examples, optimiser and schedule, batch-order generator and
+    loss penalty."""
+
+    adapter: ClientAdapter
+    examples: dict
+    optimiser: tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]
+    generator: torch.Generator
+    penalty: Callable[[], torch.Tensor] | None = None
+
+
+def train_cohort_steps(
+    cohort: CohortModel,
+    members: Sequence[CohortMember],
+    *,
+    steps: int,
+    batch_size: int,
+    recipe: LocalRecipe,
+    device: torch.device,
+    bf16: bool = False,
+) -> list[dict[str, float]]:
+    """``steps`` local steps of every member at once: each step one batch of every
+    member (drawn as ``fedalora.training.train_steps`` draws it alone) through one
+    forward and one backward of ``cohort``; then each member's own gradient clipping
+    (``recipe``), optimiser step and schedule step. Returns each member's metrics as
+    ``train_steps`` does (mean task loss, accuracy on its batches, mean gradient norm
+    before clipping)."""
+    tokenizer = cohort.base.tokenizer
+    draws = [batch_indices(len(m.examples["labels"]), batch_size, m.generator) for m in members]
+    parameters = [m.adapter.trainable_parameters() for m in members]
+    cohort.model.train()
+    for member in members:
+        member.adapter.model.train()
+    totals = [{"loss": 0.0, "grad_norm": 0.0, "correct": 0, "seen": 0} for _ in members]
+    for _ in range(steps):
+        batches = [
+            collate(m.examples, next(draw), tokenizer, device)
+            for m, draw in zip(members, draws, strict=True)
+        ]
+        cohort.bind([m.adapter for m in members], [len(b["labels"]) for b in batches])
+        batch = concatenate(batches, tokenizer.pad_token_id)
+        with autocast(device, bf16):
+            logits = cohort.model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).logits
+        own_labels = cohort.rows.split(batch["labels"])
+        own_logits = cohort.rows.split(logits)
+        losses = [task_loss(*own) for own in zip(own_logits, own_labels, strict=True)]
+        objective = sum(
+            loss + member.penalty() if member.penalty else loss
+            for loss, member in zip(losses, members, strict=True)
+        )
+        for member in members:
+            member.optimiser[0].zero_grad(set_to_none=True)
+        assert isinstance(objective, torch.Tensor)
+        objective.backward()
+        for k, member in enumerate(members):
+            total = totals[k]
+            total["grad_norm"] += recipe.step(parameters[k], *member.optimiser)
+            total["loss"] += losses[k].item()
+            hits, count = _hits(own_logits[k].detach(), own_labels[k])
+            total["correct"] += hits
+            total["seen"] += count
+    return [
+        {
+            "loss": t["loss"] / steps,
+            "accuracy": t["correct"] / max(t["seen"], 1),
+            "grad_norm": t["grad_norm"] / steps,
+        }
+        for t in totals
+    ]
+
+
+def concatenate(batches: Sequence[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
+    """The clients' collated batches as one, right-padded to the longest sequence
+    (``input_ids`` with ``pad_id``, the attention mask with 0, token labels with
+    ``IGNORE``)."""
+    width = max(b["input_ids"].shape[1] for b in batches)
+    fills = {"input_ids": pad_id, "attention_mask": 0, "labels": IGNORE}
+    joined = {}
+    for key in ("input_ids", "attention_mask", "labels"):
+        parts = [b[key] for b in batches]
+        if parts[0].dim() == 2:
+            parts = [F.pad(p, (0, width - p.shape[1]), value=fills[key]) for p in parts]
+        joined[key] = torch.cat(parts)
+    return joined
+
+
+def task_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The loss transformers computes for one client's batch alone: cross-entropy over
+    its examples (a classifier), or over its next-token targets that are not ``IGNORE``
+    (a causal LM)."""
+    logits = logits.float()
+    if labels.dim() == 1:
+        return F.cross_entropy(logits, labels)
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]),
+        labels[:, 1:].reshape(-1),
+        ignore_index=IGNORE,
+    )

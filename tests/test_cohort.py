@@ -1,0 +1,203 @@
+"""Cohorts: clients trained together in one batched pass over one base get exactly the
+round each gets alone (dropout off), for every adapter that can be batched; the others
+say why and train one after another."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fedalora.client import FederatedClient, TrainResult, train_cohort
+from fedalora.cohort import concatenate, task_loss
+from fedalora.data import IGNORE
+from fedalora.methods import Participant
+
+from .conftest import dropout_off, tiny_config
+
+RTOL, ATOL = 1e-5, 1e-6
+#: (strategy, ranks, extra run-config): every built-in method, heterogeneous where it
+#: takes different ranks, and the LoRA variants that keep the frozen base shared.
+CASES = [
+    ("fedalora-hetero", "8,4,2", {}),
+    ("fedalora", "4", {}),
+    ("fedit", "4", {"lora-plus-ratio": 4.0}),
+    ("zeropad", "8,4,2", {}),
+    ("hetlora", "8,4,2", {"rank-decay": 0.5, "rank-penalty": 0.1}),
+    ("ffa-lora", "8,4,2", {}),
+    ("fedsa-lora", "4", {}),
+    ("flexlora", "8,4,2", {}),
+    ("flora", "8,4,2", {}),
+    ("lori", "8,4,2", {"lori-sparsity": 0.5, "lori-calibration-rounds": 1}),
+    ("masa", "8,4,2", {}),
+    ("local", "8,4,2", {}),
+    ("fedalora", "4", {"lora-fa": True}),
+]
+
+
+@pytest.fixture
+def no_dropout() -> Iterator[None]:
+    """The cached tiny base without dropout: exactness is a property of the dropout-free
+    run."""
+    with dropout_off(FederatedClient(tiny_config(), 0, 3, 2).base.model):
+        yield
+
+
+def _clients(strategy: str, ranks: str, extra: dict) -> list[FederatedClient]:
+    config = tiny_config(strategy=strategy, ranks=ranks, lora_dropout=0.0, **extra)
+    return [FederatedClient(config, p, 3, config.rank_for(p)) for p in range(3)]
+
+
+def _round_two_inputs(clients: list[FederatedClient]) -> tuple[list, list]:
+    """Each client's shared state and private state for round 2, after a real round 1
+    trained alone and aggregated (so merged updates, masks and shared factors are
+    non-trivial)."""
+    method, layers = clients[0].method, clients[0].base.layer_shapes()
+    participants = [Participant(c.partition_id, c.rank, c.data.num_train) for c in clients]
+    shared = method.initial_shared(layers, [c.rank for c in clients])
+    first = [
+        c.train(method.download(shared, p), None, 1)
+        for c, p in zip(clients, participants, strict=True)
+    ]
+    participants = [
+        Participant(p.partition_id, int(r.metrics["rank"]), p.num_examples)
+        for p, r in zip(participants, first, strict=True)
+    ]
+    shared = method.aggregate(shared, [r.upload for r in first], participants)
+    return [method.download(shared, p) for p in participants], [r.private for r in first]
+
+
+def _assert_same(alone: TrainResult, together: TrainResult) -> None:
+    assert alone.upload.keys() == together.upload.keys()
+    for key, value in alone.upload.items():
+        np.testing.assert_allclose(together.upload[key], value, rtol=RTOL, atol=ATOL, err_msg=key)
+    assert alone.private.keys() == together.private.keys()
+    for key, value in alone.private.items():
+        torch.testing.assert_close(together.private[key], value, rtol=RTOL, atol=ATOL, msg=key)
+    for scores_alone, scores_together in (
+        (alone.metrics, together.metrics),
+        (alone.local_model, together.local_model),
+    ):
+        assert scores_alone.keys() == scores_together.keys()
+        for key, value in scores_alone.items():
+            if key != "seconds":
+                assert scores_together[key] == pytest.approx(value, rel=RTOL, abs=ATOL), key
+
+
+@pytest.mark.parametrize(("strategy", "ranks", "extra"), CASES, ids=[c[0] for c in CASES])
+def test_a_cohort_round_equals_each_client_alone(no_dropout, strategy, ranks, extra, tmp_path):
+    clients = _clients(strategy, ranks, extra)
+    assert all(c.base is clients[0].base for c in clients)
+    shared, private = _round_two_inputs(clients)
+    alone = [
+        c.train(s, p, 2, shared_round=1, export_to=tmp_path / f"alone-{c.partition_id}")
+        for c, s, p in zip(clients, shared, private, strict=True)
+    ]
+    together = train_cohort(
+        clients,
+        shared,
+        private,
+        2,
+        shared_round=1,
+        export_to=[tmp_path / f"cohort-{c.partition_id}" for c in clients],
+        cohort_size=2,  # a cohort of 2, then one of 1
+    )
+    for a, t in zip(alone, together, strict=True):
+        _assert_same(a, t)
+    for c in clients:  # the exported adapters apply the same update (FLoRA's factors
+        # come from an SVD, whose near-zero singular directions are arbitrary)
+        assert _exported_updates(tmp_path / f"alone-{c.partition_id}").keys() == (
+            _exported_updates(tmp_path / f"cohort-{c.partition_id}").keys()
+        )
+        for key, value in _exported_updates(tmp_path / f"alone-{c.partition_id}").items():
+            together_update = _exported_updates(tmp_path / f"cohort-{c.partition_id}")[key]
+            torch.testing.assert_close(together_update, value, rtol=RTOL, atol=ATOL, msg=key)
+
+
+def _exported_updates(path: Path) -> dict[str, torch.Tensor]:
+    """Per layer of an exported adapter, lora_B @ lora_A (and every other tensor as is)."""
+    tensors = load_file(path / "adapter_model.safetensors")
+    updates = {k: v for k, v in tensors.items() if ".lora_A." not in k and ".lora_B." not in k}
+    for key in (k for k in tensors if ".lora_A." in k):
+        updates[key.replace(".lora_A.", ".update.")] = (
+            tensors[key.replace(".lora_A.", ".lora_B.")].double() @ tensors[key].double()
+        )
+    return updates
+
+
+@pytest.mark.parametrize(
+    ("extra", "reason"),
+    [({"dora": True}, "DoRA"), ({"lora-init": "pissa"}, "residual base")],
+)
+def test_a_variant_that_cannot_be_batched_says_why_and_trains_alone(no_dropout, extra, reason):
+    clients = _clients("fedit", "4", extra)
+    shared, private = _round_two_inputs(clients)
+    start = clients[0].start_training(shared[0], private[0], 2, 1)
+    assert reason in (start.adapter.cohort_problem() or "")
+    alone = [c.train(s, p, 2, 1) for c, s, p in zip(clients, shared, private, strict=True)]
+    together = train_cohort(clients, shared, private, 2, 1)
+    for a, t in zip(alone, together, strict=True):
+        _assert_same(a, t)
+
+
+def test_with_dropout_a_cohort_is_deterministic():
+    clients = _clients("fedalora-hetero", "8,4,2", {"lora-dropout": 0.1})
+    method, layers = clients[0].method, clients[0].base.layer_shapes()
+    shared = method.initial_shared(layers, [c.rank for c in clients])
+    first = train_cohort(clients, [shared] * 3, [None] * 3, 1)
+    again = train_cohort(clients, [shared] * 3, [None] * 3, 1)
+    for a, b in zip(first, again, strict=True):
+        for key, value in a.upload.items():
+            np.testing.assert_array_equal(b.upload[key], value)
+
+
+def test_batches_are_padded_to_the_longest_and_losses_are_per_client():
+    short = {
+        "input_ids": torch.tensor([[5, 6]]),
+        "attention_mask": torch.tensor([[1, 1]]),
+        "labels": torch.tensor([[IGNORE, 6]]),
+    }
+    long = {
+        "input_ids": torch.tensor([[7, 8, 9]]),
+        "attention_mask": torch.tensor([[1, 1, 1]]),
+        "labels": torch.tensor([[IGNORE, 8, 9]]),
+    }
+    joined = concatenate([short, long], pad_id=0)
+    assert joined["input_ids"].tolist() == [[5, 6, 0], [7, 8, 9]]
+    assert joined["attention_mask"].tolist() == [[1, 1, 0], [1, 1, 1]]
+    assert joined["labels"].tolist() == [[IGNORE, 6, IGNORE], [IGNORE, 8, 9]]
+    logits = torch.randn(1, 3, 11)
+    labels = torch.tensor([[IGNORE, 4, 2]])
+    expected = (
+        torch.nn.functional.cross_entropy(logits[0, 0:1], labels[0, 1:2])
+        + torch.nn.functional.cross_entropy(logits[0, 1:2], labels[0, 2:3])
+    ) / 2
+    assert float(task_loss(logits, labels)) == pytest.approx(float(expected), rel=1e-6)
+
+
+@pytest.mark.parametrize(("strategy", "ranks"), [("fedalora-hetero", "8,4,2"), ("fedit", "4")])
+def test_causal_lm_clients_of_different_lengths_batch_exactly(strategy, ranks):
+    """Instruction clients (a causal LM, next-token loss on the answers) whose batches
+    have different lengths: the cohort pads them to the longest, masked."""
+    config = tiny_config(
+        strategy=strategy,
+        ranks=ranks,
+        model="smollm2",
+        dataset="instructions",
+        partitioning="task",
+        max_length=48,
+        batch_size=4,
+        local_steps=2,
+        lora_dropout=0.0,
+        local_model_scoring="final-round",
+    )
+    clients = [FederatedClient(config, p, 8, config.rank_for(p)) for p in range(3)]
+    shared, private = _round_two_inputs(clients)
+    alone = [c.train(s, p, 2, 1) for c, s, p in zip(clients, shared, private, strict=True)]
+    together = train_cohort(clients, shared, private, 2, 1)
+    for a, t in zip(alone, together, strict=True):
+        _assert_same(a, t)
