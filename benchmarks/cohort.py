@@ -27,6 +27,7 @@ import argparse
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -100,14 +101,19 @@ def main() -> None:
             for client in alone:
                 client.train(shared, None, 1)
 
-        timed(device, lambda: train_cohort(clients[:8], shareds[:8], privates[:8], 1))  # warm
+        def in_cohorts(size: int, count: int = len(clients)) -> Callable[[], None]:
+            def work() -> None:
+                train_cohort(
+                    clients[:count], shareds[:count], privates[:count], 1, cohort_size=size
+                )
+
+            return work
+
+        timed(device, in_cohorts(8, 8))  # warm-up
         timed(device, lambda: alone[0].train(shared, None, 1))
         modes = {"one at a time": (len(alone), one_at_a_time)}
         for size in (int(s) for s in args.cohort_sizes.split(",")):
-            modes[f"cohorts of {size}"] = (
-                len(clients),
-                lambda size=size: train_cohort(clients, shareds, privates, 1, cohort_size=size),
-            )
+            modes[f"cohorts of {size}"] = (len(clients), in_cohorts(size))
         rates = {}
         for name, (count, work) in modes.items():
             if device.type == "cuda":

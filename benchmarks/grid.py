@@ -10,13 +10,13 @@ aggregation). The presets separate rank from data: clients come in groups that s
 one data distribution (a task, or one Dirichlet part; ``clients-per-group``), and every
 group has a client of every rank.
 
-Every federated run is the Flower app in one process of its own (``--mode in-process``,
-the default: the same ServerApp, strategy and ClientApp with messages delivered in that
-process; the same results as a Ray simulation) or a Ray simulation on one cluster that
-the script starts and stops (``--mode ray``); the centralised reference runs in its
-own process. Writes ``runs.csv`` (every run's figures), ``table.csv`` (mean, low and
-high per figure) and ``table.md`` into the output directory, next to the run
-directories.
+Every federated run is the Flower app in this script's process (``--mode in-process``,
+the default: the same ServerApp, strategy and ClientApp with messages delivered here,
+the base model and data loaded once for all runs; the same results as a Ray simulation)
+or a Ray simulation on one cluster that the script starts and stops (``--mode ray``);
+the centralised reference runs here too. Each run's Flower log is in ``logs/``. Writes
+``runs.csv`` (every run's figures), ``table.csv`` (mean, low and high per figure) and
+``table.md`` into the output directory, next to the run directories.
 
     python benchmarks/grid.py                                    # classification, 3 seeds
     python benchmarks/grid.py --track instruction                # SmolLM2, 8 tasks x 3 ranks
@@ -32,7 +32,6 @@ import json
 import math
 import os
 import platform
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -42,13 +41,16 @@ from typing import Any
 import pandas as pd
 from tqdm import tqdm
 
+from fedalora.centralised import run_centralised
 from fedalora.comparison import over_seeds, paired_gain, reading, run_figures
 from fedalora.config import FedConfig
+from fedalora.errors import ConfigError
 from fedalora.methods import method_class, registered_methods
 from fedalora.outputs import LOCAL_MODEL, PROTOCOLS
 from fedalora.run_config import format_run_config, parse_run_config
 from fedalora.simulate import SimulationFailed, completed_run, ray_cluster, run_simulation
 from fedalora.stats import Interval
+from server.in_process import flower_log_in, run_in_process
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL, CENTRALISED = "local", "centralised"
@@ -303,7 +305,7 @@ class Grid:
                 continue
             try:
                 self.execute(run, ray_address)
-            except (SimulationFailed, subprocess.CalledProcessError) as exc:
+            except (SimulationFailed, ConfigError) as exc:
                 raise SystemExit(f"{run.name} failed: {exc}; see {self.output_dir}/logs") from exc
             (self.output_dir / WALLS).write_text(json.dumps(self.walls, indent=2))
 
@@ -314,36 +316,21 @@ class Grid:
         log = self.output_dir / "logs" / f"{run.name}.log"
         started = time.perf_counter()
         if strategy == CENTRALISED:
-            _subprocess(
-                [
-                    "-m",
-                    "fedalora.centralised",
-                    "--num-clients",
-                    str(self.preset.num_clients),
-                    "--run-config",
-                    _text(run_config),
-                    "--output-dir",
-                    str(self.output_dir),
-                    "--run-name",
-                    run.name,
-                ],
-                log,
-            )
+            config = {**run_config, "run-name": run.name, "output-dir": str(self.output_dir)}
+            with flower_log_in(log):
+                run_centralised(
+                    FedConfig.from_run_config(config),
+                    self.preset.num_clients,
+                    self.output_dir / run.name,
+                )
         elif self.mode == "in-process":
-            _subprocess(
-                [
-                    "-m",
-                    "server.in_process",
-                    "--num-supernodes",
-                    str(self.preset.num_clients),
-                    "--run-config",
-                    _text({**run_config, "strategy": strategy}),
-                    "--output-dir",
-                    str(self.output_dir),
-                    "--run-name",
-                    run.name,
-                ],
-                log,
+            run_in_process(
+                ROOT,
+                run.name,
+                num_supernodes=self.preset.num_clients,
+                run_config=_text({**run_config, "strategy": strategy}),
+                output_dir=self.output_dir,
+                log_path=log,
             )
             completed_run(self.output_dir / run.name, log)
         else:
@@ -532,17 +519,6 @@ def main() -> None:
         f"this invocation took {(time.perf_counter() - started) / 60:.1f} min; wrote "
         f"{output_dir / 'table.md'}, table.csv and runs.csv"
     )
-
-
-def _subprocess(arguments: list[str], log: Path) -> None:
-    with log.open("w") as handle:
-        subprocess.run(
-            [sys.executable, *arguments],
-            cwd=ROOT,
-            check=True,
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-        )
 
 
 def _records(runs: pd.DataFrame) -> list[dict[str, Any]]:

@@ -33,6 +33,11 @@ LORA_INITS = ("default", "pissa", "olora")
 DORA_MAGNITUDES = ("private", "shared")
 #: The adapter tensor of DoRA's magnitude vector (d_out), beside ``lora_A``/``lora_B``.
 MAGNITUDE = "lora_magnitude"
+#: The variants whose clients train one after another in a cohort, and why.
+UNBATCHED = {
+    "dora": "DoRA rescales each output by the norm of the client's own W0 + s B A",
+    "lora-init": "a principal init (PiSSA, OLoRA) gives each client its own residual base",
+}
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,14 @@ class Variants:
             "lora-fa": self.lora_fa,
         }
         return [key for key, value in on.items() if value]
+
+    def cohort_problem(self) -> str | None:
+        """Why a client with these variants cannot share a cohort's batched pass over the
+        frozen base (``fedalora.cohort``), or None."""
+        for key, problem in UNBATCHED.items():
+            if key in self.chosen():
+                return problem
+        return None
 
     def shared(self) -> tuple[str, ...]:
         """Adapter tensors the variants add to what the method shares."""

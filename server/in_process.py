@@ -9,9 +9,11 @@ experiments and for a debugger; for the same seed it gives the Ray simulation's 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 from uuid import uuid4
@@ -19,6 +21,7 @@ from uuid import uuid4
 from flwr.app import Context, Message, RecordDict
 from flwr.app.error import Error
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
+from flwr.common.logger import FLOWER_LOGGER
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
@@ -107,10 +110,12 @@ def run_in_process(
     run_config: str = "",
     output_dir: str | Path | None = None,
     node_app: NodeApp | None = None,
+    log_path: str | Path | None = None,
 ) -> Path:
     """Run the app with ``num_supernodes`` in-process nodes; returns the run directory
     (its summary.json says whether the run completed). ``node_app`` replaces the
-    ClientApp every node runs (tests and benchmarks wrap it, e.g. with a hostile one)."""
+    ClientApp every node runs (tests and benchmarks wrap it, e.g. with a hostile one);
+    with ``log_path`` Flower's log of the run goes to that file instead of the console."""
     app_dir = Path(app_dir).resolve()
     output_dir = Path(output_dir or app_dir / "outputs").resolve()
     config = resolve_run_config(
@@ -126,8 +131,31 @@ def run_in_process(
         state=RecordDict(),
         run_config=config,
     )
-    server_app(grid, context)
+    with flower_log_in(log_path):
+        server_app(grid, context)
     return output_dir / run_name
+
+
+@contextlib.contextmanager
+def flower_log_in(path: str | Path | None) -> Iterator[None]:
+    """Flower's log (the server's rounds and warnings) written to ``path`` alone while
+    inside; nothing changes when ``path`` is None."""
+    if path is None:
+        yield
+        return
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s: %(message)s"))
+    replaced = list(FLOWER_LOGGER.handlers)
+    for old in replaced:
+        FLOWER_LOGGER.removeHandler(old)
+    FLOWER_LOGGER.addHandler(handler)
+    try:
+        yield
+    finally:
+        FLOWER_LOGGER.removeHandler(handler)
+        handler.close()
+        for old in replaced:
+            FLOWER_LOGGER.addHandler(old)
 
 
 def main() -> None:

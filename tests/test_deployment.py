@@ -1,16 +1,13 @@
-"""Beyond one simulated machine: real SuperLink and SuperNode processes with TLS and
-node authentication on loopback, and a simulation over a two-node Ray cluster."""
+"""Beyond one simulated machine: certificates and node keys as Flower reads them, and a
+simulation over a two-node Ray cluster (the deployment with TLS and node authentication
+runs in ``test_rejoin.py``, with a SuperNode killed and rejoining)."""
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
-import numpy as np
 import psutil
 import pytest
-from safetensors.numpy import load_file
 
 from fedalora.deploy import LocalDeployment, make_certificates, make_node_key
 from fedalora.outputs import read_jsonl
@@ -23,82 +20,6 @@ TINY = (
     "export-adapters=false"
 )
 pytestmark = pytest.mark.slow
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-
-
-#: Deployed rounds without the evaluation phase: each phase is a message round of its
-#: own, and what is checked here is training, private state and resume.
-TRAIN_ONLY = "fraction-evaluate=0.0 final-evaluation=false"
-
-
-def test_superlink_and_three_authenticated_supernodes_over_tls(tmp_path):
-    nodes = [
-        {"partition-id": i, "num-partitions": 3, "lora-rank": rank}
-        for i, rank in enumerate([8, 4, 2])
-    ]
-    deployment = LocalDeployment(tmp_path, nodes)
-    started: list[int] = []
-    with deployment:
-        started += [p.pid for p in deployment.processes.values()]
-        assert "--enable-supernode-auth" in deployment.processes["superlink"].args
-        first = deployment.run(
-            APP,
-            "deployed",
-            tmp_path / "server",
-            f"{TINY} ranks='8,4,2' min-nodes=3 num-server-rounds=1 {TRAIN_ONLY}",
-        )
-        b0_after_1 = load_file(str(first / "shared_state.safetensors"))
-        deployment.stop_node(0)  # a restarted SuperNode: a new process, nothing in memory
-        deployment.start_node(0)
-        started.append(deployment.processes["node-0"].pid)
-        resumed = deployment.run(
-            APP,
-            "deployed",
-            tmp_path / "server",
-            f"{TINY} ranks='8,4,2' min-nodes=3 num-server-rounds=2 resume=true {TRAIN_ONLY}",
-        )
-        started += [
-            child.pid
-            for p in deployment.processes.values()
-            for child in psutil.Process(p.pid).children(recursive=True)
-        ]
-    assert not any(_alive(pid) for pid in started)  # every process and its children stopped
-
-    summary = json.loads((resumed / "summary.json").read_text())
-    assert summary["status"] == "completed" and summary["resumed_after_round"] == 1
-    train = [r for r in read_jsonl(resumed / "metrics.jsonl") if r["phase"] == "train"]
-    assert sorted((r["round"], r["client"], r["rank"]) for r in train) == [
-        (t, c, rank) for t in (1, 2) for c, rank in enumerate([8, 4, 2])
-    ]
-    # round 2 starts, on every node and on the restarted one too, from the private
-    # state each node saved on its own disk in round 1
-    assert {r["client"]: r["private_state_round"] for r in train if r["round"] == 2} == {
-        0: 1,
-        1: 1,
-        2: 1,
-    }
-    assert [r["round"] for r in read_jsonl(resumed / "rounds.jsonl")] == [1, 2]
-    b0_after_2 = load_file(str(resumed / "shared_state.safetensors"))
-    assert b0_after_2.keys() == b0_after_1.keys()
-    assert all(k.endswith(".B0") for k in b0_after_2)
-    assert not all(np.array_equal(b0_after_1[k], b0_after_2[k]) for k in b0_after_2)
-    # private factors live only in each node's own state-dir, never on the server side
-    for i in range(3):
-        assert {p.name for p in (tmp_path / f"node-{i}").iterdir()} == {
-            f"client-{i}.round-1.safetensors",
-            f"client-{i}.round-2.safetensors",
-        }
-    server_files = [p for p in (tmp_path / "server").rglob("*") if p.is_file()]
-    assert not any("private" in str(p) or "client-" in p.name for p in server_files)
-    checkpoint = load_file(str(resumed / "checkpoint" / "shared-round-2.safetensors"))
-    assert checkpoint.keys() == b0_after_2.keys()
 
 
 def test_certificates_and_node_keys_load_as_flower_reads_them(tmp_path):

@@ -1,5 +1,7 @@
 """A SuperNode that dies and comes back: ``fedalora.deploy supernode`` waits while the
-SuperLink still holds the dead node (same key, same node id), then rejoins the run."""
+SuperLink still holds the dead node (same key, same node id), then rejoins the run; in a
+real deployment (SuperLink and SuperNode processes with TLS and node authentication on
+loopback) whose private state never leaves the nodes' own disks."""
 
 from __future__ import annotations
 
@@ -11,8 +13,10 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
+from safetensors.numpy import load_file
 
 from fedalora.deploy import LocalDeployment, refusal, supervise_supernode
 from fedalora.outputs import read_jsonl
@@ -88,6 +92,8 @@ def test_a_killed_supernode_rejoins_the_run_with_its_private_state(tmp_path):
     crashed: list[float] = []
     done = threading.Event()
     with LocalDeployment(tmp_path, nodes) as deployment:
+        assert "--enable-supernode-auth" in deployment.processes["superlink"].args
+        assert "--ssl-certfile" in deployment.processes["superlink"].args
 
         def crash_and_restart() -> None:
             """kill -9 node 0's processes right after it sent its round-1 update (so no
@@ -142,6 +148,19 @@ def test_a_killed_supernode_rejoins_the_run_with_its_private_state(tmp_path):
     state = tmp_path / "node-0"
     before, after = state / "client-0.round-1.safetensors", state / "client-0.round-2.safetensors"
     assert before.stat().st_mtime < crashed[0] < crashed[0] + 20 < after.stat().st_mtime
+    # private factors live only in each node's own state-dir, never on the server side
+    for i in range(2):
+        assert {p.name for p in (tmp_path / f"node-{i}").iterdir()} == {
+            f"client-{i}.round-1.safetensors",
+            f"client-{i}.round-2.safetensors",
+        }
+    server_files = [p for p in (tmp_path / "server").rglob("*") if p.is_file()]
+    assert not any("private" in str(p) or "client-" in p.name for p in server_files)
+    shared = load_file(str(run_dir / "shared_state.safetensors"))
+    assert shared and all(k.endswith(".B0") for k in shared)
+    assert any(np.any(v != 0) for v in shared.values())
+    checkpoint = load_file(str(run_dir / "checkpoint" / "shared-round-2.safetensors"))
+    assert checkpoint.keys() == shared.keys()
 
 
 def _kill_tree(process: subprocess.Popen) -> None:

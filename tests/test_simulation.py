@@ -1,13 +1,13 @@
 """End to end: runs of 3 clients over 2 rounds on a tiny real model (packaged MiniLM cut
 to 2 layers), one per strategy and rank setting, checked through the files they write.
-Four are real `flwr run` Ray simulations on one shared cluster; the others run the same
-ServerApp, strategy and ClientApp in this process (``server.in_process``, which a test
-here checks against Ray bit for bit), since Ray's actor start-up is most of a tiny run."""
+Two are real `flwr run` Ray simulations on one shared cluster (a third is killed); the
+others run the same ServerApp, strategy and ClientApp in this process
+(``server.in_process``, which a test here checks against Ray bit for bit), since Ray's
+actor start-up is most of a tiny run."""
 
 from __future__ import annotations
 
 import json
-import logging
 import signal
 import subprocess
 import sys
@@ -77,18 +77,17 @@ RUNS["fedalora-hetero-again"] = (
 )
 RUNS["ema-b-hetero"] = ("tests.ema_method:EmaBLoRA", "8,4,2", "")
 RUNS["fedalora-hetero-seed-43"] = ("fedalora-hetero", "8,4,2", f"intermediate-rank={D_M} seed=43")
-#: Client-level DP under Ray (every DP method runs in process in test_privacy).
+#: Client-level DP (every DP method runs in process in test_privacy too).
 RUNS["fedalora-hetero-dp"] = (
     "fedalora-hetero",
     "8,4,2",
     f"intermediate-rank={D_M} dp-noise-multiplier=1.0 dp-clip=0.1",
 )
-#: The runs that go through `flwr run` on Ray: the in-process comparison's two, the
-#: private state on disk in Ray's actors (and the killed run's reference), and a method
-#: that Ray's workers import by its path.
+#: The runs that go through `flwr run` on Ray: the private state on disk in Ray's actors
+#: (the in-process comparison's run, the killed run's reference, and the in-process
+#: ``fedalora-hetero-hetero`` again), and a method that Ray's workers import by its path.
+#: Each costs a start of Ray's actors; everything else is the same apps in process.
 RAY_RUNS = (
-    "fedalora-hetero-hetero",
-    "fedalora-hetero-dp",
     "fedalora-hetero-again",
     "ema-b-hetero",
 )
@@ -118,31 +117,29 @@ def _simulate(tmp: Path, name: str, extra: str, ray_address: str | None = None) 
 
 @pytest.fixture(scope="module")
 def shared_ray() -> str:
-    """A one-machine Ray cluster that every run joins, so that no run pays Ray's start."""
+    """A one-machine Ray cluster that every run joins, so that no run pays Ray's start;
+    its 2 CPUs hold one client actor at a time."""
     with ray_cluster(num_cpus=2) as address:
         yield address
 
 
 def _run_here(tmp: Path, name: str, extra: str) -> Path:
     """One run in this process, its Flower log written where a simulation's goes."""
-    from flwr.common.logger import FLOWER_LOGGER
-
     from server.in_process import run_in_process
 
-    handler = logging.FileHandler(tmp / f"{name}.log")
-    FLOWER_LOGGER.addHandler(handler)
-    try:
-        return run_in_process(
-            APP, name, num_supernodes=3, output_dir=tmp / "outputs", run_config=f"{TINY} {extra}"
-        )
-    finally:
-        FLOWER_LOGGER.removeHandler(handler)
-        handler.close()
+    return run_in_process(
+        APP,
+        name,
+        num_supernodes=3,
+        output_dir=tmp / "outputs",
+        run_config=f"{TINY} {extra}",
+        log_path=tmp / f"{name}.log",
+    )
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, shared_ray) -> dict[str, Path]:
-    """The Ray runs two at a time on one cluster while the others run in this process."""
+    """The Ray runs on one cluster while the others run in this process."""
     tmp = tmp_path_factory.mktemp("sim")
     config = {name: f"strategy='{s}' ranks='{r}' {extra}" for name, (s, r, extra) in RUNS.items()}
     with ThreadPoolExecutor(2) as pool:
@@ -282,7 +279,7 @@ def test_local_reference_moves_nothing_and_federation_differs_from_it(runs):
     assert any(local_loss[key(r)] != r["loss"] for r in fed if r["round"] == 2)
 
 
-def test_a_dp_run_under_ray_passes_the_clip_check_and_reports_a_rising_epsilon(runs):
+def test_a_dp_run_passes_the_clip_check_and_reports_a_rising_epsilon(runs):
     rows = read_jsonl(runs["fedalora-hetero-dp"] / "rounds.jsonl")
     assert [r["rejected"] for r in rows] == [0, 0]
     assert 0 < rows[0]["epsilon"] < rows[1]["epsilon"]
@@ -328,7 +325,7 @@ def test_the_in_process_mode_gives_the_ray_simulations_results(runs, tmp_path):
     process: bit-identical shared state and every metric but wall-clock times."""
     from server.in_process import run_in_process
 
-    for name in ("fedalora-hetero-hetero", "fedalora-hetero-dp"):
+    for name in ("fedalora-hetero-again", "ema-b-hetero"):
         strategy, ranks, extra = RUNS[name]
         run_dir = run_in_process(
             APP,
@@ -358,7 +355,8 @@ def test_the_in_process_mode_gives_the_ray_simulations_results(runs, tmp_path):
 
 def test_a_killed_run_resumes_to_the_uninterrupted_result_bit_for_bit(runs, tmp_path, shared_ray):
     """The run is killed (SIGTERM to the launcher, which stops the SuperLink's process
-    group) once round 1's checkpoint exists, then resumed from it."""
+    group) once round 1's checkpoint exists, then resumed from it (in process: the same
+    apps, bit for bit, without a second start of Ray's actors)."""
     strategy, ranks, extra = RUNS["fedalora-hetero-again"]
     run_config = f"{TINY} strategy='{strategy}' ranks='{ranks}' {extra}"
     output = tmp_path / "outputs"
@@ -397,8 +395,15 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result_bit_for_bit(runs, tmp_
     assert not summary.exists() or json.loads(summary.read_text())["status"] != "completed"
     assert json.loads(state.read_text())["round"] == 1  # killed in round 2
 
-    resumed = _simulate(
-        tmp_path, "killed", f"strategy='{strategy}' ranks='{ranks}' {extra} resume=true", shared_ray
+    from server.in_process import run_in_process
+
+    resumed = run_in_process(
+        APP,
+        "killed",
+        num_supernodes=3,
+        output_dir=output,
+        run_config=f"{run_config} resume=true",
+        log_path=tmp_path / "resumed.log",
     )
     whole = runs["fedalora-hetero-again"]
     assert json.loads((resumed / "summary.json").read_text())["resumed_after_round"] == 1

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from fedalora.data import load_labelled_dataset
+from fedalora.errors import ConfigError
 from fedalora.outputs import read_jsonl
 from server.in_process import run_in_process
 
@@ -244,11 +245,33 @@ def console_run(tmp_path: Path, mistake: str, *launcher: str) -> tuple[list[str]
 
 
 @pytest.mark.parametrize("mistake", list(MISTAKES))
-def test_a_user_mistake_stops_before_training_with_its_headline(tmp_path, mistake):
-    """In process (ServerApp, strategy and ClientApps in one process): the console shows
-    where Flower's log went and the headline, nothing else."""
+def test_a_user_mistake_stops_before_training_naming_its_key(tmp_path, mistake):
+    """The ServerApp, strategy and ClientApps in this process: the run fails before any
+    client trains, with the mistake's key and fix as its error (the nodes' own errors
+    name the nodes that reported them, once)."""
+    values, key, problem = MISTAKES[mistake](tmp_path)
+    headline = f"run-config '{key}': {problem}"
+    with pytest.raises(ConfigError) as raised:
+        run_in_process(
+            APP,
+            "mistake",
+            num_supernodes=NODES,
+            run_config=_run_config(values),
+            output_dir=tmp_path / "outputs",
+        )
+    run_dir = tmp_path / "outputs" / "mistake"
+    assert not (run_dir / "metrics.jsonl").exists()  # no client trained
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["error_key"] == key
+    assert summary["error"] == str(raised.value)
+    assert summary["error"] in (headline, f"{headline} [reported by 3 of 3 nodes: 100, 101, 102]")
+
+
+@pytest.mark.parametrize("mistake", ["missing column", "non-existent model path"])
+def test_the_console_shows_a_mistake_as_its_headline_and_nothing_else(tmp_path, mistake):
+    """Through the console launcher (``--in-process``): the console shows where Flower's
+    log went and the headline, nothing else."""
     lines, summary, headline = console_run(tmp_path, mistake, "--in-process")
-    # the nodes' own errors name the nodes that reported them, once
     assert summary["error"] in (headline, f"{headline} [reported by 3 of 3 nodes: 100, 101, 102]")
     log = tmp_path / "outputs" / "console" / "flower.log"
     assert lines == [

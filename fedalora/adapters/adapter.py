@@ -85,12 +85,14 @@ class ClientAdapter(ABC):
         """Why this adapter cannot share a batched pass over the frozen base with other
         clients' adapters (``fedalora.cohort``), or None: its layers' outputs are the
         shared frozen layer's plus ``output_delta``."""
+        if type(self).output_delta is ClientAdapter.output_delta:
+            return f"{type(self).__name__} does not define output_delta"
         return None
 
-    @abstractmethod
     def output_delta(self, module: str, x: torch.Tensor) -> torch.Tensor:
         """The adapter's contribution to target ``module``'s output for the rows ``x``:
-        the layer's output minus the shared frozen layer's."""
+        the layer's output minus the shared frozen layer's (what a cohort needs)."""
+        raise NotImplementedError(self.cohort_problem())
 
     def arrays(self, names: Iterable[str]) -> Arrays:
         """The tensors ``<module>.<name>`` of every target, as float32 numpy copies."""

@@ -93,11 +93,7 @@ class LoRAAdapter(ClientAdapter):
         return tensors
 
     def cohort_problem(self) -> str | None:
-        if self.variants.dora:
-            return "DoRA rescales each output by the norm of the client's own W0 + s B A"
-        if self.initial:
-            return "a principal init (PiSSA, OLoRA) gives the client its own residual base"
-        return None
+        return self.variants.cohort_problem() or super().cohort_problem()
 
     def output_delta(self, module: str, x: torch.Tensor) -> torch.Tensor:
         """s B A dropout(x), plus what a method's wrapper of the frozen layer adds (an

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import sys
 
+from ..variants import UNBATCHED
 from .registry import registered_methods
 
 
@@ -18,6 +19,11 @@ def main() -> None:
         print(f"    {cls.paper or 'no paper'}")
         for key, field in cls.Options.fields_by_key().items():
             print(f"    {key} = {field.default!r}: {field.metadata.get('help', '')}")
+    print("Cohorts (fedalora.cohort): clients share a batched pass when their adapter defines")
+    print("output_delta (every built-in one does), except with these LoRA variants, whose")
+    print("clients train one after another:")
+    for key, problem in UNBATCHED.items():
+        print(f"    {key}: {problem}")
 
 
 if __name__ == "__main__":
