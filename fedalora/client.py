@@ -47,12 +47,13 @@ class TrainResult(NamedTuple):
 
 class RoundStart(NamedTuple):
     """A client's round before its local steps: its cohort member (adapter, optimiser,
-    batch order, penalty), the shared tensors it installed (for its update), the round
-    and the time the round started."""
+    batch order, penalty), the shared tensors it installed (for its update), the round,
+    the seed of its dropout and the time the round started."""
 
     member: CohortMember
     installed: Arrays
     server_round: int
+    seed: int
     started: float
 
     @property
@@ -190,8 +191,13 @@ class FederatedClient:
         that DP could protect reports the update's L2 norm as ``update_norm``.
         """
         start = self.start_training(shared, private, server_round, shared_round)
+        return self.finish_training(start, self.local_steps(start), final, export_to)
+
+    def local_steps(self, start: RoundStart) -> dict[str, float]:
+        """The round's local steps of this client alone (dropout seeded for it)."""
         cfg = self.config
-        metrics = train_steps(
+        torch.manual_seed(start.seed)
+        return train_steps(
             start.adapter.model,
             start.adapter.trainable_parameters(),
             self.data.train,
@@ -205,7 +211,6 @@ class FederatedClient:
             penalty=start.member.penalty,
             bf16=cfg.bf16,
         )
-        return self.finish_training(start, metrics, final, export_to)
 
     def start_training(
         self,
@@ -215,13 +220,12 @@ class FederatedClient:
         shared_round: int = 0,
     ) -> RoundStart:
         """The adapter of ``server_round`` and what its local training needs (alone or
-        in a cohort); dropout's random stream seeded for this client and round."""
+        in a cohort)."""
         cfg, method = self.config, self.method
         started = time.perf_counter()
         adapter = self.build_adapter(shared, private, shared_round, server_round)
         installed = adapter.arrays(method.downloads) if method.dp_refusal() is None else {}
         seed = round_seed(cfg.seed, server_round, self.partition_id)
-        torch.manual_seed(seed)  # dropout
         member = CohortMember(
             adapter,
             self.data.train,
@@ -229,7 +233,7 @@ class FederatedClient:
             torch.Generator().manual_seed(seed),
             method.loss_penalty(adapter),
         )
-        return RoundStart(member, installed, server_round, started)
+        return RoundStart(member, installed, server_round, seed, started)
 
     def finish_training(
         self,
@@ -365,10 +369,9 @@ def train_cohort(
         for k, client in enumerate(clients)
     }
     batched = [k for k, s in starts.items() if s.adapter.cohort_problem() is None]
-    for k in set(starts) - set(batched):
-        results[k] = clients[k].train(
-            shared[k], private[k], server_round, shared_round, final, exports[k]
-        )
+    for k in sorted(set(starts) - set(batched)):
+        steps = clients[k].local_steps(starts[k])
+        results[k] = clients[k].finish_training(starts[k], steps, final, exports[k])
     size = cohort_size or len(batched) or 1
     # one dropout stream for the cohort, seeded by its first client and the round
     torch.manual_seed(round_seed(config.seed, server_round, clients[0].partition_id))
@@ -392,7 +395,8 @@ _COHORT_MODELS: weakref.WeakKeyDictionary[nn.Module, CohortModel] = weakref.Weak
 
 
 def cohort_model(base: BaseModel) -> CohortModel:
-    """The worker's one cohort model over ``base`` (built on first use)."""
+    """The worker's one cohort model over ``base`` (built on first use; it holds the base's
+    frozen tensors but not the base model, so it goes when the base does)."""
     if base.model not in _COHORT_MODELS:
         _COHORT_MODELS[base.model] = CohortModel(base)
     return _COHORT_MODELS[base.model]

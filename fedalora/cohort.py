@@ -82,7 +82,7 @@ class CohortModel:
     on the adapted modules and cohort heads on the head modules."""
 
     def __init__(self, base: BaseModel) -> None:
-        self.base, self.rows = base, _Rows()
+        self.tokenizer, self.rows = base.tokenizer, _Rows()
         self.model = share_frozen_weights(base.model, base.head_modules)
         self.model.requires_grad_(False)
         self.layers: dict[str, CohortLayer] = {}
@@ -145,7 +145,7 @@ def train_cohort_steps(
     (``recipe``), optimiser step and schedule step. Returns each member's metrics as
     ``train_steps`` does (mean task loss, accuracy on its batches, mean gradient norm
     before clipping)."""
-    tokenizer = cohort.base.tokenizer
+    tokenizer = cohort.tokenizer
     draws = [batch_indices(len(m.examples["labels"]), batch_size, m.generator) for m in members]
     parameters = [m.adapter.trainable_parameters() for m in members]
     cohort.model.train()
