@@ -72,7 +72,8 @@ class DecomposedLoRALinear(nn.Module):
         return self.scale * update
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + self.output_delta(x)
+        delta = self.output_delta(x)  # before the frozen product: autograd's order as ever
+        return self.base(x) + delta
 
 
 class DecomposedAdapter(ClientAdapter):

@@ -45,7 +45,8 @@ class MASALinear(nn.Module):
         return self.scale * nn.functional.linear(h, self.B)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + self.output_delta(x)
+        delta = self.output_delta(x)  # before the frozen product: autograd's order as ever
+        return self.base(x) + delta
 
 
 def expert_bank(
