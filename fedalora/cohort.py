@@ -107,10 +107,6 @@ class CohortModel:
         for name, head in self.heads.items():
             head.heads = [a.inner_model.get_submodule(name) for a in adapters]
 
-    def to(self, device: torch.device) -> CohortModel:
-        self.model.to(device)
-        return self
-
 
 def _delta_of(adapter: ClientAdapter, module: str) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda x: adapter.output_delta(module, x)
