@@ -14,8 +14,16 @@ from __future__ import annotations
 
 from flwr.app import Context, Message, MessageType
 
-from protocol import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, NUM_TRAIN_EXAMPLES, to_numpy, to_record
 from server.in_process import NodeApp
+from strategies.protocol import (
+    ARRAYS,
+    CONFIG,
+    METRICS,
+    NUM_EXAMPLES,
+    NUM_TRAIN_EXAMPLES,
+    to_numpy,
+    to_record,
+)
 
 ATTACKS = ("none", "count-liar", "scaled", "sign-flip")
 LIE = 1_000_000

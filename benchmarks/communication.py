@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fedalora.config import FedConfig
 from fedalora.methods import Participant, registered_methods
-from protocol import payload_bytes, to_record
+from strategies.protocol import payload_bytes, to_record
 
 
 def per_client_floats(

@@ -33,7 +33,7 @@ from fedalora.errors import ConfigError, exception_line
 from fedalora.outputs import EVALUATE, LOCAL_MODEL, adapter_dir
 from fedalora.state import DiskStateStore, PrivateStateStore
 from fedalora.types import Tensors
-from protocol import (
+from strategies.protocol import (
     ARRAYS,
     CONFIG,
     ERROR,

@@ -28,8 +28,8 @@ from fedalora.errors import ConfigError, RunFailed
 from fedalora.models import adapted_layer_shapes
 from fedalora.outputs import INTERRUPTED, RunRecorder, final_figures
 from fedalora.tracking import open_tracker
-from protocol import RUN_NAME
 from strategies import Node, discover_nodes, make_strategy, run_rounds
+from strategies.protocol import RUN_NAME
 
 app = ServerApp()
 

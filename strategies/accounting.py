@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from flwr.app import ArrayRecord, Message
 
-from protocol import payload_bytes
+from .protocol import payload_bytes
 
 
 @dataclass

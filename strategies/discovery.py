@@ -15,7 +15,8 @@ from flwr.supercore import log
 
 from fedalora.errors import ConfigError, RunFailed
 from fedalora.methods import Participant
-from protocol import (
+
+from .protocol import (
     CONFIG,
     ERROR,
     ERROR_KEY,

@@ -33,7 +33,10 @@ from fedalora.outputs import EVALUATE, LOCAL_MODEL, TRAIN, RunRecorder
 from fedalora.privacy import leading_block
 from fedalora.robust import MEDIAN, TRIMMED_MEAN, claim_weights, outlying_claims, robust_step
 from fedalora.types import Arrays, LayerShapes
-from protocol import (
+
+from .accounting import RoundTally
+from .discovery import Node
+from .protocol import (
     ACCURACY,
     ARRAYS,
     CONFIG,
@@ -50,9 +53,6 @@ from protocol import (
     to_numpy,
     to_record,
 )
-
-from .accounting import RoundTally
-from .discovery import Node
 from .records import client_rows, log_round, round_row
 from .screening import ReplyScreen
 

@@ -11,7 +11,10 @@ from flwr.app import Message
 from flwr.supercore import log
 
 from fedalora.outputs import EVALUATE, LOCAL_MODEL, TRAIN, progress_line, protocol_scores
-from protocol import (
+
+from .accounting import RoundTally
+from .discovery import Node
+from .protocol import (
     ACCURACY,
     ARRAYS,
     LOSS,
@@ -22,9 +25,6 @@ from protocol import (
     payload_bytes,
     split_local_model,
 )
-
-from .accounting import RoundTally
-from .discovery import Node
 
 _ROW_METRICS = (NUM_EXAMPLES, UPLOAD_RANK, LOSS, ACCURACY, SECONDS)
 

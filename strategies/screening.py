@@ -18,7 +18,8 @@ from fedalora.screening import (
     update_problem,
 )
 from fedalora.types import Arrays, LayerShapes, Shapes
-from protocol import LOSS, NUM_EXAMPLES, UPLOAD_RANK, number
+
+from .protocol import LOSS, NUM_EXAMPLES, UPLOAD_RANK, number
 
 
 class ReplyScreen:

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from clients import client_app
 from fedalora import state
-from protocol import ARRAYS, CONFIG, METRICS, PRIVATE_STATE_ROUND, to_numpy, to_record
+from strategies.protocol import ARRAYS, CONFIG, METRICS, PRIVATE_STATE_ROUND, to_numpy, to_record
 
 from .conftest import tiny_config
 

@@ -12,7 +12,7 @@ from fedalora.client import FederatedClient
 from fedalora.methods import Participant, registered_methods
 from fedalora.methods.hetlora import RANK, TAIL_NORM
 from fedalora.methods.lora_factors import seeded_lora_a
-from protocol import ARRAYS, METRICS, UPLOAD_RANK, to_numpy
+from strategies.protocol import ARRAYS, METRICS, UPLOAD_RANK, to_numpy
 
 from .comm_formulas import ORACLE
 from .conftest import tiny_config

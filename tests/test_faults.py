@@ -20,9 +20,9 @@ from fedalora.aggregation import accumulate_decomposed
 from fedalora.checkpoint import load_checkpoint, save_checkpoint
 from fedalora.errors import ConfigError, RunFailed
 from fedalora.outputs import RunRecorder, read_jsonl
-from protocol import ARRAYS, CONFIG, METRICS, to_numpy, to_record
 from strategies import discover_nodes, run_rounds
 from strategies import make_strategy as strategy_for
+from strategies.protocol import ARRAYS, CONFIG, METRICS, to_numpy, to_record
 
 from .conftest import tiny_config
 

@@ -20,9 +20,9 @@ from fedalora.errors import ConfigError
 from fedalora.methods import registered_methods
 from fedalora.robust import MEDIAN, TRIMMED_MEAN, RobustSettings, claim_weights, robust_step
 from fedalora.screening import product_size, update_size
-from protocol import ARRAYS, METRICS, to_numpy, to_record
 from server.in_process import run_in_process
 from strategies import MethodStrategy, Node
+from strategies.protocol import ARRAYS, METRICS, to_numpy, to_record
 
 from .conftest import TINY, tiny_config
 

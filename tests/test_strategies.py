@@ -11,8 +11,16 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedalora.aggregation import accumulate_decomposed, weighted_average
 from fedalora.methods import registered_methods
 from fedalora.outputs import RunRecorder, read_jsonl
-from protocol import ARRAYS, CONFIG, METRICS, UPLOAD_RANK, payload_bytes, to_numpy, to_record
 from strategies import MethodStrategy, Node
+from strategies.protocol import (
+    ARRAYS,
+    CONFIG,
+    METRICS,
+    UPLOAD_RANK,
+    payload_bytes,
+    to_numpy,
+    to_record,
+)
 
 from .comm_formulas import ORACLE, Layer, floats_per_layer
 from .conftest import tiny_config
