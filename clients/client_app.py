@@ -3,14 +3,13 @@
 The node's rank comes from node-config ``lora-rank`` when present, else from
 run-config ``ranks`` indexed by ``partition-id`` (cycled); its data is partition
 ``partition-id`` of run-config ``dataset``, or all of node-config ``dataset`` (a file of
-its own). Private tensors (A, M,
-the local head) are never put in a reply; they live, tagged by round
-(``fedalora.state``), in the node's ``context.state`` (``state-store=memory``) or in
+its own). Private tensors (A, M, the local head) are never put in a reply; they live,
+tagged by round (``fedalora.state``), in the node's ``context.state`` (``state-store=memory``) or in
 safetensors files on the node's own disk (``state-store=disk``) under node-config
 ``state-dir``, else run-config ``state-dir``, else ``<output-dir>/<run-name>/private-state``.
 Training round t starts from the state saved before round t, so a retried or resumed
 round repeats exactly; the train reply reports that state's round
-(``private-state-round``, 0 for a fresh start).
+(``private_state_round``, 0 for a fresh start).
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@
   with PEFT's ``create_lorafa_optimizer``.
 - rsLoRA is ``scaling='rslora'`` (``fedalora.scaling``).
 
-A method lists the variant keys it accepts (``Method.variants``); the configuration
+A method lists the variant keys it accepts (``Method.accepts``); the configuration
 refuses the others, naming the methods that take them.
 """
 

@@ -1,8 +1,6 @@
 """The ClientApp's handlers, called directly with real messages: what leaves the
 client, what stays, and what a failure leaves behind."""
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -11,7 +9,6 @@ from flwr.supercore.task_identity import TaskIdentity
 from safetensors.torch import load_file
 
 from clients import client_app
-from fedalora import state
 from strategies.protocol import ARRAYS, CONFIG, METRICS, PRIVATE_STATE_ROUND, to_numpy, to_record
 
 from .conftest import tiny_config
@@ -268,39 +265,6 @@ def test_node_config_state_dir_wins_and_an_unusable_one_fails_at_query(tmp_path)
     query = Message(RecordDict(), dst_node_id=1, message_type=MessageType.QUERY)
     reply = client_app.query(query, bad).content.config_records[CONFIG]
     assert reply["error-key"] == "state-dir" and "writable directory" in str(reply["error"])
-
-
-def test_an_interrupted_state_write_keeps_the_previous_state(tmp_path, monkeypatch):
-    store = state.DiskStateStore(tmp_path, 0)
-    store.save(1, {"x.A": torch.ones(2, 2)})
-
-    def crash(tensors, filename):
-        Path(filename).write_bytes(b"partial")
-        raise OSError("disk full")
-
-    monkeypatch.setattr(state, "save_file", crash)
-    with pytest.raises(OSError, match="disk full"):
-        store.save(2, {"x.A": torch.zeros(2, 2)})
-    private, tag = store.load(2)
-    assert tag == 1 and torch.equal(private["x.A"], torch.ones(2, 2))
-    assert [p.name for p in tmp_path.iterdir()] == ["client-0.round-1.safetensors"]
-
-
-@pytest.mark.parametrize("backend", ["memory", "disk"])
-def test_state_stores_keep_the_state_before_each_round(tmp_path, backend):
-    store = (
-        client_app.MemoryStateStore(RecordDict())
-        if backend == "memory"
-        else state.DiskStateStore(tmp_path, 3)
-    )
-    assert store.load(5) == (None, 0)
-    for server_round in (1, 2, 3):
-        store.save(server_round, {"x.A": torch.full((2,), float(server_round))})
-    assert store.tags() == [2, 3]  # the newest and the one a rerun of round 3 starts from
-    private, tag = store.load(2)  # training round 3 again (a retry or a resume)
-    assert tag == 2 and torch.equal(private["x.A"], torch.full((2,), 2.0))
-    store.save(2, {"x.A": torch.zeros(2)})  # a resumed run redoes round 2: later tags go
-    assert store.tags() == [2]
 
 
 def test_a_retried_round_trains_from_the_state_before_its_first_attempt(hetero_config):

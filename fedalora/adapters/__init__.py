@@ -1,5 +1,6 @@
-"""Client-side adapters: a client's model for a round (``ClientAdapter``), PEFT's LoRA
-layer and Fed-ALoRA's decomposed layer, and the export as a PEFT adapter."""
+"""Client-side adapters: a client's model for a round (``ClientAdapter``) over PEFT's
+LoRA layer, Fed-ALoRA's decomposed layer or MASA's shared-bank layer, and the export
+as a PEFT adapter."""
 
 from .adapter import (
     ClientAdapter,
