@@ -32,16 +32,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from .adapters import ClientAdapter, DecomposedAdapter, LoRAAdapter, MASAAdapter
+from .adapters import ClientAdapter
 from .client import FederatedClient
 from .config import EVERY_ROUND, FedConfig
 from .data import collate
 from .errors import require
-from .methods.fedalora import FedALoRA
-from .methods.fedalora_hetero import FedALoRAHetero
-from .methods.masa import MASA
+from .methods import pooled_counterpart
 from .outputs import PROTOCOLS, RunRecorder, final_figures, protocol_scores
 from .run_config import parse_run_config
 from .training import batch_indices
@@ -81,7 +78,7 @@ def _train(config: FedConfig, num_clients: int, recorder: RunRecorder) -> dict[s
     shapes = clients[0].base.layer_shapes()
     zero = member.method.initial_shared(shapes, ranks)  # B = 0, or B0 = 0
     adapters = [client.build_adapter(zero, None) for client in clients]
-    _share_b(adapters)
+    type(adapters[0]).pool_shared_factor(adapters)
     recorder.write_config(
         {
             **config.to_run_config(),
@@ -148,41 +145,14 @@ def _train(config: FedConfig, num_clients: int, recorder: RunRecorder) -> dict[s
 
 
 def counterpart(config: FedConfig, ranks: list[int]) -> FedConfig:
-    """The configuration the pooled clients are built with: MASA's (each client's own
-    expert bank, one B per layer for all; one rank), else Fed-ALoRA's (PEFT LoRA with
-    one rank, the decomposed layer with several)."""
+    """The configuration the pooled clients are built with (``pooled_counterpart``)."""
     require(
         not config.dp.enabled,
         "dp-noise-multiplier",
         "the centralised reference pools the data and sends no update to protect; set 0",
     )
-    if isinstance(config.method, MASA):
-        require(
-            len(set(ranks)) == 1,
-            "ranks",
-            "the centralised MASA reference ties every "
-            "client's B into one and needs one rank for every client, e.g. ranks='8'",
-        )
-        return config
-    return config.with_strategy(FedALoRA.name if len(set(ranks)) == 1 else FedALoRAHetero.name)
-
-
-def _share_b(adapters: list[ClientAdapter]) -> None:
-    """Make every client's up-projection one shared trainable Parameter per layer."""
-    for module in adapters[0].targets:
-        lora_b = [a.layer(module).lora_B["default"] for a in adapters if isinstance(a, LoRAAdapter)]
-        masa = [a.layer(module) for a in adapters if isinstance(a, MASAAdapter)]
-        for layer in lora_b[1:]:
-            layer.weight = lora_b[0].weight
-        for masa_layer in masa[1:]:
-            masa_layer.B = masa[0].B
-        decomposed = [a.layer(module) for a in adapters if isinstance(a, DecomposedAdapter)]
-        if decomposed:
-            shared = nn.Parameter(decomposed[0].B0.detach().clone())
-            for layer in decomposed:
-                layer.B0 = shared  # the frozen buffer becomes the shared, trained B
-                layer.B2.requires_grad_(False)  # B2 = 0: DeltaW = s B0 M A
-                layer.B1.requires_grad_(False)
+    method = pooled_counterpart(type(config.method), ranks)
+    return config if method.pooled_reference else config.with_strategy(method.name)
 
 
 def _score(client: FederatedClient, adapter: ClientAdapter, server_round: int, final: bool) -> dict:

@@ -19,8 +19,7 @@ from typing import Any
 
 from .data import LOCAL_FORMS, ColumnNames
 from .errors import ConfigError, require
-from .methods import Method, MethodOptions, method_class, registered_methods
-from .methods.fedalora_hetero import FedALoRAHetero
+from .methods import DEFAULT_METHOD, Method, MethodOptions, method_class, registered_methods
 from .models import NO_QUANTIZATION, QUANTIZATIONS, require_bitsandbytes
 from .privacy import CENTRAL, DP_MODES, DPSettings
 from .robust import AGGREGATIONS, EXAMPLES, METHOD_RULE, UNIFORM, WEIGHTS, RobustSettings
@@ -43,7 +42,7 @@ class FedConfig:
     """Resolved, validated run configuration (field ``x_y`` is run-config key ``x-y``;
     ``options`` holds the chosen method's own keys)."""
 
-    strategy: str = FedALoRAHetero.name
+    strategy: str = DEFAULT_METHOD
     ranks: str = "64,64,32,32,16,16,8,8"
     num_server_rounds: int = 5
     fraction_train: float = 1.0

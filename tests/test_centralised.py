@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fedalora import fairness
-from fedalora.centralised import _share_b, run_centralised
+from fedalora.centralised import run_centralised
 from fedalora.client import FederatedClient
 
 from .conftest import tiny_config
@@ -35,7 +35,7 @@ def test_b_is_shared_and_a_stays_per_client(ranks):
     config = tiny_config(strategy="fedalora" if ranks == "4" else "fedalora-hetero", ranks=ranks)
     clients = [FederatedClient(config, k, 3, config.rank_for(k)) for k in range(3)]
     adapters = [c.build_adapter(_zero(c, config, ranks), None) for c in clients]
-    _share_b(adapters)
+    type(adapters[0]).pool_shared_factor(adapters)
     module = adapters[0].targets[0]
 
     def factors(adapter):
@@ -64,3 +64,20 @@ def test_b_is_shared_and_a_stays_per_client(ranks):
 def _zero(client, config, ranks):
     """The method's initial shared state: B = 0 (equal ranks) or B0 = 0."""
     return config.method.initial_shared(client.base.layer_shapes(), config.rank_list)
+
+
+def test_masa_pools_its_own_banks_with_one_b_and_needs_one_rank():
+    from fedalora.centralised import counterpart
+    from fedalora.errors import ConfigError
+
+    config = tiny_config(strategy="masa", ranks="4")
+    assert counterpart(config, [4, 4, 4]) is config  # MASA's own adapters, not ALoRA's
+    clients = [FederatedClient(config, k, 3, 4) for k in range(3)]
+    adapters = [c.build_adapter(_zero(c, config, "4"), None) for c in clients]
+    type(adapters[0]).pool_shared_factor(adapters)
+    module = adapters[0].targets[0]
+    assert len({id(a.layer(module).B) for a in adapters}) == 1
+    assert len({id(a.layer(module).mix) for a in adapters}) == 3
+    assert counterpart(tiny_config(strategy="fedit", ranks="4"), [4]).strategy == "fedalora"
+    with pytest.raises(ConfigError, match=r"run-config 'ranks'.*needs one rank"):
+        counterpart(tiny_config(strategy="masa", ranks="8,4"), [8, 4])

@@ -1,5 +1,5 @@
 """The method registry, a method written outside the package, and the rule that a
-method lives in one module: nothing outside it names it or branches on it."""
+method lives in one module: nothing outside it names it, imports it or branches on it."""
 
 import ast
 import re
@@ -123,6 +123,43 @@ def test_a_method_lives_in_its_module_alone():
         for n, line in enumerate(text.splitlines(), 1)
         if not path.startswith("fedalora/methods/") and branch.search(line)
     ] == []
+
+
+def _subclasses(cls: type) -> set[type]:
+    return {sub for direct in cls.__subclasses__() for sub in {direct, *_subclasses(direct)}}
+
+
+def test_no_code_outside_methods_and_adapters_imports_or_tests_their_classes():
+    """Outside ``fedalora/methods/`` and ``fedalora/adapters/``, no module imports a
+    concrete method or adapter class (or a method's own module) and none asks
+    ``isinstance`` of one: they meet the code through ``Method`` and ``ClientAdapter``."""
+    from fedalora.adapters import ClientAdapter
+
+    concrete = {c.__name__ for c in {*methods(built_in=True).values(), *_subclasses(ClientAdapter)}}
+    method_modules = {cls.__module__ for cls in methods(built_in=True).values()}
+    found = []
+    for path, text in _sources().items():
+        if path.startswith(("fedalora/methods/", "fedalora/adapters/")):
+            continue
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.ImportFrom):
+                module = node.module or ""
+                names = {alias.name for alias in node.names}
+                if names & concrete or any(module.endswith(m) for m in method_modules):
+                    found.append(f"{path}:{node.lineno} imports {module} {sorted(names)}")
+            elif isinstance(node, ast.Import):
+                found += [f"{path}:{node.lineno}" for a in node.names if a.name in method_modules]
+            elif (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Name)
+                and node.func.id in ("isinstance", "issubclass")
+            ):
+                named = {n.id for n in ast.walk(node.args[1]) if isinstance(n, ast.Name)}
+                named |= {n.attr for n in ast.walk(node.args[1]) if isinstance(n, ast.Attribute)}
+                if named & concrete:
+                    found.append(f"{path}:{node.lineno} asks isinstance of {sorted(named)}")
+    assert len(concrete) > 12  # every built-in method and the three adapter layers
+    assert found == []
 
 
 def test_the_readme_shows_the_method_the_suite_runs():

@@ -19,7 +19,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 import torch
@@ -88,6 +88,13 @@ class ClientAdapter(ABC):
         if type(self).output_delta is ClientAdapter.output_delta:
             return f"{type(self).__name__} does not define output_delta"
         return None
+
+    @classmethod
+    def pool_shared_factor(cls, adapters: Sequence[Self]) -> None:
+        """Make the clients' shared up-projection one trainable Parameter per layer, so
+        that ``adapters`` form the centralised reference's multi-task model
+        (``fedalora.centralised``); each keeps its own A."""
+        raise NotImplementedError(f"{cls.__name__} cannot pool clients into one model")
 
     def output_delta(self, module: str, x: torch.Tensor) -> torch.Tensor:
         """The adapter's contribution to target ``module``'s output for the rows ``x``:

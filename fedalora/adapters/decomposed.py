@@ -13,6 +13,8 @@ client's DeltaB = B2 B1 (d_out x d_m) into one B0 whatever the client's rank r.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -122,6 +124,19 @@ class DecomposedAdapter(ClientAdapter):
                 }
             )
         return tensors
+
+    @classmethod
+    def pool_shared_factor(cls, adapters: Sequence[DecomposedAdapter]) -> None:
+        """ALoRA's pooled model over different ranks: B0 (d_out x d_m) becomes one
+        trainable Parameter for every client and B2 = 0 stays frozen, so that
+        DeltaW_k = s B0 M_k A_k."""
+        for module in adapters[0].targets:
+            shared = nn.Parameter(adapters[0].layer(module).B0.detach().clone())
+            for adapter in adapters:
+                layer = adapter.layer(module)
+                layer.B0 = shared  # the frozen buffer becomes the shared, trained B
+                layer.B2.requires_grad_(False)
+                layer.B1.requires_grad_(False)
 
     def output_delta(self, module: str, x: torch.Tensor) -> torch.Tensor:
         return self.layer(module).output_delta(x)

@@ -4,7 +4,7 @@ variants of ``fedalora.variants`` (DoRA adds ``<module>.lora_magnitude``, d_out)
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -91,6 +91,14 @@ class LoRAAdapter(ClientAdapter):
                 }
             )
         return tensors
+
+    @classmethod
+    def pool_shared_factor(cls, adapters: Sequence[LoRAAdapter]) -> None:
+        """ALoRA's pooled model (one rank): every client's ``lora_B`` is the first's."""
+        for module in adapters[0].targets:
+            shared = adapters[0].layer(module).lora_B["default"]
+            for adapter in adapters[1:]:
+                adapter.layer(module).lora_B["default"].weight = shared.weight
 
     def cohort_problem(self) -> str | None:
         return self.variants.cohort_problem() or super().cohort_problem()

@@ -12,6 +12,8 @@ and one B per layer that integrates them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -99,6 +101,14 @@ class MASAAdapter(ClientAdapter):
             layer = self.layer(m)
             tensors.update({f"{m}.lora_B": layer.B, f"{m}.mix": layer.mix, f"{m}.bank": layer.bank})
         return tensors
+
+    @classmethod
+    def pool_shared_factor(cls, adapters: Sequence[MASAAdapter]) -> None:
+        """The centralised MASA reference (one rank): every client's B is the first's;
+        each keeps its bank and mixing weights."""
+        for module in adapters[0].targets:
+            for adapter in adapters[1:]:
+                adapter.layer(module).B = adapters[0].layer(module).B
 
     def output_delta(self, module: str, x: torch.Tensor) -> torch.Tensor:
         return self.layer(module).output_delta(x)

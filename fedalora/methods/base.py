@@ -117,6 +117,10 @@ class Method(ABC):
     #: the weights), so that client-level DP (``fedalora.privacy``) can clip and noise
     #: each client's delta and keep the method's meaning.
     linear: ClassVar[bool] = False
+    #: Whether the centralised reference (``fedalora.centralised``) pools the clients
+    #: with this method's own adapters at one rank (their shared factor tied); the others
+    #: are referenced by ALoRA's pooled model.
+    pooled_reference: ClassVar[bool] = False
 
     def __init__(
         self,

@@ -69,6 +69,7 @@ class MASA(Method):
     )
     heterogeneous = True
     linear = True
+    pooled_reference = True
     Options = MASAOptions
     options: MASAOptions
     uploads = downloads = ("lora_B",)
