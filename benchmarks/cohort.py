@@ -88,7 +88,7 @@ def main() -> None:
         config = FedConfig.from_run_config(values)
         print(f"run-config: {values}")
         clients = [
-            FederatedClient(config, p, args.clients, config.rank_for(p))
+            FederatedClient(config, p, args.clients, config.run.rank_for(p))
             for p in range(args.clients)
         ]
         device = clients[0].device

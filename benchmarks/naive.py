@@ -51,7 +51,7 @@ def run(config: FedConfig, rounds: int, naive: bool) -> list[float]:
         if naive:
             clear_caches()
         if naive or client is None:
-            client = FederatedClient(config, PARTITION, NUM_CLIENTS, config.rank_for(PARTITION))
+            client = FederatedClient(config, PARTITION, NUM_CLIENTS, config.run.rank_for(PARTITION))
             shared = federation([client])[1]
         private = client.train(shared, private, server_round).private
         _, private = client.evaluate(shared, private)

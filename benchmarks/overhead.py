@@ -36,12 +36,12 @@ def plain_loop(config: FedConfig) -> tuple[float, list[float]]:
     """Seconds of the whole loop and the final accuracy of every client."""
     started = time.perf_counter()
     clients = [
-        FederatedClient(config, k, NUM_CLIENTS, config.rank_for(k)) for k in range(NUM_CLIENTS)
+        FederatedClient(config, k, NUM_CLIENTS, config.run.rank_for(k)) for k in range(NUM_CLIENTS)
     ]
     method = config.method
     participants, shared = federation(clients)
     private: list = [None] * NUM_CLIENTS
-    for server_round in range(1, config.num_server_rounds + 1):
+    for server_round in range(1, config.run.num_server_rounds + 1):
         uploads = []
         for k, (client, participant) in enumerate(zip(clients, participants, strict=True)):
             result = client.train(
@@ -49,7 +49,7 @@ def plain_loop(config: FedConfig) -> tuple[float, list[float]]:
                 private[k],
                 server_round,
                 server_round - 1,
-                final=server_round == config.num_server_rounds,
+                final=server_round == config.run.num_server_rounds,
             )
             uploads.append(result.upload)
             private[k] = result.private
@@ -60,7 +60,7 @@ def plain_loop(config: FedConfig) -> tuple[float, list[float]]:
                 method.download(shared, participant),
                 private[k],
                 server_round,
-                final=server_round == config.num_server_rounds,
+                final=server_round == config.run.num_server_rounds,
             )
             accuracies.append(metrics["accuracy"])
     return time.perf_counter() - started, accuracies

@@ -46,17 +46,17 @@ def setup(
             "local-steps": steps,
         }
     )
-    client = FederatedClient(config, PARTITION, NUM_CLIENTS, config.rank_for(PARTITION))
+    client = FederatedClient(config, PARTITION, NUM_CLIENTS, config.run.rank_for(PARTITION))
     return client, federation([client])[1]
 
 
 def client_batches(client: FederatedClient) -> list[list[int]]:
     """The example indices the client trains on in ``SERVER_ROUND``."""
     generator = torch.Generator().manual_seed(
-        round_seed(client.config.seed, SERVER_ROUND, client.partition_id)
+        round_seed(client.config.run.seed, SERVER_ROUND, client.partition_id)
     )
-    batches = batch_indices(client.data.num_train, client.config.batch_size, generator)
-    return [next(batches) for _ in range(client.config.local_steps)]
+    batches = batch_indices(client.data.num_train, client.config.recipe.batch_size, generator)
+    return [next(batches) for _ in range(client.config.recipe.local_steps)]
 
 
 def count_tokens(client: FederatedClient, batches: list[list[int]]) -> int:
@@ -87,20 +87,22 @@ def time_bare_peft(client: FederatedClient, batches: list[list[int]]) -> float:
         model,
         LoraConfig(
             r=client.rank,
-            lora_alpha=cfg.lora_alpha * client.rank,  # type: ignore[arg-type]  # a float is fine
-            lora_dropout=cfg.lora_dropout,
+            lora_alpha=cfg.lora.scaling.alpha * client.rank,  # type: ignore[arg-type]  # a float is fine
+            lora_dropout=cfg.lora.dropout,
             target_modules=base.targets,
             modules_to_save=base.head_modules or None,
         ),
     )
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=cfg.recipe.lr
+    )
     model.train()
     for indices in batches:
         batch = tokenizer.pad(
             {"input_ids": [examples["input_ids"][i] for i in indices]}, return_tensors="pt"
         )
         batch["labels"] = torch.tensor([examples["labels"][i] for i in indices])
-        with autocast(client.device, cfg.bf16):
+        with autocast(client.device, cfg.model.bf16):
             loss = model(**{k: v.to(client.device) for k, v in batch.items()}).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -114,7 +114,7 @@ def query(msg: Message, context: Context) -> Message:
     try:
         client = _client(context)
         explicit_dir = _explicit_state_dir(context, client)
-        if client.config.state_store == "disk" and explicit_dir:
+        if client.config.faults.state_store == "disk" and explicit_dir:
             _check_writable(explicit_dir)
     except ConfigError as exc:
         problem = ConfigRecord({ERROR_KEY: exc.key, ERROR: exc.problem})
@@ -152,7 +152,7 @@ def train(msg: Message, context: Context) -> Message:
     private, private_round = store.load(server_round - 1)
     shared, shared_round = to_numpy(msg.content.array_records[ARRAYS]), number(config, SHARED_ROUND)
     final = bool(config.get(FINAL_ROUND, False))
-    export = final and client.config.export_adapters
+    export = final and client.config.outputs.export_adapters
     result = client.train(
         shared,
         private,
@@ -190,7 +190,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     store = _store(context, client, config)
     private, _ = store.load(server_round)
     metrics, private = client.evaluate(shared, private, shared_round, final, server_round)
-    if final and client.config.export_adapters:
+    if final and client.config.outputs.export_adapters:
         client.export(
             shared,
             private,
@@ -212,7 +212,7 @@ def _client(context: Context) -> FederatedClient:
             '--node-config "partition-id=0 num-partitions=3"',
         )
     partition_id, num_partitions = int(node["partition-id"]), int(node["num-partitions"])
-    rank = int(node["lora-rank"]) if "lora-rank" in node else config.rank_for(partition_id)
+    rank = int(node["lora-rank"]) if "lora-rank" in node else config.run.rank_for(partition_id)
     own_data = "dataset" in node
     if own_data:  # the node's own file, all of it (run-config keys keep their meaning)
         config = FedConfig.from_run_config(
@@ -230,15 +230,15 @@ def _cached_client(
 
 
 def _run_dir(client: FederatedClient, config: ConfigRecord) -> Path:
-    return Path(client.config.output_dir).expanduser().resolve() / str(config[RUN_NAME])
+    return Path(client.config.outputs.output_dir).expanduser().resolve() / str(config[RUN_NAME])
 
 
 def _explicit_state_dir(context: Context, client: FederatedClient) -> str:
-    return str(context.node_config.get("state-dir") or client.config.state_dir)
+    return str(context.node_config.get("state-dir") or client.config.faults.state_dir)
 
 
 def _store(context: Context, client: FederatedClient, config: ConfigRecord) -> PrivateStateStore:
-    if client.config.state_store == "memory":
+    if client.config.faults.state_store == "memory":
         return MemoryStateStore(context.state)
     state_dir = _explicit_state_dir(context, client) or _run_dir(client, config) / "private-state"
     return DiskStateStore(state_dir, client.partition_id)

@@ -63,7 +63,7 @@ def run_centralised(config: FedConfig, num_clients: int, run_dir: str | Path) ->
     recorder.finish(
         "completed",
         wall_seconds=time.perf_counter() - started,
-        rounds=config.num_server_rounds,
+        rounds=config.run.num_server_rounds,
         num_clients=num_clients,
         **final_figures(last_round, last_round["metric"]),
     )
@@ -72,7 +72,7 @@ def run_centralised(config: FedConfig, num_clients: int, run_dir: str | Path) ->
 
 def _train(config: FedConfig, num_clients: int, recorder: RunRecorder) -> dict[str, Any]:
     """Train and score round by round; returns the last round's row."""
-    ranks = [config.rank_for(k) for k in range(num_clients)]
+    ranks = [config.run.rank_for(k) for k in range(num_clients)]
     member = counterpart(config, ranks)
     clients = [FederatedClient(member, k, num_clients, ranks[k]) for k in range(num_clients)]
     shapes = clients[0].base.layer_shapes()
@@ -91,23 +91,23 @@ def _train(config: FedConfig, num_clients: int, recorder: RunRecorder) -> dict[s
         }
     )
     parameters = list({id(p): p for a in adapters for p in a.trainable_parameters()}.values())
-    total_steps = config.num_server_rounds * config.local_steps
+    total_steps = config.run.num_server_rounds * config.recipe.local_steps
     optimizer, scheduler = config.recipe.optimiser(parameters, total_steps)
-    torch.manual_seed(config.seed)  # dropout
+    torch.manual_seed(config.run.seed)  # dropout
     batches = [
         batch_indices(
             c.data.num_train,
-            config.batch_size,
-            torch.Generator().manual_seed(config.seed + c.partition_id),
+            config.recipe.batch_size,
+            torch.Generator().manual_seed(config.run.seed + c.partition_id),
         )
         for c in clients
     ]
     row: dict[str, Any] = {}
-    for server_round in range(1, config.num_server_rounds + 1):
+    for server_round in range(1, config.run.num_server_rounds + 1):
         round_started = time.perf_counter()
         for adapter in adapters:
             adapter.model.train()
-        for _ in range(config.local_steps):
+        for _ in range(config.recipe.local_steps):
             optimizer.zero_grad(set_to_none=True)
             for client, adapter, client_batches in zip(clients, adapters, batches, strict=True):
                 batch = collate(
@@ -115,8 +115,8 @@ def _train(config: FedConfig, num_clients: int, recorder: RunRecorder) -> dict[s
                 )
                 (adapter.model(**batch).loss / num_clients).backward()
             config.recipe.step(parameters, optimizer, scheduler)
-        final = server_round == config.num_server_rounds
-        scored = final or config.local_model_scoring == EVERY_ROUND
+        final = server_round == config.run.num_server_rounds
+        scored = final or config.run.local_model_scoring == EVERY_ROUND
         scores = [
             _score(c, a, server_round, final)
             for c, a in zip(clients, adapters, strict=True)

@@ -63,7 +63,7 @@ class RoundStart(NamedTuple):
 
 class FederatedClient:
     """Client ``partition_id`` of ``num_partitions`` training at LoRA rank ``rank``; with
-    ``own_data`` the whole of ``config.dataset`` is this client's (a node's own file).
+    ``own_data`` the whole of ``config.data.dataset`` is this client's (a node's own file).
     What it shares, keeps and does at each step of a round is its method's
     (``config.method``, ``fedalora.methods.base``)."""
 
@@ -77,53 +77,55 @@ class FederatedClient:
     ) -> None:
         self.config, self.partition_id, self.rank = config, partition_id, rank
         self.method = config.method
-        self.device = select_device(config.device, config.bf16)
-        drop = config.drop_incomplete_rows
+        self.device = select_device(config.model.device, config.model.bf16)
+        drop = config.data.drop_incomplete_rows
         self.base: BaseModel = cached_base_model(
-            config.model,
-            num_labels_of(config.dataset, config.columns, drop),
-            config.target_modules,
-            config.num_hidden_layers,
-            config.seed,
-            config.quantization,
+            config.model.name,
+            num_labels_of(config.data.dataset, config.data.columns, drop),
+            config.lora.target_modules,
+            config.model.num_hidden_layers,
+            config.run.seed,
+            config.model.quantization,
             self.device,  # loaded there once per worker: every adapter shares these weights
-            config.reinit_head,
-            config.tokenizer,
+            config.model.reinit_head,
+            config.model.tokenizer,
         )
         validate_rank("lora-rank", rank, self.base.layer_shapes())
         positions = getattr(self.base.model.config, "max_position_embeddings", None)
-        if positions and config.max_length > positions:
+        if positions and config.data.max_length > positions:
             raise ConfigError(
                 "max-length",
-                f"{config.max_length} tokens exceed the {positions} positions the model "
-                f"'{config.model}' can embed; use max-length <= {positions}",
+                f"{config.data.max_length} tokens exceed the {positions} positions the model "
+                f"'{config.model.name}' can embed; use max-length <= {positions}",
             )
         data_partition = (0, 1) if own_data else (partition_id, num_partitions)
         self.data: ClientData = load_client_data(
-            config.dataset,
-            config.partitioning,
+            config.data.dataset,
+            config.data.partitioning,
             *data_partition,
-            config.test_fraction,
-            config.seed,
+            config.data.test_fraction,
+            config.run.seed,
             self.base.tokenizer,
-            config.max_length,
-            1 if own_data else config.clients_per_group,
-            config.columns,
+            config.data.max_length,
+            1 if own_data else config.data.clients_per_group,
+            config.data.columns,
             drop,
         )
         #: The class names in label-id order (empty for instruction data).
-        self.labels = label_names(load_labelled_dataset(config.dataset, config.columns, drop))
+        self.labels = label_names(
+            load_labelled_dataset(config.data.dataset, config.data.columns, drop)
+        )
         #: The score clients are ranked by: ROUGE-1 of generated answers on instruction
         #: data, accuracy otherwise.
         self.metric = "rouge1" if self.data.is_instruction else ACCURACY
         self._require_known_tokens()
-        if config.global_test_examples:  # fail before training if there is no such split
+        if config.data.global_test_examples:  # fail before training if there is no such split
             load_official_test(
-                config.dataset,
-                config.global_test_examples,
-                config.seed,
+                config.data.dataset,
+                config.data.global_test_examples,
+                config.run.seed,
                 self.base.tokenizer,
-                config.max_length,
+                config.data.max_length,
             )
 
     def _require_known_tokens(self) -> None:
@@ -131,7 +133,7 @@ class FederatedClient:
         its unknown token: it is not the tokenizer of this model or of this language."""
         share = unknown_token_share(self.base.tokenizer, self.data.train["input_ids"])
         if share > 0.5:
-            key = "tokenizer" if self.config.tokenizer else "model"
+            key = "tokenizer" if self.config.model.tokenizer else "model"
             raise ConfigError(
                 key,
                 f"the tokenizer turns {share:.0%} of client {self.partition_id}'s tokens into "
@@ -156,16 +158,16 @@ class FederatedClient:
         cfg, method = self.config, self.method
         private = dict(private or {})
         rank = method.client_rank(self.rank, method_state(private))
-        torch.manual_seed(cfg.seed)
-        adapter = method.make_adapter(self.base, rank, cfg.lora_dropout)
+        torch.manual_seed(cfg.run.seed)
+        adapter = method.make_adapter(self.base, rank, cfg.lora.dropout)
         adapter.server_round = server_round
         if private:
             kept = (
                 private
-                if cfg.persist_private
+                if cfg.faults.persist_private
                 else {k: v for k, v in private.items() if k.startswith((HEAD, STATE))}
             )
-            adapter.load_private(kept, method.keeps, strict=cfg.persist_private)
+            adapter.load_private(kept, method.keeps, strict=cfg.faults.persist_private)
         method.install(adapter, shared, shared_round)
         method.start_round(adapter)
         adapter.model.to(self.device)
@@ -202,14 +204,14 @@ class FederatedClient:
             start.adapter.trainable_parameters(),
             self.data.train,
             self.base.tokenizer,
-            steps=cfg.local_steps,
-            batch_size=cfg.batch_size,
+            steps=cfg.recipe.local_steps,
+            batch_size=cfg.recipe.batch_size,
             recipe=cfg.recipe,
             optimiser=start.member.optimiser,
             device=self.device,
             generator=start.member.generator,
             penalty=start.member.penalty,
-            bf16=cfg.bf16,
+            bf16=cfg.model.bf16,
         )
 
     def start_training(
@@ -225,11 +227,11 @@ class FederatedClient:
         started = time.perf_counter()
         adapter = self.build_adapter(shared, private, shared_round, server_round)
         installed = adapter.arrays(method.downloads) if method.dp_refusal() is None else {}
-        seed = round_seed(cfg.seed, server_round, self.partition_id)
+        seed = round_seed(cfg.run.seed, server_round, self.partition_id)
         member = CohortMember(
             adapter,
             self.data.train,
-            adapter.optimiser(cfg.recipe, cfg.local_steps),
+            adapter.optimiser(cfg.recipe, cfg.recipe.local_steps),
             torch.Generator().manual_seed(seed),
             method.loss_penalty(adapter),
         )
@@ -248,7 +250,7 @@ class FederatedClient:
         if cfg.dp.enabled:  # send the clipped (and in local mode noised) update instead
             upload = cfg.dp.client_upload(
                 method.shared_delta(start.installed, upload),
-                cfg.dp.noise_rng(cfg.seed, start.server_round, self.partition_id, NOISE_STREAM),
+                cfg.dp.noise_rng(cfg.run.seed, start.server_round, self.partition_id, NOISE_STREAM),
             )
         elif method.dp_refusal() is None:  # what dp-clip would bound (the median: a common C)
             metrics["update_norm"] = global_norm(method.shared_delta(start.installed, upload))
@@ -259,7 +261,7 @@ class FederatedClient:
         )
         private_state = adapter.private_state(method.keeps)
         local_model: dict[str, float] = {}
-        if final or cfg.local_model_scoring == EVERY_ROUND:
+        if final or cfg.run.local_model_scoring == EVERY_ROUND:
             started = time.perf_counter()
             local_model = self.evaluate_adapter(adapter, final)
             local_model.update(
@@ -297,32 +299,36 @@ class FederatedClient:
             adapter.model,
             self.data.test,
             self.base.tokenizer,
-            batch_size=cfg.eval_batch_size,
+            batch_size=cfg.recipe.eval_batch_size,
             device=self.device,
-            bf16=cfg.bf16,
+            bf16=cfg.model.bf16,
         )
         if self.data.is_instruction:
             responses = generate_responses(
                 adapter.model,
                 self.data.test["prompt_ids"],
                 self.base.tokenizer,
-                batch_size=cfg.eval_batch_size,
-                max_new_tokens=cfg.max_new_tokens,
+                batch_size=cfg.recipe.eval_batch_size,
+                max_new_tokens=cfg.data.max_new_tokens,
                 device=self.device,
-                bf16=cfg.bf16,
+                bf16=cfg.model.bf16,
             )
             metrics.update(generation_scores(responses, self.data.test["references"]))
-        if final and cfg.global_test_examples:
+        if final and cfg.data.global_test_examples:
             official = load_official_test(
-                cfg.dataset, cfg.global_test_examples, cfg.seed, self.base.tokenizer, cfg.max_length
+                cfg.data.dataset,
+                cfg.data.global_test_examples,
+                cfg.run.seed,
+                self.base.tokenizer,
+                cfg.data.max_length,
             )
             metrics["global_accuracy"] = evaluate(
                 adapter.model,
                 official,
                 self.base.tokenizer,
-                batch_size=cfg.eval_batch_size,
+                batch_size=cfg.recipe.eval_batch_size,
                 device=self.device,
-                bf16=cfg.bf16,
+                bf16=cfg.model.bf16,
             )["accuracy"]
         return metrics
 
@@ -374,17 +380,17 @@ def train_cohort(
         results[k] = clients[k].finish_training(starts[k], steps, final, exports[k])
     size = cohort_size or len(batched) or 1
     # one dropout stream for the cohort, seeded by its first client and the round
-    torch.manual_seed(round_seed(config.seed, server_round, clients[0].partition_id))
+    torch.manual_seed(round_seed(config.run.seed, server_round, clients[0].partition_id))
     for first in range(0, len(batched), size):
         chunk = batched[first : first + size]
         metrics = train_cohort_steps(
             cohort_model(base),
             [starts[k].member for k in chunk],
-            steps=config.local_steps,
-            batch_size=config.batch_size,
+            steps=config.recipe.local_steps,
+            batch_size=config.recipe.batch_size,
             recipe=config.recipe,
             device=clients[0].device,
-            bf16=config.bf16,
+            bf16=config.model.bf16,
         )
         for k, own in zip(chunk, metrics, strict=True):
             results[k] = clients[k].finish_training(starts[k], own, final, exports[k])

@@ -1,172 +1,94 @@
-"""The one configuration schema of a run, validated in one place.
+"""The one configuration schema of a run: one section per concern, each key declared once.
 
 Every key is a Flower run-config key (``[tool.flwr.app.config]`` in pyproject.toml,
 overridable with ``flwr run . --run-config "key=value"``). Values are bool, int,
-float or str only, so lists are comma-separated strings. The keys of the chosen
-method's own options (``Method.Options``) sit beside the global ones; a key of
-another method's options is accepted only at its default value.
+float or str only, so lists are comma-separated strings. Each section is a frozen
+dataclass whose fields carry key, default and help (``fedalora.settings``) and whose
+``validate`` checks its own values; ``FedConfig.validate`` adds the checks that span
+sections. The keys of the chosen method's own options (``Method.Options``) sit beside
+the global ones; a key of another method's options is accepted only at its default
+value. ``python -m fedalora.config`` prints the key reference.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
-import math
+import json
 import re
-from collections.abc import Mapping
+import sys
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .data import LOCAL_FORMS, ColumnNames
+from .data import DataSettings
 from .errors import ConfigError, require
 from .methods import DEFAULT_METHOD, Method, MethodOptions, method_class, registered_methods
-from .models import NO_QUANTIZATION, QUANTIZATIONS, require_bitsandbytes
-from .privacy import CENTRAL, DP_MODES, DPSettings
-from .robust import AGGREGATIONS, EXAMPLES, METHOD_RULE, UNIFORM, WEIGHTS, RobustSettings
+from .models import NO_QUANTIZATION, ModelSettings
+from .privacy import DPSettings
+from .robust import EXAMPLES, METHOD_RULE, UNIFORM, RobustSettings
 from .run_config import unknown_key_problem
-from .scaling import SCALINGS, LoRAScaling
+from .scaling import LoRAScaling
+from .settings import Section, coerce, key_of, section, setting
 from .tracking import TRACKERS
-from .training import LR_SCHEDULES, LocalRecipe
-from .variants import DORA_MAGNITUDES, LORA_INITS, Variants
+from .training import LocalRecipe
+from .variants import Variants
 
-DEVICES = ("auto", "cpu", "cuda")
 #: run-config ``local-model-scoring``: every round, or only the last.
 EVERY_ROUND, FINAL_ROUND_ONLY = "every-round", "final-round"
 LOCAL_MODEL_SCORINGS = (EVERY_ROUND, FINAL_ROUND_ONLY)
 STATE_STORES = ("memory", "disk")
-_PARTITIONING = re.compile(r"^(iid|task|dirichlet:(?P<alpha>[0-9.eE+-]+))$")
 
 
 @dataclass(frozen=True)
-class FedConfig:
-    """Resolved, validated run configuration (field ``x_y`` is run-config key ``x-y``;
-    ``options`` holds the chosen method's own keys)."""
+class RunSettings(Section):
+    """The federation: clients' ranks, rounds, sampling, what is scored, the seed."""
 
-    strategy: str = DEFAULT_METHOD
-    ranks: str = "64,64,32,32,16,16,8,8"
-    num_server_rounds: int = 5
-    fraction_train: float = 1.0
-    fraction_evaluate: float = 1.0
-    local_model_scoring: str = EVERY_ROUND
-    final_evaluation: bool = True
-    min_nodes: int = 2
-    local_steps: int = 10
-    batch_size: int = 16
-    eval_batch_size: int = 32
-    lr: float = 1e-3
-    lr_schedule: str = "linear"
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    lora_alpha: float = 2.0
-    scaling: str = "constant"
-    lora_dropout: float = 0.05
-    dora: bool = False
-    dora_magnitude: str = "private"
-    lora_plus_ratio: float = 1.0
-    lora_init: str = "default"
-    lora_fa: bool = False
-    target_modules: str = "auto"
-    model: str = "minilm"
-    tokenizer: str = ""
-    num_hidden_layers: int = 0
-    quantization: str = NO_QUANTIZATION
-    reinit_head: bool = False
-    dataset: str = "bbc-news"
-    text_column: str = "text"
-    label_column: str = "label"
-    instruction_column: str = "instruction"
-    response_column: str = "response"
-    task_column: str = "task"
-    drop_incomplete_rows: bool = False
-    partitioning: str = "dirichlet:0.5"
-    clients_per_group: int = 1
-    test_fraction: float = 0.2
-    max_length: int = 64
-    global_test_examples: int = 0
-    max_new_tokens: int = 16
-    seed: int = 42
-    persist_private: bool = True
-    state_store: str = "memory"
-    state_dir: str = ""
-    export_adapters: bool = True
-    device: str = "auto"
-    bf16: bool = False
-    output_dir: str = "outputs"
-    run_name: str = ""
-    tracker: str = "none"
-    round_timeout: float = 3600.0
-    round_retries: int = 1
-    max_update_rms: float = 100.0
-    max_norm_ratio: float = 10.0
-    weights: str = EXAMPLES
-    weight_cap: float = 4.0
-    aggregation: str = METHOD_RULE
-    trim_fraction: float = 0.1
-    clip_norm: float = 0.0
-    dp_clip: float = 1.0
-    dp_noise_multiplier: float = 0.0
-    dp_delta: float = 0.0
-    dp_mode: str = CENTRAL
-    dp_target_epsilon: float = 0.0
-    dp_secure_noise: bool = False
-    checkpoint: bool = True
-    resume: bool = False
-    options: MethodOptions = field(default_factory=MethodOptions)
+    title = "Run and rounds"
 
-    # ----------------------------------------------------------------- parsing
-    @classmethod
-    def from_run_config(cls, run_config: Mapping[str, Any]) -> FedConfig:
-        """Build from a Flower run-config; unknown keys and bad values raise ConfigError."""
-        strategy = _coerce("strategy", run_config.get("strategy", cls.strategy), str)
-        options_class = method_class(strategy).Options
-        fields, own = _global_keys(), options_class.fields_by_key()
-        values: dict[str, Any] = {}
-        options: dict[str, Any] = {}
-        for key, raw in run_config.items():
-            if key in fields:
-                values[fields[key].name] = _coerce(key, raw, type(fields[key].default))
-            elif key in own:
-                options[own[key].name] = _coerce(key, raw, type(own[key].default))
-            else:
-                _check_foreign_option(key, raw, strategy)
-        config = cls(**values, options=options_class(**options))
-        config.validate()
-        return config
+    ranks: str = setting(
+        "ranks",
+        "64,64,32,32,16,16,8,8",
+        "LoRA rank per client, indexed by partition id and cycled; a node's `lora-rank` "
+        "node-config wins",
+    )
+    num_server_rounds: int = setting("num-server-rounds", 5, "federated rounds")
+    fraction_train: float = setting(
+        "fraction-train", 1.0, "fraction of nodes sampled per round (seeded)"
+    )
+    fraction_evaluate: float = setting(
+        "fraction-evaluate",
+        1.0,
+        "fraction of nodes evaluated after aggregation per round (seeded); the last round "
+        "always evaluates every node (unless `final-evaluation=false`); 0 = only the last "
+        "round (every trained client also scores its local model each round)",
+    )
+    local_model_scoring: str = setting(
+        "local-model-scoring",
+        EVERY_ROUND,
+        "when a training client scores its local model right after training (the paper's "
+        "protocol): `every-round`, or `final-round` (the last round only: a long LLM run "
+        "spends most of its time scoring)",
+    )
+    final_evaluation: bool = setting(
+        "final-evaluation",
+        True,
+        "whether the last round evaluates every node after aggregation (the "
+        "post-aggregation protocol, and the export of `clients/<id>/adapter/`); `false` with "
+        "`fraction-evaluate=0` scores the paper's protocol only",
+    )
+    min_nodes: int = setting(
+        "min-nodes", 2, "nodes to wait for, and replies needed to aggregate a round"
+    )
+    seed: int = setting(
+        "seed",
+        42,
+        "seeds partitioning, initialisation, sampling and batches: same seed, same run",
+    )
 
-    def to_run_config(self) -> dict[str, Any]:
-        """The run-config mapping that reproduces this configuration."""
-        return {
-            **{key: getattr(self, f.name) for key, f in _global_keys().items()},
-            **self.options.to_run_config(),
-        }
-
-    def with_strategy(self, strategy: str) -> FedConfig:
-        """The same run with another method: global keys kept, options of the new method
-        kept where this configuration has them, else at their defaults."""
-        global_keys = {key: getattr(self, f.name) for key, f in _global_keys().items()}
-        own = method_class(strategy).Options.fields_by_key()
-        shared = {k: v for k, v in self.options.to_run_config().items() if k in own}
-        return FedConfig.from_run_config({**global_keys, **shared, "strategy": strategy})
-
-    # -------------------------------------------------------------- validation
     def validate(self) -> None:
-        """Check every value that can be checked without a model or data."""
-        method = self.method_class
-        require(
-            isinstance(self.options, method.Options),
-            "strategy",
-            f"options {type(self.options).__name__} are not those of '{self.strategy}'; "
-            "build the configuration with FedConfig.from_run_config",
-        )
-        self.options.validate()
-        ranks = self.rank_list  # parses and checks the ranks string
-        if not method.heterogeneous and len(set(ranks)) > 1:
-            raise ConfigError(
-                "ranks",
-                f"strategy '{self.strategy}' needs one rank for every "
-                f"client, got '{self.ranks}'; use a single rank or a strategy "
-                f"that reconciles ranks: {', '.join(heterogeneous_methods())}",
-            )
+        self.rank_list  # noqa: B018 - parses and checks the ranks string
         require(self.num_server_rounds > 0, "num-server-rounds", "must be >= 1")
         require(0.0 < self.fraction_train <= 1.0, "fraction-train", "must be in (0, 1]")
         require(
@@ -180,123 +102,8 @@ class FedConfig:
             f"choose one of: {', '.join(LOCAL_MODEL_SCORINGS)} (when a training client scores "
             "its local model, the paper's protocol)",
         )
-        require(
-            self.clients_per_group >= 1,
-            "clients-per-group",
-            "must be >= 1 (clients that share one data group: a task, or one IID or "
-            "Dirichlet part)",
-        )
-        if self.clients_per_group > 1 and len(set(ranks)) > 1:
-            require(
-                self.clients_per_group % len(ranks) == 0,
-                "clients-per-group",
-                f"{self.clients_per_group} clients per group do not take each of the "
-                f"{len(ranks)} ranks '{self.ranks}' equally often; use a multiple of "
-                f"{len(ranks)}, so that every group has clients of every rank",
-            )
         require(self.min_nodes >= 1, "min-nodes", "must be >= 1")
-        require(self.local_steps > 0, "local-steps", "must be >= 1")
-        require(self.batch_size > 0, "batch-size", "must be >= 1")
-        require(self.eval_batch_size > 0, "eval-batch-size", "must be >= 1")
-        require(self.lr > 0 and math.isfinite(self.lr), "lr", "must be a positive number")
-        require(
-            self.lr_schedule in LR_SCHEDULES,
-            "lr-schedule",
-            f"choose one of: {', '.join(LR_SCHEDULES)} (linear: decay to 0 over each "
-            "round's steps, as the Fed-ALoRA reference)",
-        )
-        require(self.weight_decay >= 0, "weight-decay", "must be >= 0 (AdamW's decoupled decay)")
-        require(
-            self.max_grad_norm >= 0,
-            "max-grad-norm",
-            "must be >= 0 (the largest total gradient norm; 0 turns clipping off)",
-        )
-        self._validate_variants()
-        require(self.lora_alpha > 0, "lora-alpha", "must be positive")
-        require(self.scaling in SCALINGS, "scaling", f"choose one of: {', '.join(SCALINGS)}")
-        require(0.0 <= self.lora_dropout < 1.0, "lora-dropout", "must be in [0, 1)")
-        require(
-            bool(self.target_modules.strip()),
-            "target-modules",
-            "give 'auto' or comma-separated module names such as 'query,value'",
-        )
-        require(
-            bool(self.model.strip()),
-            "model",
-            "give a packaged model ('minilm', 'smollm2'), a Hugging Face id or a local path",
-        )
-        require(
-            self.num_hidden_layers >= 0,
-            "num-hidden-layers",
-            "must be >= 0 (0 keeps the model's own depth)",
-        )
-        self._validate_quantization()
-        require(
-            bool(self.dataset.strip()),
-            "dataset",
-            f"give a packaged data set, a local {LOCAL_FORMS} or a Hugging Face id",
-        )
-        self._validate_columns()
-        require(
-            _PARTITIONING.match(self.partitioning) is not None,
-            "partitioning",
-            f"got '{self.partitioning}'; allowed: 'iid', 'task', 'dirichlet:<alpha>'",
-        )
-        if self.partitioning.startswith("dirichlet:"):
-            require(self.dirichlet_alpha > 0, "partitioning", "dirichlet alpha must be > 0")
-        require(0.0 < self.test_fraction < 1.0, "test-fraction", "must be in (0, 1)")
-        require(self.max_length >= 8, "max-length", "must be >= 8 tokens")
-        require(
-            self.max_new_tokens >= 1,
-            "max-new-tokens",
-            "must be >= 1 (tokens generated per answer on instruction data)",
-        )
-        require(
-            self.global_test_examples >= 0,
-            "global-test-examples",
-            "must be >= 0 (0: no scoring on the data set's official test split)",
-        )
-        require(self.device in DEVICES, "device", f"choose one of: {', '.join(DEVICES)}")
-        require(
-            self.tracker in TRACKERS,
-            "tracker",
-            f"choose one of: {', '.join(TRACKERS)} (where the server also logs the run)",
-        )
-        require(
-            self.state_store in STATE_STORES,
-            "state-store",
-            f"choose one of: {', '.join(STATE_STORES)} (disk: one safetensors file per "
-            "client under state-dir)",
-        )
-        require(self.round_timeout > 0, "round-timeout", "must be positive (seconds)")
-        require(
-            self.round_retries >= 0,
-            "round-retries",
-            "must be >= 0 (times a round with fewer than min-nodes good replies is rerun)",
-        )
-        require(
-            self.max_update_rms > 0,
-            "max-update-rms",
-            "must be positive (largest root-mean-square entry of an accepted update)",
-        )
-        require(
-            self.max_norm_ratio == 0 or self.max_norm_ratio > 1,
-            "max-norm-ratio",
-            "must be > 1 (an update this many times the round's median RMS is rejected) "
-            "or 0 to turn the check off",
-        )
-        self._validate_robustness()
-        self._validate_privacy()
-        if self.resume:
-            require(self.checkpoint, "resume", "needs checkpoint=true")
-            require(
-                self.state_store == "disk",
-                "resume",
-                "needs state-store='disk', so that each client's private factors outlive "
-                "the interrupted run; rerun both runs with state-store='disk'",
-            )
 
-    # ------------------------------------------------------------ derived
     @property
     def rank_list(self) -> list[int]:
         """``ranks`` as integers; raises ConfigError when malformed or non-positive."""
@@ -317,29 +124,252 @@ class FedConfig:
         ranks = self.rank_list
         return ranks[partition_id % len(ranks)]
 
-    @property
-    def method_class(self) -> type[Method]:
-        """The federated method ``strategy`` names."""
-        return method_class(self.strategy)
 
-    def _validate_variants(self) -> None:
+@dataclass(frozen=True)
+class LoRASettings(Section):
+    """The clients' adapters: the scale, dropout, target layers and LoRA variants."""
+
+    title = "LoRA and variants"
+
+    scaling: LoRAScaling = section(LoRAScaling)
+    dropout: float = setting("lora-dropout", 0.05, "dropout on the adapter input")
+    target_modules: str = setting(
+        "target-modules",
+        "auto",
+        "comma-separated layer names; `auto` = PEFT's default for the architecture (BERT: "
+        "query,value; Llama: q_proj,v_proj; GPT-2: c_attn, a transformers `Conv1D`, so its "
+        "exports set PEFT's `fan_in_fan_out`)",
+    )
+    variants: Variants = section(Variants)
+
+    def validate(self) -> None:
+        super().validate()
+        require(0.0 <= self.dropout < 1.0, "lora-dropout", "must be in [0, 1)")
         require(
-            self.dora_magnitude in DORA_MAGNITUDES,
-            "dora-magnitude",
-            f"choose one of: {', '.join(DORA_MAGNITUDES)} (DoRA's magnitude vector kept "
-            "on the client, or shared and averaged with B)",
+            bool(self.target_modules.strip()),
+            "target-modules",
+            "give 'auto' or comma-separated module names such as 'query,value'",
+        )
+
+
+@dataclass(frozen=True)
+class FaultSettings(Section):
+    """What survives a fault: reply deadlines and retries, reply screening, the clients'
+    private state between rounds, checkpoints and resume."""
+
+    title = "Faults, state and checkpoints"
+
+    round_timeout: float = setting(
+        "round-timeout",
+        3600.0,
+        "seconds to wait for replies in a round; a node that has not replied by then counts "
+        "as failed",
+    )
+    round_retries: int = setting(
+        "round-retries",
+        1,
+        "times a round is rerun (fresh node sample) when fewer than `min-nodes` updates were "
+        "accepted; after that the round is skipped and the shared state kept",
+    )
+    max_update_rms: float = setting(
+        "max-update-rms", 100.0, "an update whose root-mean-square entry is larger is rejected"
+    )
+    max_norm_ratio: float = setting(
+        "max-norm-ratio",
+        10.0,
+        "an update whose RMS entry is over this many times the round's median (3+ updates) "
+        "is rejected; 0 = off",
+    )
+    persist_private: bool = setting(
+        "persist-private",
+        True,
+        "keep the private factors across rounds; `false` restarts them from the common A_0 "
+        "each round as the reference code does (the head is kept)",
+    )
+    state_store: str = setting(
+        "state-store",
+        "memory",
+        "where each client keeps its private state between rounds: `memory` (Flower's node "
+        "`context.state`) or `disk` (safetensors files `client-<id>.round-<t>.safetensors`, "
+        "written atomically; needed by `resume` and by a SuperNode that must survive a "
+        "restart)",
+    )
+    state_dir: str = setting(
+        "state-dir",
+        "",
+        "`state-store=disk` directory; a node's `state-dir` node-config wins; empty = "
+        "`<output-dir>/<run-name>/private-state/` (in a deployment, on the node's own disk)",
+    )
+    checkpoint: bool = setting("checkpoint", True, "write `checkpoint/` after every round")
+    resume: bool = setting(
+        "resume",
+        False,
+        "continue `run-name` from its last checkpoint (needs `state-store=disk`)",
+    )
+
+    def validate(self) -> None:
+        require(self.round_timeout > 0, "round-timeout", "must be positive (seconds)")
+        require(
+            self.round_retries >= 0,
+            "round-retries",
+            "must be >= 0 (times a round with fewer than min-nodes good replies is rerun)",
         )
         require(
-            self.lora_plus_ratio >= 1.0,
-            "lora-plus-ratio",
-            "must be >= 1 (B's learning rate over A's; 1 turns LoRA+ off; about 16 in "
-            "the LoRA+ paper)",
+            self.max_update_rms > 0,
+            "max-update-rms",
+            "must be positive (largest root-mean-square entry of an accepted update)",
         )
         require(
-            self.lora_init in LORA_INITS, "lora-init", f"choose one of: {', '.join(LORA_INITS)}"
+            self.max_norm_ratio == 0 or self.max_norm_ratio > 1,
+            "max-norm-ratio",
+            "must be > 1 (an update this many times the round's median RMS is rejected) "
+            "or 0 to turn the check off",
         )
-        variants = self.variants
-        for key in variants.chosen():
+        require(
+            self.state_store in STATE_STORES,
+            "state-store",
+            f"choose one of: {', '.join(STATE_STORES)} (disk: one safetensors file per "
+            "client under state-dir)",
+        )
+        if self.resume:
+            require(self.checkpoint, "resume", "needs checkpoint=true")
+            require(
+                self.state_store == "disk",
+                "resume",
+                "needs state-store='disk', so that each client's private factors outlive "
+                "the interrupted run; rerun both runs with state-store='disk'",
+            )
+
+
+@dataclass(frozen=True)
+class OutputSettings(Section):
+    """Where a run writes, and what besides its records."""
+
+    title = "Outputs"
+
+    output_dir: str = setting("output-dir", "outputs", "results go to `<output-dir>/<run-name>/`")
+    run_name: str = setting("run-name", "", "the run's folder; empty = a timestamped name")
+    export_adapters: bool = setting(
+        "export-adapters",
+        True,
+        "after the last round each client writes its PEFT adapters to "
+        "`clients/<partition-id>/local-model/` (its last local model) and "
+        "`clients/<partition-id>/adapter/` (after the last aggregation)",
+    )
+    tracker: str = setting(
+        "tracker",
+        "none",
+        "also log the run to an experiment tracker, offline, in the run directory: "
+        "`tensorboard`, `mlflow` or `wandb` (the server only; its library must be installed "
+        "there, e.g. `pip install 'fedalora[mlflow]'`)",
+    )
+
+    def validate(self) -> None:
+        require(
+            self.tracker in TRACKERS,
+            "tracker",
+            f"choose one of: {', '.join(TRACKERS)} (where the server also logs the run)",
+        )
+
+
+@dataclass(frozen=True)
+class FedConfig(Section):
+    """Resolved, validated run configuration: the method (``strategy`` and its
+    ``options``) and one section per concern."""
+
+    title = "Method"
+
+    strategy: str = setting(
+        "strategy",
+        DEFAULT_METHOD,
+        "a method of Methods, or your own by import path (`package.module:Class`)",
+    )
+    run: RunSettings = section(RunSettings)
+    data: DataSettings = section(DataSettings)
+    model: ModelSettings = section(ModelSettings)
+    lora: LoRASettings = section(LoRASettings)
+    recipe: LocalRecipe = section(LocalRecipe)
+    dp: DPSettings = section(DPSettings)
+    robust: RobustSettings = section(RobustSettings)
+    faults: FaultSettings = section(FaultSettings)
+    outputs: OutputSettings = section(OutputSettings)
+    options: MethodOptions = field(default_factory=MethodOptions, metadata={"skip": True})
+
+    # ----------------------------------------------------------------- parsing
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> FedConfig:
+        """Build from a Flower run-config; unknown keys and bad values raise ConfigError."""
+        strategy = coerce("strategy", run_config.get("strategy", DEFAULT_METHOD), str)
+        options_class = method_class(strategy).Options
+        global_keys, own = cls.fields_by_key(), options_class.fields_by_key()
+        for key, raw in run_config.items():
+            if key not in global_keys and key not in own:
+                _check_foreign_option(key, raw, strategy)
+        built = super().from_run_config(run_config)
+        config = cls(
+            **{name: getattr(built, name) for name in _SECTION_NAMES},
+            strategy=built.strategy,
+            options=options_class.from_run_config(run_config),
+        )
+        config.validate()
+        return config
+
+    def to_run_config(self) -> dict[str, Any]:
+        """The run-config mapping that reproduces this configuration."""
+        return {**super().to_run_config(), **self.options.to_run_config()}
+
+    def with_strategy(self, strategy: str) -> FedConfig:
+        """The same run with another method: global keys kept, options of the new method
+        kept where this configuration has them, else at their defaults."""
+        global_keys = Section.to_run_config(self)
+        own = method_class(strategy).Options.fields_by_key()
+        shared = {k: v for k, v in self.options.to_run_config().items() if k in own}
+        return FedConfig.from_run_config({**global_keys, **shared, "strategy": strategy})
+
+    # -------------------------------------------------------------- validation
+    def validate(self) -> None:
+        """Check every value that can be checked without a model or data: each section's
+        own, then what spans sections."""
+        method = self.method_class
+        require(
+            isinstance(self.options, method.Options),
+            "strategy",
+            f"options {type(self.options).__name__} are not those of '{self.strategy}'; "
+            "build the configuration with FedConfig.from_run_config",
+        )
+        self.options.validate()
+        super().validate()
+        ranks = self.run.rank_list
+        if not method.heterogeneous and len(set(ranks)) > 1:
+            raise ConfigError(
+                "ranks",
+                f"strategy '{self.strategy}' needs one rank for every "
+                f"client, got '{self.run.ranks}'; use a single rank or a strategy "
+                f"that reconciles ranks: {', '.join(heterogeneous_methods())}",
+            )
+        groups = self.data.clients_per_group
+        if groups > 1 and len(set(ranks)) > 1:
+            require(
+                groups % len(ranks) == 0,
+                "clients-per-group",
+                f"{groups} clients per group do not take each of the "
+                f"{len(ranks)} ranks '{self.run.ranks}' equally often; use a multiple of "
+                f"{len(ranks)}, so that every group has clients of every rank",
+            )
+        self._validate_method_takes_variants()
+        if self.model.quantization != NO_QUANTIZATION:
+            require(
+                self.lora.variants.lora_init == "default",
+                "lora-init",
+                "a principal init rewrites the base weights, which quantization="
+                f"'{self.model.quantization}' keeps packed; use lora-init='default' or "
+                "quantization='none'",
+            )
+        self._validate_robustness()
+        self._validate_privacy()
+
+    def _validate_method_takes_variants(self) -> None:
+        for key in self.lora.variants.chosen():
             if key not in self.method_class.accepts:
                 able = [n for n, c in registered_methods().items() if key in c.accepts]
                 raise ConfigError(
@@ -347,82 +377,11 @@ class FedConfig:
                     f"strategy '{self.strategy}' does not take this LoRA "
                     f"variant; methods that do: {', '.join(able) or 'none'}",
                 )
-        require(
-            not (variants.dora and variants.lora_init != "default"),
-            "lora-init",
-            "a principal init (pissa, olora) does not combine with dora here; choose one",
-        )
-        require(
-            not (variants.lora_fa and variants.lora_plus_ratio != 1.0),
-            "lora-fa",
-            "LoRA-FA and LoRA+ are two optimisers; choose one (lora-fa=false or lora-plus-ratio=1)",
-        )
-
-    def _validate_columns(self) -> None:
-        key_of: dict[str, str] = {}  # column name -> the key that names it
-        for internal, name in dataclasses.asdict(self.columns).items():
-            key = f"{internal}-column"
-            require(
-                bool(name.strip()),
-                key,
-                f"give the name of the data's {internal} column (default '{internal}')",
-            )
-            require(
-                name not in key_of,
-                key,
-                f"names the column '{name}', as {key_of.get(name)} does; give each "
-                "column key its own column",
-            )
-            key_of[name] = key
-
-    def _validate_quantization(self) -> None:
-        require(
-            self.quantization in QUANTIZATIONS,
-            "quantization",
-            f"choose one of: {', '.join(QUANTIZATIONS)} (the frozen base model's weights, "
-            "through bitsandbytes)",
-        )
-        if self.quantization == NO_QUANTIZATION:
-            return
-        require(
-            self.lora_init == "default",
-            "lora-init",
-            "a principal init rewrites the base weights, which quantization="
-            f"'{self.quantization}' keeps packed; use lora-init='default' or quantization='none'",
-        )
-        require_bitsandbytes(self.quantization)
 
     def _validate_robustness(self) -> None:
-        require(
-            self.weights in WEIGHTS,
-            "weights",
-            f"choose one of: {', '.join(WEIGHTS)} (how much a client's claimed example "
-            "count weighs in the aggregate)",
-        )
-        require(
-            self.weight_cap > 1 and math.isfinite(self.weight_cap),
-            "weight-cap",
-            "must be > 1 (a claim weighs at most this many times the median claim)",
-        )
-        require(
-            self.aggregation in AGGREGATIONS,
-            "aggregation",
-            f"choose one of: {', '.join(AGGREGATIONS)} (the method's rule, or a "
-            "coordinate-wise robust statistic of the clients' updates)",
-        )
-        require(
-            0 <= self.trim_fraction < 0.5,
-            "trim-fraction",
-            "must be in [0, 0.5) (the share of clients cut at each end, entry by entry)",
-        )
-        require(
-            self.clip_norm >= 0 and math.isfinite(self.clip_norm),
-            "clip-norm",
-            "must be >= 0 (the L2 bound on each client's update; 0: no clipping)",
-        )
         if not self.robust.replaces_rule:
             return
-        key = "aggregation" if self.aggregation != METHOD_RULE else "clip-norm"
+        key = "aggregation" if self.robust.aggregation != METHOD_RULE else "clip-norm"
         refusal = self.method.dp_refusal()
         if refusal:
             able = [n for n, c in registered_methods().items() if c.linear]
@@ -440,40 +399,13 @@ class FedConfig:
         )
 
     def _validate_privacy(self) -> None:
-        require(
-            self.dp_clip > 0 and math.isfinite(self.dp_clip),
-            "dp-clip",
-            "must be a positive number (the L2 bound C on each client's update, over all layers)",
-        )
-        require(
-            self.dp_noise_multiplier >= 0 and math.isfinite(self.dp_noise_multiplier),
-            "dp-noise-multiplier",
-            "must be >= 0 (z: the noise's standard deviation is z * dp-clip; 0 turns DP off)",
-        )
-        require(
-            0 <= self.dp_delta < 1,
-            "dp-delta",
-            "must be in [0, 1) (0: 1 / number of clients^1.1)",
-        )
-        require(self.dp_mode in DP_MODES, "dp-mode", f"choose one of: {', '.join(DP_MODES)}")
-        require(
-            self.dp_target_epsilon >= 0,
-            "dp-target-epsilon",
-            "must be >= 0 (the run stops before its epsilon would pass it; 0: no target)",
-        )
-        if self.dp.enabled:
-            require(
-                self.weights in (EXAMPLES, UNIFORM),
-                "weights",
-                "client-level DP weighs every client equally; leave weights at its default",
-            )
         if not self.dp.enabled:
-            require(
-                self.dp_target_epsilon == 0,
-                "dp-target-epsilon",
-                "needs DP on: set dp-noise-multiplier > 0, or dp-target-epsilon=0",
-            )
             return
+        require(
+            self.robust.weights in (EXAMPLES, UNIFORM),
+            "weights",
+            "client-level DP weighs every client equally; leave weights at its default",
+        )
         refusal = self.method.dp_refusal()
         if refusal:
             able = [n for n, c in registered_methods().items() if c.linear]
@@ -483,68 +415,26 @@ class FedConfig:
                 f"methods that can: {', '.join(able)} (or set dp-noise-multiplier=0)",
             )
 
+    # ------------------------------------------------------------ derived
     @property
-    def dp(self) -> DPSettings:
-        """Client-level differential privacy (run-config ``dp-*``)."""
-        return DPSettings(
-            self.dp_clip,
-            self.dp_noise_multiplier,
-            self.dp_delta,
-            self.dp_mode,
-            self.dp_target_epsilon,
-            self.dp_secure_noise,
-        )
-
-    @property
-    def robust(self) -> RobustSettings:
-        """Aggregation weights and robust aggregation (run-config ``weights``,
-        ``weight-cap``, ``aggregation``, ``trim-fraction``, ``clip-norm``)."""
-        return RobustSettings(
-            self.weights, self.weight_cap, self.aggregation, self.trim_fraction, self.clip_norm
-        )
-
-    @property
-    def variants(self) -> Variants:
-        """The clients' LoRA variants (dora, dora-magnitude, lora-plus-ratio, lora-init,
-        lora-fa)."""
-        return Variants(
-            self.dora, self.dora_magnitude, self.lora_plus_ratio, self.lora_init, self.lora_fa
-        )
+    def method_class(self) -> type[Method]:
+        """The federated method ``strategy`` names."""
+        return method_class(self.strategy)
 
     @functools.cached_property
     def method(self) -> Method:
         """The federated method, set up with its options, the seed, the scaling and the
         LoRA variants."""
         return self.method_class(
-            self.options, seed=self.seed, scaling=self.lora_scaling, variants=self.variants
+            self.options,
+            seed=self.run.seed,
+            scaling=self.lora.scaling,
+            variants=self.lora.variants,
         )
 
-    @property
-    def columns(self) -> ColumnNames:
-        """The names of a user data set's columns (run-config ``text-column``,
-        ``label-column``, ``instruction-column``, ``response-column``, ``task-column``)."""
-        return ColumnNames(
-            self.text_column,
-            self.label_column,
-            self.instruction_column,
-            self.response_column,
-            self.task_column,
-        )
 
-    @property
-    def recipe(self) -> LocalRecipe:
-        """The clients' local optimiser (run-config lr, lr-schedule, weight-decay,
-        max-grad-norm)."""
-        return LocalRecipe(self.lr, self.weight_decay, self.max_grad_norm, self.lr_schedule)
-
-    @property
-    def lora_scaling(self) -> LoRAScaling:
-        """The LoRA scale rule s(r) of run-config ``scaling`` and ``lora-alpha``."""
-        return LoRAScaling(self.scaling, self.lora_alpha)
-
-    @property
-    def dirichlet_alpha(self) -> float:
-        return float(self.partitioning.split(":", 1)[1])
+#: FedConfig's sections, by attribute.
+_SECTION_NAMES = ("run", "data", "model", "lora", "recipe", "dp", "robust", "faults", "outputs")
 
 
 def heterogeneous_methods() -> list[str]:
@@ -565,13 +455,6 @@ def validate_rank(key: str, rank: int, layer_shapes: Mapping[str, tuple[int, int
         )
 
 
-def _global_keys() -> dict[str, dataclasses.Field[Any]]:
-    """Run-config key -> FedConfig field, for every key that is not a method option."""
-    return {
-        f.name.replace("_", "-"): f for f in dataclasses.fields(FedConfig) if f.name != "options"
-    }
-
-
 def _check_foreign_option(key: str, raw: Any, strategy: str) -> None:
     """A key that is neither global nor the chosen method's: another method's option may
     stay at its default (pyproject.toml lists every built-in option); anything else is
@@ -583,9 +466,9 @@ def _check_foreign_option(key: str, raw: Any, strategy: str) -> None:
     }
     if not owners:
         own = method_class(strategy).Options.fields_by_key()
-        raise ConfigError(key, unknown_key_problem(key, [*_global_keys(), *own]))
+        raise ConfigError(key, unknown_key_problem(key, [*FedConfig.fields_by_key(), *own]))
     name, option = next(iter(owners.items()))
-    if _coerce(key, raw, type(option.default)) != option.default:
+    if coerce(key, raw, type(option.default)) != option.default:
         raise ConfigError(
             key,
             f"is an option of {', '.join(owners)}, which strategy "
@@ -594,29 +477,45 @@ def _check_foreign_option(key: str, raw: Any, strategy: str) -> None:
         )
 
 
-def _coerce(key: str, raw: Any, kind: type) -> Any:
-    """Convert a run-config value to the schema's type, or raise ConfigError."""
-    if kind is bool:
-        if isinstance(raw, bool):
-            return raw
-        if isinstance(raw, str) and raw.lower() in {"true", "false"}:
-            return raw.lower() == "true"
-        raise ConfigError(key, f"expected true or false, got {raw!r}")
-    if kind is int:
-        if isinstance(raw, int) and not isinstance(raw, bool):
-            return raw
-        if isinstance(raw, str) and re.fullmatch(r"[+-]?\d+", raw.strip()):
-            return int(raw)
-        raise ConfigError(key, f"expected an integer, got {raw!r}")
-    if kind is float:
-        if isinstance(raw, (int, float)) and not isinstance(raw, bool):
-            return float(raw)
-        try:
-            return float(raw)
-        except (TypeError, ValueError):
-            raise ConfigError(key, f"expected a number, got {raw!r}") from None
-    if isinstance(raw, (int, float)) and not isinstance(raw, bool):
-        return str(raw)  # e.g. ranks="8" parsed by TOML as the integer 8
-    if not isinstance(raw, str):
-        raise ConfigError(key, f"expected a string, got {raw!r}")
-    return raw
+def key_reference() -> Iterator[str]:
+    """The key reference as Markdown: a table per section (key, default, meaning), then
+    each registered method's own options."""
+    for part in FedConfig.sections():
+        own = [f for f in dataclasses.fields(part) if "key" in f.metadata]  # type: ignore[arg-type]
+        if not own:
+            continue
+        yield f"### {part.title}\n"
+        yield "| key | default | meaning |"
+        yield "|---|---|---|"
+        yield from (f"| `{key_of(f)}` | {_shown(f.default)} | {f.metadata['help']} |" for f in own)
+        yield ""
+    yield "### Method options\n"
+    yield "| key | default | method | meaning |"
+    yield "|---|---|---|---|"
+    for name, cls in registered_methods(built_in=True).items():
+        for key, option in cls.Options.fields_by_key().items():
+            yield f"| `{key}` | {_shown(option.default)} | `{name}` | {option.metadata['help']} |"
+
+
+def _shown(default: Any) -> str:
+    if isinstance(default, bool):
+        return f"`{str(default).lower()}`"
+    return f"`{default}`" if default != "" else "(empty)"
+
+
+def manifest_table() -> Iterator[str]:
+    """``[tool.flwr.app.config]`` as pyproject.toml declares it: every global key at its
+    default, then each built-in method's options at theirs."""
+    defaults = FedConfig().to_run_config()
+    for cls in registered_methods(built_in=True).values():
+        defaults.update(cls.Options().to_run_config())
+    for key, value in defaults.items():
+        shown = str(value).lower() if isinstance(value, bool) else value
+        yield f"{key} = {json.dumps(shown) if isinstance(value, str) else shown}"
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="The run-config keys, from the schema.")
+    parser.add_argument("--toml", action="store_true", help="print pyproject.toml's table")
+    lines = manifest_table() if parser.parse_args().toml else key_reference()
+    sys.stdout.write("\n".join(lines) + "\n")

@@ -34,7 +34,8 @@ from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging as transformers_logging
 
 from .assets import package_dir
-from .errors import ConfigError
+from .errors import ConfigError, require
+from .settings import Section, setting
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PACKAGED_MODELS = {
@@ -62,7 +63,84 @@ SUPPORTED_KINDS = (
     "encoder-only models (BERT-like) as classifiers and decoder-only models (GPT-, "
     "Llama-like) as classifiers or on instruction data"
 )
+#: run-config ``device``.
+DEVICES = ("auto", "cpu", "cuda")
 _LOG = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelSettings(Section):
+    """The frozen base model, its tokenizer and where and how it runs."""
+
+    title = "Model"
+
+    name: str = setting(
+        "model",
+        "minilm",
+        "`minilm` (packaged all-MiniLM-L6-v2), `smollm2` (packaged SmolLM2-135M-Instruct, "
+        "converted once from GGUF to a safetensors cache in `$FEDALORA_CACHE`, default "
+        "`~/.cache/fedalora`), any local path or Hugging Face id. Encoder-only models train "
+        "as classifiers, decoder-only ones as classifiers or on instruction data; "
+        "encoder-decoder models are refused before training. A classifier's head is always "
+        "trained and kept private",
+    )
+    tokenizer: str = setting(
+        "tokenizer",
+        "",
+        "the tokenizer's folder or id when it is not saved with the model; the model's own "
+        "otherwise. A tokenizer that does not fit the model, or turns most of a client's "
+        "text into its unknown token, stops the run before training",
+    )
+    num_hidden_layers: int = setting(
+        "num-hidden-layers",
+        0,
+        "keep only the first N transformer layers (0 = all); for fast experiments and tests",
+    )
+    quantization: str = setting(
+        "quantization",
+        NO_QUANTIZATION,
+        "the frozen base model's weights: `none`, `8bit` (LLM.int8()) or `4bit` (QLoRA's NF4 "
+        "with double quantisation) through bitsandbytes",
+    )
+    reinit_head: bool = setting(
+        "reinit-head",
+        False,
+        "a classifier checkpoint whose head has another label count than the data set: "
+        "`false` stops before training with an error; `true` drops that head and trains a "
+        "new one from scratch (a warning says so)",
+    )
+    device: str = setting(
+        "device",
+        "auto",
+        "`auto` (CUDA when available), `cpu`, `cuda`; the base model is moved there once per "
+        "worker",
+    )
+    bf16: bool = setting(
+        "bf16",
+        False,
+        "forward passes under bfloat16 autocast (meant for CUDA; trained factors stay float32)",
+    )
+
+    def validate(self) -> None:
+        require(
+            bool(self.name.strip()),
+            "model",
+            "give a packaged model ('minilm', 'smollm2'), a Hugging Face id or a local path",
+        )
+        require(
+            self.num_hidden_layers >= 0,
+            "num-hidden-layers",
+            "must be >= 0 (0 keeps the model's own depth)",
+        )
+        require(
+            self.quantization in QUANTIZATIONS,
+            "quantization",
+            f"choose one of: {', '.join(QUANTIZATIONS)} (the frozen base model's weights, "
+            "through bitsandbytes)",
+        )
+        if self.quantization != NO_QUANTIZATION:
+            require_bitsandbytes(self.quantization)
+        require(self.device in DEVICES, "device", f"choose one of: {', '.join(DEVICES)}")
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,8 @@ from typing import Any
 import dp_accounting
 import numpy as np
 
+from .errors import require
+from .settings import Section, setting
 from .types import Arrays
 
 CENTRAL, LOCAL = "central", "local"
@@ -54,16 +56,73 @@ MAX_DELTA_TIMES_CLIENTS = 0.1
 
 
 @dataclass(frozen=True)
-class DPSettings:
+class DPSettings(Section):
     """Run-config ``dp-*``: clip bound C, noise multiplier z (0: DP off), delta (0: the
     rule 1 / N^1.1), mode, target epsilon (0: none) and the noise's seed source."""
 
-    clip: float = 1.0
-    noise_multiplier: float = 0.0
-    delta: float = 0.0
-    mode: str = CENTRAL
-    target_epsilon: float = 0.0
-    secure_noise: bool = False
+    title = "Privacy"
+
+    clip: float = setting(
+        "dp-clip",
+        1.0,
+        "C, the L2 bound on each client's update to the shared state, over all layers",
+    )
+    noise_multiplier: float = setting(
+        "dp-noise-multiplier",
+        0.0,
+        "client-level differential privacy (see Privacy): z, the noise's standard deviation "
+        "over `dp-clip`; 0 = DP off",
+    )
+    delta: float = setting(
+        "dp-delta",
+        0.0,
+        "the delta of the reported epsilon; 0 = 1 / N^1.1 for N clients. A delta not well "
+        "below 1/N protects little: when N x delta > 0.1 the server warns and "
+        "`summary.json` says `dp_delta_too_large`; set it to at most 0.1 / N, e.g. 1e-5",
+    )
+    mode: str = setting(
+        "dp-mode",
+        CENTRAL,
+        "`central` (the server adds the noise to the sum; a trusted server) or `local` "
+        "(each client noises its own update before upload)",
+    )
+    target_epsilon: float = setting(
+        "dp-target-epsilon",
+        0.0,
+        "end the run (completed, with the reason in `summary.json`) before its epsilon "
+        "would pass this; 0 = no target",
+    )
+    secure_noise: bool = setting(
+        "dp-secure-noise",
+        False,
+        "draw the noise's seed from the operating system instead of `seed` (not "
+        "reproducible; use it whenever the seed is not secret)",
+    )
+
+    def validate(self) -> None:
+        require(
+            self.clip > 0 and math.isfinite(self.clip),
+            "dp-clip",
+            "must be a positive number (the L2 bound C on each client's update, over all layers)",
+        )
+        require(
+            self.noise_multiplier >= 0 and math.isfinite(self.noise_multiplier),
+            "dp-noise-multiplier",
+            "must be >= 0 (z: the noise's standard deviation is z * dp-clip; 0 turns DP off)",
+        )
+        require(0 <= self.delta < 1, "dp-delta", "must be in [0, 1) (0: 1 / number of clients^1.1)")
+        require(self.mode in DP_MODES, "dp-mode", f"choose one of: {', '.join(DP_MODES)}")
+        require(
+            self.target_epsilon >= 0,
+            "dp-target-epsilon",
+            "must be >= 0 (the run stops before its epsilon would pass it; 0: no target)",
+        )
+        if not self.enabled:
+            require(
+                self.target_epsilon == 0,
+                "dp-target-epsilon",
+                "needs DP on: set dp-noise-multiplier > 0, or dp-target-epsilon=0",
+            )
 
     @property
     def enabled(self) -> bool:

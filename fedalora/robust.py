@@ -34,12 +34,15 @@ trimmed mean weigh clients equally, as Flower's strategies do.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import require
 from .privacy import clip_to_norm, leading_block
+from .settings import Section, setting
 from .types import Arrays
 
 #: run-config ``weights``.
@@ -51,15 +54,69 @@ AGGREGATIONS = (METHOD_RULE, MEDIAN, TRIMMED_MEAN)
 
 
 @dataclass(frozen=True)
-class RobustSettings:
+class RobustSettings(Section):
     """Run-config ``weights``, ``weight-cap``, ``aggregation``, ``trim-fraction`` and
     ``clip-norm`` (0: no clipping)."""
 
-    weights: str = EXAMPLES
-    weight_cap: float = 4.0
-    aggregation: str = METHOD_RULE
-    trim_fraction: float = 0.1
-    clip_norm: float = 0.0
+    title = "Robust aggregation"
+
+    weights: str = setting(
+        "weights",
+        EXAMPLES,
+        "how much each client weighs in the aggregate: `examples` (its claimed example "
+        "count, FedAvg), `uniform`, `examples-capped` (its claim, capped at `weight-cap` "
+        "times the median claim)",
+    )
+    weight_cap: float = setting(
+        "weight-cap",
+        4.0,
+        "the cap of `examples-capped`; a claim above this many times the median (or below "
+        "the median over it) is logged under every policy",
+    )
+    aggregation: str = setting(
+        "aggregation",
+        METHOD_RULE,
+        "`method` (the method's rule), `median` or `trimmed-mean`: a coordinate-wise "
+        "statistic of the clients' updates instead of their mean (linear methods only, no DP)",
+    )
+    trim_fraction: float = setting(
+        "trim-fraction", 0.1, "the share of clients `trimmed-mean` cuts at each end, entry by entry"
+    )
+    clip_norm: float = setting(
+        "clip-norm",
+        0.0,
+        "> 0: each client's update is clipped to this L2 norm before it is aggregated "
+        "(linear methods, no DP); 0 = off",
+    )
+
+    def validate(self) -> None:
+        require(
+            self.weights in WEIGHTS,
+            "weights",
+            f"choose one of: {', '.join(WEIGHTS)} (how much a client's claimed example "
+            "count weighs in the aggregate)",
+        )
+        require(
+            self.weight_cap > 1 and math.isfinite(self.weight_cap),
+            "weight-cap",
+            "must be > 1 (a claim weighs at most this many times the median claim)",
+        )
+        require(
+            self.aggregation in AGGREGATIONS,
+            "aggregation",
+            f"choose one of: {', '.join(AGGREGATIONS)} (the method's rule, or a "
+            "coordinate-wise robust statistic of the clients' updates)",
+        )
+        require(
+            0 <= self.trim_fraction < 0.5,
+            "trim-fraction",
+            "must be in [0, 0.5) (the share of clients cut at each end, entry by entry)",
+        )
+        require(
+            self.clip_norm >= 0 and math.isfinite(self.clip_norm),
+            "clip-norm",
+            "must be >= 0 (the L2 bound on each client's update; 0: no clipping)",
+        )
 
     @property
     def replaces_rule(self) -> bool:

@@ -57,5 +57,5 @@ def unknown_key_problem(key: str, known: Iterable[str]) -> str:
     hint = f"did you mean '{close[0]}'? " if close else ""
     return (
         f"unknown key; {hint}the keys are those of pyproject.toml's "
-        "[tool.flwr.app.config] (README: Configuration)"
+        "[tool.flwr.app.config] (docs/configuration.md)"
     )

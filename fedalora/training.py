@@ -12,6 +12,8 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase, get_scheduler
 
 from .data import IGNORE, collate
+from .errors import require
+from .settings import Section, setting
 
 
 def batch_indices(
@@ -40,17 +42,57 @@ LR_SCHEDULES = ("linear", "constant")
 
 
 @dataclass(frozen=True)
-class LocalRecipe:
-    """A client's optimiser for one round: AdamW at ``lr`` with ``weight_decay``, the
-    learning rate following ``schedule`` over the round's steps (restarted every round),
-    gradients clipped to a total L2 norm of ``max_grad_norm`` (0: no clipping). The
-    defaults are the Fed-ALoRA reference's (the Hugging Face Trainer's): weight decay 0,
-    linear decay to 0, no warm-up, clipping at 1.0."""
+class LocalRecipe(Section):
+    """A client's local training: ``local_steps`` AdamW steps per round on batches of
+    ``batch_size`` at ``lr`` with ``weight_decay``, the learning rate following
+    ``schedule`` over the round's steps (restarted every round), gradients clipped to a
+    total L2 norm of ``max_grad_norm`` (0: no clipping). The defaults are the Fed-ALoRA
+    reference's (the Hugging Face Trainer's): weight decay 0, linear decay to 0, no
+    warm-up, clipping at 1.0."""
 
-    lr: float
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    schedule: str = "linear"
+    title = "Local recipe"
+
+    lr: float = setting("lr", 1e-3, "AdamW learning rate")
+    weight_decay: float = setting(
+        "weight-decay", 0.0, "AdamW's decoupled weight decay (the reference's 0)"
+    )
+    max_grad_norm: float = setting(
+        "max-grad-norm",
+        1.0,
+        "gradients are clipped to this total L2 norm (the reference's 1.0); 0 = no clipping",
+    )
+    schedule: str = setting(
+        "lr-schedule",
+        "linear",
+        "the learning rate over each round's steps: `linear` (decays to 0 by the round's "
+        "last step, no warm-up; the reference's) or `constant`",
+    )
+    local_steps: int = setting("local-steps", 10, "optimiser steps per client per round")
+    batch_size: int = setting("batch-size", 16, "examples per step")
+    eval_batch_size: int = setting(
+        "eval-batch-size",
+        32,
+        "examples per forward pass when scoring (and answers generated at once on "
+        "instruction data)",
+    )
+
+    def validate(self) -> None:
+        require(self.local_steps > 0, "local-steps", "must be >= 1")
+        require(self.batch_size > 0, "batch-size", "must be >= 1")
+        require(self.eval_batch_size > 0, "eval-batch-size", "must be >= 1")
+        require(self.lr > 0 and math.isfinite(self.lr), "lr", "must be a positive number")
+        require(
+            self.schedule in LR_SCHEDULES,
+            "lr-schedule",
+            f"choose one of: {', '.join(LR_SCHEDULES)} (linear: decay to 0 over each "
+            "round's steps, as the Fed-ALoRA reference)",
+        )
+        require(self.weight_decay >= 0, "weight-decay", "must be >= 0 (AdamW's decoupled decay)")
+        require(
+            self.max_grad_norm >= 0,
+            "max-grad-norm",
+            "must be >= 0 (the largest total gradient norm; 0 turns clipping off)",
+        )
 
     def optimiser(
         self, parameters: list[nn.Parameter], steps: int

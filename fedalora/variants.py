@@ -28,6 +28,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .errors import require
+from .settings import Section, setting
+
 #: run-config ``lora-init``: PEFT's default init, or a principal one.
 LORA_INITS = ("default", "pissa", "olora")
 DORA_MAGNITUDES = ("private", "shared")
@@ -41,14 +44,61 @@ UNBATCHED = {
 
 
 @dataclass(frozen=True)
-class Variants:
+class Variants(Section):
     """The LoRA variants of a run; the defaults are plain LoRA."""
 
-    dora: bool = False
-    dora_magnitude: str = "private"
-    lora_plus_ratio: float = 1.0
-    lora_init: str = "default"
-    lora_fa: bool = False
+    title = "LoRA variants"
+
+    dora: bool = setting("dora", False, "DoRA (PEFT's `use_dora`)")
+    dora_magnitude: str = setting(
+        "dora-magnitude",
+        "private",
+        "DoRA's magnitude vector kept on the client (`private`) or `shared` with B",
+    )
+    lora_plus_ratio: float = setting(
+        "lora-plus-ratio",
+        1.0,
+        "LoRA+: B's learning rate over A's (PEFT's `create_loraplus_optimizer`); 1 = off",
+    )
+    lora_init: str = setting(
+        "lora-init",
+        "default",
+        "`pissa` or `olora`: a principal init every party derives from the base (PEFT's "
+        "`init_lora_weights`)",
+    )
+    lora_fa: bool = setting(
+        "lora-fa",
+        False,
+        "LoRA-FA: A frozen, B trained with the projected gradient (PEFT's "
+        "`create_lorafa_optimizer`)",
+    )
+
+    def validate(self) -> None:
+        require(
+            self.dora_magnitude in DORA_MAGNITUDES,
+            "dora-magnitude",
+            f"choose one of: {', '.join(DORA_MAGNITUDES)} (DoRA's magnitude vector kept "
+            "on the client, or shared and averaged with B)",
+        )
+        require(
+            self.lora_plus_ratio >= 1.0,
+            "lora-plus-ratio",
+            "must be >= 1 (B's learning rate over A's; 1 turns LoRA+ off; about 16 in "
+            "the LoRA+ paper)",
+        )
+        require(
+            self.lora_init in LORA_INITS, "lora-init", f"choose one of: {', '.join(LORA_INITS)}"
+        )
+        require(
+            not (self.dora and self.lora_init != "default"),
+            "lora-init",
+            "a principal init (pissa, olora) does not combine with dora here; choose one",
+        )
+        require(
+            not (self.lora_fa and self.lora_plus_ratio != 1.0),
+            "lora-fa",
+            "LoRA-FA and LoRA+ are two optimisers; choose one (lora-fa=false or lora-plus-ratio=1)",
+        )
 
     def chosen(self) -> list[str]:
         """The run-config keys of the variants that are on."""

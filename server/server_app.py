@@ -23,7 +23,7 @@ from fedalora.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from fedalora.config import FedConfig, validate_rank
+from fedalora.config import FedConfig, OutputSettings, validate_rank
 from fedalora.errors import ConfigError, RunFailed
 from fedalora.models import adapted_layer_shapes
 from fedalora.outputs import INTERRUPTED, RunRecorder, final_figures
@@ -40,14 +40,14 @@ def main(grid: Grid, context: Context) -> None:
     run_name = str(
         raw.get("run-name") or f"{raw.get('strategy', 'run')}-{time.strftime('%Y%m%d-%H%M%S')}"
     )
-    output_dir = Path(str(raw.get("output-dir", FedConfig.output_dir))).expanduser().resolve()
+    output_dir = Path(str(raw.get("output-dir", OutputSettings.output_dir))).expanduser().resolve()
     recorder = RunRecorder(output_dir / run_name)
     started = time.perf_counter()
     try:
         config = FedConfig.from_run_config(raw)
-        recorder.begin(resume=config.resume)
+        recorder.begin(resume=config.faults.resume)
         with recorder.warnings_to_file(FLOWER_LOGGER):
-            recorder.attach(open_tracker(config.tracker, recorder.run_dir, run_name))
+            recorder.attach(open_tracker(config.outputs.tracker, recorder.run_dir, run_name))
             summary = run_federation(grid, config, run_name, recorder)
     except ConfigError as exc:  # the user's to fix: the headline, once
         log(ERROR, "%s", exc)
@@ -84,14 +84,14 @@ def run_federation(grid: Grid, config: FedConfig, run_name: str, recorder: RunRe
     round; ``resume=true`` continues from the last checkpoint of ``run-name``.
     """
     layer_shapes = adapted_layer_shapes(
-        config.model, config.target_modules, config.num_hidden_layers
+        config.model.name, config.lora.target_modules, config.model.num_hidden_layers
     )
-    for rank in config.rank_list:
+    for rank in config.run.rank_list:
         validate_rank("ranks", rank, layer_shapes)
-    saved = _checkpoint_to_resume(config, recorder.run_dir) if config.resume else None
+    saved = _checkpoint_to_resume(config, recorder.run_dir) if config.faults.resume else None
     resume_after = saved.server_round if saved else 0
     strategy = make_strategy(config, layer_shapes, recorder)
-    strategy.connect(discover_nodes(grid, config.min_nodes, config.round_timeout))
+    strategy.connect(discover_nodes(grid, config.run.min_nodes, config.faults.round_timeout))
     if saved:
         strategy.restore(saved)
         log(
@@ -99,7 +99,7 @@ def run_federation(grid: Grid, config: FedConfig, run_name: str, recorder: RunRe
             "resuming '%s' after round %d of %d",
             run_name,
             resume_after,
-            config.num_server_rounds,
+            config.run.num_server_rounds,
         )
     recorder.start(resume_after=resume_after)
     recorder.write_config(
@@ -122,15 +122,15 @@ def run_federation(grid: Grid, config: FedConfig, run_name: str, recorder: RunRe
     )
 
     def checkpoint(server_round: int) -> None:
-        if config.checkpoint:
+        if config.faults.checkpoint:
             save_checkpoint(recorder.run_dir, strategy.checkpoint(server_round))
 
     run_rounds(
         strategy,
         grid,
         first_round=resume_after + 1,
-        retries=config.round_retries,
-        timeout=config.round_timeout,
+        retries=config.faults.round_retries,
+        timeout=config.faults.round_timeout,
         train_config=ConfigRecord({RUN_NAME: run_name}),
         evaluate_config=ConfigRecord({RUN_NAME: run_name}),
         on_round_end=checkpoint,
@@ -184,11 +184,11 @@ def _checkpoint_to_resume(config: FedConfig, run_dir: Path) -> Checkpoint:
             "resume with the interrupted run's values (only "
             f"{sorted(RESUMABLE_CHANGES)} may change)",
         )
-    if saved.server_round >= config.num_server_rounds:
+    if saved.server_round >= config.run.num_server_rounds:
         raise ConfigError(
             "num-server-rounds",
             f"the checkpoint already has round "
-            f"{saved.server_round} of {config.num_server_rounds}; raise "
+            f"{saved.server_round} of {config.run.num_server_rounds}; raise "
             "num-server-rounds to train further",
         )
     return saved

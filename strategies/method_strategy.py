@@ -70,14 +70,17 @@ class MethodStrategy(Strategy):
         self.shared: Arrays = {}
         self.shared_round = 0  # the round whose aggregation produced ``shared``
         #: The last round: num-server-rounds, unless a budget allows fewer.
-        self.num_rounds = config.num_server_rounds
+        self.num_rounds = config.run.num_server_rounds
         #: Why the run ended before ``num_rounds`` (set by the round loop), or None.
         self.stopped: str | None = None
         self.tally = RoundTally()
         #: The last round's record (rounds.jsonl), with both protocols' scores.
         self.last_round: dict[str, Any] = {}
         self.screen = ReplyScreen(
-            self.method, self.layer_shapes, config.max_update_rms, config.max_norm_ratio
+            self.method,
+            self.layer_shapes,
+            config.faults.max_update_rms,
+            config.faults.max_norm_ratio,
         )
         self.robust = config.robust
         #: Each client's aggregation weight under the ``weights`` policy: partition -> n_i.
@@ -197,7 +200,7 @@ class MethodStrategy(Strategy):
         self.shared = to_numpy(arrays)
         config[FINAL_ROUND] = server_round == self.num_rounds
         sampled = self._sample(
-            server_round, self.config.fraction_train, stream=0, attempt=attempt, grid=grid
+            server_round, self.config.run.fraction_train, stream=0, attempt=attempt, grid=grid
         )
         log(INFO, "configure_train: %d of %d nodes", len(sampled), len(self.nodes))
         return self._messages(sampled, server_round, config, MessageType.TRAIN)
@@ -243,13 +246,13 @@ class MethodStrategy(Strategy):
                 self._reject(server_round, candidate[0], problem)
             else:
                 accepted.append(candidate)
-        if len(accepted) < self.config.min_nodes:
+        if len(accepted) < self.config.run.min_nodes:
             log(
                 WARNING,
                 "round %d: %d accepted updates, fewer than min-nodes=%d; the shared state is kept",
                 server_round,
                 len(accepted),
-                self.config.min_nodes,
+                self.config.run.min_nodes,
             )
             return None, None
         accepted.sort(key=lambda item: item[0].partition_id)
@@ -304,9 +307,9 @@ class MethodStrategy(Strategy):
         final = server_round == self.num_rounds
         config[FINAL_ROUND] = final
         if final:
-            sampled = list(self.nodes.values()) if self.config.final_evaluation else []
-        elif self.config.fraction_evaluate > 0:
-            sampled = self._sample(server_round, self.config.fraction_evaluate, stream=1)
+            sampled = list(self.nodes.values()) if self.config.run.final_evaluation else []
+        elif self.config.run.fraction_evaluate > 0:
+            sampled = self._sample(server_round, self.config.run.fraction_evaluate, stream=1)
         else:
             sampled = []
         return self._messages(sampled, server_round, config, MessageType.EVALUATE)
@@ -370,15 +373,15 @@ class MethodStrategy(Strategy):
             self.config.strategy,
             len(self.nodes),
             [n.rank for n in self.nodes.values()],
-            self.config.fraction_train,
-            self.config.fraction_evaluate,
-            self.config.min_nodes,
+            self.config.run.fraction_train,
+            self.config.run.fraction_evaluate,
+            self.config.run.min_nodes,
         )
 
     # ----------------------------------------------------------------- helpers
     def sample_size(self, fraction: float) -> int:
         """Nodes drawn per round at ``fraction``: max(fraction * N, min-nodes), capped at N."""
-        return min(len(self.nodes), max(int(len(self.nodes) * fraction), self.config.min_nodes))
+        return min(len(self.nodes), max(int(len(self.nodes) * fraction), self.config.run.min_nodes))
 
     def _sample(
         self,
@@ -406,7 +409,7 @@ class MethodStrategy(Strategy):
                 )
                 nodes = [n for n in nodes if n.node_id in online]
         count = min(len(nodes), self.sample_size(fraction))
-        rng = np.random.default_rng([self.config.seed, server_round, stream, attempt])
+        rng = np.random.default_rng([self.config.run.seed, server_round, stream, attempt])
         chosen = sorted(rng.choice(len(nodes), size=count, replace=False))
         return [nodes[i] for i in chosen]
 
@@ -487,7 +490,7 @@ class MethodStrategy(Strategy):
                 phase,
                 node_id,
                 self.nodes[node_id].partition_id,
-                self.config.round_timeout,
+                self.config.faults.round_timeout,
             )
         return good
 

@@ -59,7 +59,7 @@ class PrivateMethodStrategy(MethodStrategy):
             self.dp.noise_multiplier,
             self.dp.delta_for(num_clients),
             num_clients,
-            self.sample_size(self.config.fraction_train),
+            self.sample_size(self.config.run.fraction_train),
             self.dp.mode,
         )
         self.ledger = PrivacyLedger()
@@ -104,7 +104,7 @@ class PrivateMethodStrategy(MethodStrategy):
             [self.method.delta_shapes(self.layer_shapes, n.rank) for n in self.nodes.values()],
             self.accountant.sample_size / self.accountant.num_clients,
             self.dp.noise_std if self.dp.mode == CENTRAL else 0.0,
-            self.dp.noise_rng(self.config.seed, server_round, attempt, NOISE_STREAM),
+            self.dp.noise_rng(self.config.run.seed, server_round, attempt, NOISE_STREAM),
         )
 
     def stop_reason(self) -> str | None:
@@ -157,7 +157,7 @@ class PrivateMethodStrategy(MethodStrategy):
     def _rounds_within_budget(self) -> int:
         """num-server-rounds, or fewer: the most rounds (one release each) whose epsilon
         stays within ``dp-target-epsilon``; ConfigError if not even one does."""
-        target, planned = self.dp.target_epsilon, self.config.num_server_rounds
+        target, planned = self.dp.target_epsilon, self.config.run.num_server_rounds
         if not target:
             return planned
         epsilons = [self.accountant.epsilon_after(k) for k in range(1, planned + 1)]

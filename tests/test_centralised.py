@@ -22,7 +22,7 @@ def test_the_reference_writes_a_run_that_fairness_reads(tmp_path, ranks):
     assert json.loads((run_dir / "config.json").read_text())["strategy"] == "centralised"
     scores = fairness.client_scores(run_dir)
     assert list(scores.index) == [0, 1, 2]
-    assert list(scores["rank"]) == [config.rank_for(k) for k in range(3)]
+    assert list(scores["rank"]) == [config.run.rank_for(k) for k in range(3)]
     assert fairness.over_rounds(run_dir).index.tolist() == [1, 2]
     assert fairness.communication(run_dir) == {
         "bytes_up_per_client_round": 0.0,
@@ -33,7 +33,7 @@ def test_the_reference_writes_a_run_that_fairness_reads(tmp_path, ranks):
 @pytest.mark.parametrize("ranks", ["4", "8,4,2"])
 def test_b_is_shared_and_a_stays_per_client(ranks):
     config = tiny_config(strategy="fedalora" if ranks == "4" else "fedalora-hetero", ranks=ranks)
-    clients = [FederatedClient(config, k, 3, config.rank_for(k)) for k in range(3)]
+    clients = [FederatedClient(config, k, 3, config.run.rank_for(k)) for k in range(3)]
     adapters = [c.build_adapter(_zero(c, config, ranks), None) for c in clients]
     type(adapters[0]).pool_shared_factor(adapters)
     module = adapters[0].targets[0]
@@ -63,7 +63,7 @@ def test_b_is_shared_and_a_stays_per_client(ranks):
 
 def _zero(client, config, ranks):
     """The method's initial shared state: B = 0 (equal ranks) or B0 = 0."""
-    return config.method.initial_shared(client.base.layer_shapes(), config.rank_list)
+    return config.method.initial_shared(client.base.layer_shapes(), config.run.rank_list)
 
 
 def test_masa_pools_its_own_banks_with_one_b_and_needs_one_rank():

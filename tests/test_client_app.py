@@ -156,7 +156,7 @@ def test_exported_adapter_reproduces_client_outputs(tmp_path, strategy, ranks, m
     from fedalora.methods import Participant
 
     config = tiny_config(strategy=strategy, ranks=ranks, model=model)
-    client, method = FederatedClient(config, 0, 3, config.rank_for(0)), config.method
+    client, method = FederatedClient(config, 0, 3, config.run.rank_for(0)), config.method
     participant = Participant(0, client.rank, client.data.num_train)
     shared = method.initial_shared(client.base.layer_shapes(), [client.rank])
     upload, private, _, _ = client.train(method.download(shared, participant), None, 1)

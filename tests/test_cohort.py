@@ -49,7 +49,7 @@ def _clients(strategy: str, ranks: str, extra: dict) -> list[FederatedClient]:
     config = tiny_config(
         strategy=strategy, ranks=ranks, lora_dropout=0.0, test_fraction=0.05, **extra
     )
-    return [FederatedClient(config, p, 3, config.rank_for(p)) for p in range(3)]
+    return [FederatedClient(config, p, 3, config.run.rank_for(p)) for p in range(3)]
 
 
 def _round_two_inputs(clients: list[FederatedClient]) -> tuple[list, list]:
@@ -197,7 +197,7 @@ def test_causal_lm_clients_of_different_lengths_batch_exactly(strategy, ranks):
         lora_dropout=0.0,
         local_model_scoring="final-round",
     )
-    clients = [FederatedClient(config, p, 8, config.rank_for(p)) for p in range(3)]
+    clients = [FederatedClient(config, p, 8, config.run.rank_for(p)) for p in range(3)]
     shared, private = _round_two_inputs(clients)
     alone = [c.train(s, p, 2, 1) for c, s, p in zip(clients, shared, private, strict=True)]
     together = train_cohort(clients, shared, private, 2, 1)

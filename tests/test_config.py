@@ -1,3 +1,4 @@
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -55,13 +56,13 @@ def test_bad_values_name_the_key_and_what_is_allowed(values, key, hint):
 
 def test_defaults_are_valid_and_round_trip():
     config = FedConfig.from_run_config({})
-    assert config.rank_list == [64, 64, 32, 32, 16, 16, 8, 8]
+    assert config.run.rank_list == [64, 64, 32, 32, 16, 16, 8, 8]
     assert FedConfig.from_run_config(config.to_run_config()) == config
-    assert config.rank_for(9) == 64  # cycled
+    assert config.run.rank_for(9) == 64  # cycled
 
 
 def test_single_integer_rank_from_toml_is_accepted():
-    assert FedConfig.from_run_config({"strategy": "fedalora", "ranks": 8}).rank_list == [8]
+    assert FedConfig.from_run_config({"strategy": "fedalora", "ranks": 8}).run.rank_list == [8]
 
 
 def test_another_methods_option_at_its_default_is_accepted():
@@ -127,6 +128,20 @@ def test_app_manifest_lists_every_key_with_its_default():
         for key, field in cls.Options.fields_by_key().items()
     }
     assert declared == {**defaults.to_run_config(), **options}
+
+
+def test_every_key_is_declared_once_with_help_and_reaches_the_reference_and_the_manifest():
+    import tomllib
+
+    from fedalora.config import key_reference, manifest_table
+
+    own = [key for key, _, _ in FedConfig.settings()]
+    assert sorted(own) == sorted(set(own)) and len(own) > 60  # each key in one place
+    assert all(field.metadata["help"] for field in FedConfig.fields_by_key().values())
+    reference = "\n".join(key_reference())
+    assert all(f"| `{key}` |" in reference for key in own)
+    manifest = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert tomllib.loads("\n".join(manifest_table())) == manifest["tool"]["flwr"]["app"]["config"]
 
 
 def test_a_model_path_that_is_not_a_model_says_what_is_wrong(tmp_path):

@@ -36,7 +36,7 @@ def _federation(strategy: str, device: str, bf16: bool, dropout: bool = True):
         bf16=bf16,
         lora_dropout=0.05 if dropout else 0.0,
     )
-    clients = [FederatedClient(config, p, 3, config.rank_for(p)) for p in range(3)]
+    clients = [FederatedClient(config, p, 3, config.run.rank_for(p)) for p in range(3)]
     with contextlib.nullcontext() if dropout else dropout_off(clients[0].base.model):
         return _rounds(config, clients)
 
@@ -101,7 +101,7 @@ def test_a_cohort_on_the_gpu_trains_each_client_as_alone(bf16):
     config = tiny_config(
         strategy="fedalora-hetero", ranks="8,4,2", device="cuda", bf16=bf16, lora_dropout=0.0
     )
-    clients = [FederatedClient(config, p, 3, config.rank_for(p)) for p in range(3)]
+    clients = [FederatedClient(config, p, 3, config.run.rank_for(p)) for p in range(3)]
     with dropout_off(clients[0].base.model):
         shared = config.method.initial_shared(
             clients[0].base.layer_shapes(), [c.rank for c in clients]

@@ -85,7 +85,7 @@ def test_a_save_to_disk_dataset_dict_gives_its_train_split(tmp_path):
 
 def test_the_column_keys_rename_the_users_columns(tmp_path):
     keys = {"text-column": "body", "label-column": "topic"}
-    columns = FedConfig.from_run_config(keys).columns
+    columns = FedConfig.from_run_config(keys).data.columns
     body = {"body": CLASSIFICATION["text"], "topic": CLASSIFICATION["label"], "text": ["x"] * 12}
     (tmp_path / "labels").mkdir()
     renamed = write(tmp_path / "labels", ".parquet", body)
@@ -93,7 +93,7 @@ def test_the_column_keys_rename_the_users_columns(tmp_path):
     assert num_labels_of(str(renamed), columns) == 2
 
     keys = {"instruction-column": "prompt", "response-column": "answer", "task-column": "skill"}
-    columns = FedConfig.from_run_config(keys).columns
+    columns = FedConfig.from_run_config(keys).data.columns
     prompts = dict(zip(("prompt", "answer", "skill"), INSTRUCTION.values(), strict=True))
     (tmp_path / "instructions").mkdir()
     renamed = write(tmp_path / "instructions", ".tsv", prompts)

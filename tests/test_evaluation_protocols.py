@@ -44,8 +44,8 @@ def test_the_local_model_score_is_that_of_the_model_the_client_uploads_from(stra
     """Rebuilt from what it received, what it uploads and what it keeps, the client's
     trained model scores exactly what the train step reported as its local model."""
     config = tiny_config(strategy=strategy, ranks=ranks)
-    client, method = FederatedClient(config, 0, 3, config.rank_for(0)), config.method
-    shared = method.initial_shared(client.base.layer_shapes(), config.rank_list)
+    client, method = FederatedClient(config, 0, 3, config.run.rank_for(0)), config.method
+    shared = method.initial_shared(client.base.layer_shapes(), config.run.rank_list)
     result = client.train(shared, None, 1)
     rebuilt = client.build_adapter(shared, result.private)
     rebuilt.copy_in(result.upload, method.uploads)  # the trained factors it sends
@@ -62,7 +62,7 @@ def test_local_models_can_be_scored_in_the_last_round_only():
         strategy="fedalora-hetero", ranks="8,4,2", local_model_scoring="final-round"
     )
     client, method = FederatedClient(config, 0, 3, 8), config.method
-    shared = method.initial_shared(client.base.layer_shapes(), config.rank_list)
+    shared = method.initial_shared(client.base.layer_shapes(), config.run.rank_list)
     assert client.train(shared, None, 1).local_model == {}
     assert client.train(shared, None, 2, final=True).local_model["num_examples"] > 0
 
@@ -103,7 +103,7 @@ def test_groups_give_every_task_clients_of_every_rank_on_one_task_each():
         members = [prompts(3 * task + m, 24, 3) for m in range(3)]
         assert sum(members, Counter()) == prompts(task, 8, 1)  # the task, split
         assert max(m.total() for m in members) - min(m.total() for m in members) <= 1
-        assert [config.rank_for(3 * task + m) for m in range(3)] == [64, 16, 8]
+        assert [config.run.rank_for(3 * task + m) for m in range(3)] == [64, 16, 8]
 
 
 def test_groups_must_divide_the_clients_and_take_every_rank():

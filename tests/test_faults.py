@@ -146,7 +146,7 @@ def run_all(strategy, grid, **kwargs):
     return run_rounds(
         strategy,
         grid,
-        retries=config.round_retries,
+        retries=config.faults.round_retries,
         timeout=5,
         **kwargs,
     )

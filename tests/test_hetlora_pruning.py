@@ -29,7 +29,7 @@ def test_the_model_after_a_rank_cut_computes_the_kept_update_at_the_old_scale(
     config = tiny_config(
         strategy="hetlora", ranks="8,4,2", rank_decay=0.5, scaling=scaling, lora_alpha=ALPHA
     )
-    method, lora = config.method, config.lora_scaling
+    method, lora = config.method, config.lora.scaling
     assert lora.scale(KEPT) / lora.scale(RANK) == pytest.approx(jump)
     client = FederatedClient(config, 0, 3, RANK)
     layers = client.base.layer_shapes()

@@ -112,7 +112,7 @@ def test_lori_a_is_the_shared_seeded_a_and_frozen():
     for m in client.base.targets:
         a = adapter.tensors()[f"{m}.lora_A"]
         assert not a.requires_grad
-        expected = seeded_lora_a(config.seed, m, 8, a.shape[1])
+        expected = seeded_lora_a(config.run.seed, m, 8, a.shape[1])
         assert torch.equal(a.detach(), torch.from_numpy(expected))
 
 

@@ -102,7 +102,7 @@ def test_ffa_lora_keeps_a_frozen_at_the_shared_seeded_init():
     before = {m: tensors[f"{m}.lora_A"].detach().clone() for m in adapter.targets}
     for m, a in before.items():
         np.testing.assert_array_equal(
-            a.numpy(), seeded_lora_a(config.seed, m, client.rank, a.shape[1])
+            a.numpy(), seeded_lora_a(config.run.seed, m, client.rank, a.shape[1])
         )
         assert not tensors[f"{m}.lora_A"].requires_grad
     private = client.train(server.download(), None, 1).private
@@ -183,6 +183,6 @@ def test_persist_private_false_restarts_lora_factors_but_keeps_the_head():
 def test_peft_applies_the_same_scale_as_the_servers_reconstruction(scaling, expected):
     config, _, client, server = _setup("flexlora", scaling=scaling, lora_alpha=4.0)
     adapter = client.build_adapter(server.download(), None)
-    assert client.rank == 8 and config.lora_scaling.scale(8) == pytest.approx(expected)
+    assert client.rank == 8 and config.lora.scaling.scale(8) == pytest.approx(expected)
     for module in adapter.targets:
         assert adapter.layer(module).scaling["default"] == pytest.approx(expected)

@@ -162,9 +162,9 @@ def test_no_code_outside_methods_and_adapters_imports_or_tests_their_classes():
     assert found == []
 
 
-def test_the_readme_shows_the_method_the_suite_runs():
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("## Write your own method") :]
+def test_the_docs_show_the_method_the_suite_runs():
+    page = (ROOT / "docs" / "write-a-method.md").read_text()
+    section = page[page.index("# Write your own method") :]
     code = section[section.index("```python\n") + len("```python\n") :]
     code = code[: code.index("```")]
     assert code == (ROOT / "tests" / "ema_method.py").read_text()

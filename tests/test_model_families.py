@@ -85,8 +85,8 @@ def _batch(base, labelled=True):
 def _build_adapter(config, base, shared, private=None, shared_round=0):
     """Client 0's adapter as ``FederatedClient.build_adapter`` builds it."""
     method = config.method
-    rank = method.client_rank(config.rank_for(0), method_state(private))
-    torch.manual_seed(config.seed)
+    rank = method.client_rank(config.run.rank_for(0), method_state(private))
+    torch.manual_seed(config.run.seed)
     adapter = method.make_adapter(base, rank, 0.0)
     if private:
         adapter.load_private(private, method.keeps)
@@ -96,7 +96,7 @@ def _build_adapter(config, base, shared, private=None, shared_round=0):
 
 
 def _me(config):
-    return Participant(0, config.rank_for(0), 10)
+    return Participant(0, config.run.rank_for(0), 10)
 
 
 def _train(adapter, batch, steps=2):
@@ -125,7 +125,7 @@ def assert_round_trip(tmp_path, base, name, model):
     heterogeneous = registered_methods()[name].heterogeneous
     config = tiny_config(strategy=name, ranks="4,2" if heterogeneous else "4", model=model)
     method, me = config.method, _me(config)
-    shared = method.initial_shared(base.layer_shapes(), config.rank_list)
+    shared = method.initial_shared(base.layer_shapes(), config.run.rank_list)
     adapter = _build_adapter(config, base, shared)
     _train(adapter, _batch(base))
     upload = method.after_training(adapter, method.upload(adapter))
@@ -190,7 +190,7 @@ def test_reinit_head_trains_a_new_head_like_a_missing_one(three_label_bert, tmp_
     assert warning.levelno == logging.WARNING
     assert f"classifier has 3 labels, the data set has {CLASSES}" in warning.getMessage()
     config = tiny_config(strategy="fedalora", ranks="4", reinit_head=True)
-    assert config.reinit_head
+    assert config.model.reinit_head
     shared = config.method.initial_shared(base.layer_shapes(), [4])
     adapter = _build_adapter(config, base, shared)
     head = adapter.private_state(config.method.keeps)["head.classifier.weight"]

@@ -164,7 +164,7 @@ def test_the_server_rejects_an_update_over_the_clip_bound(tmp_path, caplog):
         [reference.method.delta_shapes(LAYERS, n.rank) for n in reference.nodes.values()],
         1.0,
         Z * CLIP,
-        np.random.default_rng([reference.config.seed, 1, 0, NOISE_STREAM]),
+        np.random.default_rng([reference.config.run.seed, 1, 0, NOISE_STREAM]),
     )
     for key in expected:
         assert np.array_equal(strategy.shared[key], expected[key])

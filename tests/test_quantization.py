@@ -64,7 +64,7 @@ def test_the_frozen_layers_are_4bit_and_only_adapters_and_head_train(strategy):
     assert type(base.model.get_submodule("classifier")) is nn.Linear  # the new head: plain
     plain = load_base_model("minilm", base.model.config.num_labels, num_hidden_layers=2)
     assert base.layer_shapes() == plain.layer_shapes()
-    shared = config.method.initial_shared(base.layer_shapes(), config.rank_list)
+    shared = config.method.initial_shared(base.layer_shapes(), config.run.rank_list)
     adapter = client.build_adapter(shared, None)
     trainable = {n for n, p in adapter.model.named_parameters() if p.requires_grad}
     adapter_tensors = {id(t) for t in adapter.tensors().values()}
@@ -85,7 +85,7 @@ def test_a_4bit_client_trains_and_its_export_loads_on_either_base(tmp_path, stra
     config, client = _client(strategy, model)
     method = config.method
     me = Participant(0, client.rank, client.data.num_train)
-    shared = method.initial_shared(client.base.layer_shapes(), config.rank_list)
+    shared = method.initial_shared(client.base.layer_shapes(), config.run.rank_list)
     private = None
     for server_round in (1, 2):  # round 2 trains after round 1's evaluation
         result = client.train(method.download(shared, me), private, server_round, server_round - 1)
@@ -113,7 +113,7 @@ def test_8bit_runs_on_cpu_and_every_client_shares_the_int8_weights():
     base = client.base
     assert all(isinstance(base.model.get_submodule(t), bnb.nn.Linear8bitLt) for t in base.targets)
     reference = copy.deepcopy(base.model)  # its own int8 weights, before any forward
-    shared = config.method.initial_shared(base.layer_shapes(), config.rank_list)
+    shared = config.method.initial_shared(base.layer_shapes(), config.run.rank_list)
     with torch.no_grad():  # B = 0: each fresh adapter computes the base, a later one too
         first = client.build_adapter(shared, None).model.eval()(**_batch(client)).logits
         later = client.build_adapter(shared, None).model.eval()(**_batch(client)).logits

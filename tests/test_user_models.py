@@ -286,7 +286,7 @@ def test_a_run_config_typo_is_named_with_the_closest_key_before_anything_starts(
     run = _console(tmp_path, "num-server-round=2 ranks='8'", *launcher)
     headline = (
         "run-config 'num-server-round': unknown key; did you mean 'num-server-rounds'? the keys "
-        "are those of pyproject.toml's [tool.flwr.app.config] (README: Configuration)"
+        "are those of pyproject.toml's [tool.flwr.app.config] (docs/configuration.md)"
     )
     assert run.returncode == 1
     assert (run.stdout + run.stderr).strip().splitlines() == [f"run 'console' failed: {headline}"]

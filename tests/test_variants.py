@@ -18,9 +18,9 @@ from .conftest import tiny_config
 
 def _client(strategy="fedalora", ranks="4", **variants):
     config = tiny_config(strategy=strategy, ranks=ranks, **variants)
-    client = FederatedClient(config, 0, 3, config.rank_for(0))
+    client = FederatedClient(config, 0, 3, config.run.rank_for(0))
     layers = client.base.layer_shapes()
-    shared = config.method.initial_shared(layers, config.rank_list)
+    shared = config.method.initial_shared(layers, config.run.rank_list)
     me = Participant(0, client.rank, client.data.num_train)
     return config, client, shared, me
 
@@ -59,10 +59,10 @@ def test_the_client_forward_is_peft_s_own_layer(variant):
             r=4,
             target_modules=client.base.targets,
             lora_dropout=0.0,
-            use_dora=config.dora,
+            use_dora=config.lora.variants.dora,
             init_lora_weights=True,
             modules_to_save=client.base.head_modules,
-            **config.lora_scaling.peft_fields(4),
+            **config.lora.scaling.peft_fields(4),
         ),
     )
     inner = peft_model.get_base_model()
@@ -70,7 +70,11 @@ def test_the_client_forward_is_peft_s_own_layer(variant):
         for m in client.base.targets:
             theirs, mine = inner.get_submodule(m), ours.layer(m)
             theirs.base_layer.weight.copy_(mine.base_layer.weight)  # a principal init's residual
-            for name in ("lora_A", "lora_B", *(("lora_magnitude_vector",) if config.dora else ())):
+            for name in (
+                "lora_A",
+                "lora_B",
+                *(("lora_magnitude_vector",) if config.lora.variants.dora else ()),
+            ):
                 getattr(theirs, name)["default"].weight.copy_(getattr(mine, name)["default"].weight)
         for name in client.base.head_modules:
             head = dict(ours.inner_model.get_submodule(name).named_parameters())

@@ -31,7 +31,6 @@ run seed and the LoRA scaling rule.
 
 from __future__ import annotations
 
-import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -44,6 +43,7 @@ from ..adapters import ClientAdapter, LoRAAdapter, PeftFactors
 from ..models import BaseModel
 from ..scaling import LoRAScaling
 from ..screening import update_problem, update_size
+from ..settings import Section
 from ..types import Arrays, LayerShapes, Shapes, Tensors
 from ..variants import MAGNITUDE, Variants
 
@@ -75,21 +75,10 @@ class Participant:
 
 
 @dataclass(frozen=True)
-class MethodOptions:
+class MethodOptions(Section):
     """A method's own run-config keys: subclass with one frozen dataclass field per key
     (``rank_decay`` is run-config ``rank-decay``), each with a default and a
     ``metadata={"help": ...}``; ``validate`` raises ConfigError naming the key."""
-
-    def validate(self) -> None:
-        """Check the values (nothing to check without fields)."""
-
-    @classmethod
-    def fields_by_key(cls) -> dict[str, dataclasses.Field[Any]]:
-        """Run-config key -> field."""
-        return {f.name.replace("_", "-"): f for f in dataclasses.fields(cls)}
-
-    def to_run_config(self) -> dict[str, Any]:
-        return {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
 class Method(ABC):
