@@ -24,6 +24,7 @@ from common import federation, machine, print_figures
 from fedalora import data, models
 from fedalora.client import FederatedClient
 from fedalora.config import FedConfig
+from fedalora.data import partitioning
 from fedalora.run_config import parse_run_config
 
 PARTITION, NUM_CLIENTS = 0, 8
@@ -36,7 +37,7 @@ def clear_caches() -> None:
         data.load_labelled_dataset,
         data.load_client_data,
         data.load_official_test,
-        data._cached_partitioner,
+        partitioning._cached_partitioner,
     ):
         cached.cache_clear()
 

@@ -4,6 +4,7 @@ runs in ``test_rejoin.py``, with a SuperNode killed and rejoining)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import psutil
@@ -45,6 +46,8 @@ def test_insecure_mode_warns(tmp_path):
 
 
 def test_simulation_runs_across_a_two_node_ray_cluster(tmp_path):
+    """A method of one's own (``tests.ema_method``, imported by its path in Ray's workers)
+    on a Ray cluster of two nodes, one client actor on each at a time."""
     import ray
     from ray._common.utils import get_ray_address_file
     from ray._private import state
@@ -58,7 +61,11 @@ def test_simulation_runs_across_a_two_node_ray_cluster(tmp_path):
             "two-nodes",
             num_supernodes=4,
             num_cpus=1,
-            run_config=f"{TINY} ranks='8,4,2,2' num-server-rounds=2",
+            run_config=(
+                "strategy='tests.ema_method:EmaBLoRA' ranks='8,4,2,2' num-server-rounds=2 "
+                "num-hidden-layers=2 local-steps=3 batch-size=8 max-length=32 "
+                "test-fraction=0.05 export-adapters=false"
+            ),
             output_dir=tmp_path,
             flwr_home=tmp_path / "flwr-home",
             timeout=600,
@@ -85,6 +92,9 @@ def test_simulation_runs_across_a_two_node_ray_cluster(tmp_path):
     assert {a["Address"]["NodeID"] for a in actors} == nodes
     rows = read_jsonl(run_dir / "metrics.jsonl")
     assert {r["client"] for r in rows} == {0, 1, 2, 3} and max(r["round"] for r in rows) == 2
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["strategy"] == "tests.ema_method:EmaBLoRA"
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
 
 
 def _running(pid: int) -> bool:

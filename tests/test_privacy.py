@@ -351,6 +351,7 @@ def test_a_tiny_dp_run_completes_for_every_method_that_takes_dp(tmp_path, name, 
         run_config=(
             "num-hidden-layers=2 local-steps=2 batch-size=8 max-length=32 dataset='bbc-news' "
             f"num-server-rounds=2 lr=0.001 fraction-evaluate=0.0 export-adapters=false "
+            "final-evaluation=false test-fraction=0.05 "
             f"strategy='{name}' ranks='{ranks}' dp-noise-multiplier=1.0 dp-clip=0.1 {options}"
         ),
     )
