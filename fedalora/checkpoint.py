@@ -1,7 +1,8 @@
 """The server's per-round checkpoint, from which ``resume=true`` continues a run.
 
 ``<run-dir>/checkpoint/`` holds ``shared-round-<k>.safetensors`` (the shared state
-after round k: never a client's private factors) and ``state.json`` (the round, the
+after round k: never a client's private factors), ``server-state-round-<k>.safetensors``
+(the method's own server state, e.g. a momentum; empty for most) and ``state.json`` (the round, the
 round whose aggregation produced the shared state, each client's partition, rank and
 example count, the run-config, the strategy's own state such as the privacy
 accountant's ledger, and the RNG state). ``state.json`` is replaced last and
@@ -52,6 +53,8 @@ class Checkpoint:
     config: dict[str, Any]
     #: The strategy's own state (the privacy accountant's ledger under DP).
     strategy: dict[str, Any] = field(default_factory=dict)
+    #: The method's server state (``Method.initial_server_state``), never sent.
+    server_state: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def rng_state(self) -> dict[str, Any]:
@@ -68,13 +71,16 @@ def save_checkpoint(run_dir: str | Path, checkpoint: Checkpoint) -> Path:
     folder = Path(run_dir) / CHECKPOINT_DIR
     folder.mkdir(parents=True, exist_ok=True)
     shared_name = f"shared-round-{checkpoint.server_round}.safetensors"
-    tmp = folder / f".{shared_name}.tmp"
-    save_file({k: np.ascontiguousarray(v) for k, v in checkpoint.shared.items()}, str(tmp))
-    tmp.replace(folder / shared_name)
+    server_name = f"server-state-round-{checkpoint.server_round}.safetensors"
+    for name, arrays in ((shared_name, checkpoint.shared), (server_name, checkpoint.server_state)):
+        tmp = folder / f".{name}.tmp"
+        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp))
+        tmp.replace(folder / name)
     state = {
         "round": checkpoint.server_round,
         "shared_round": checkpoint.shared_round,
         "shared_file": shared_name,
+        "server_state_file": server_name,
         "clients": checkpoint.clients,
         "config": checkpoint.config,
         "strategy": checkpoint.strategy,
@@ -85,8 +91,8 @@ def save_checkpoint(run_dir: str | Path, checkpoint: Checkpoint) -> Path:
     ) as handle:
         json.dump(state, handle, indent=2)
     Path(handle.name).replace(folder / STATE)
-    for old in folder.glob("shared-round-*.safetensors"):
-        if old.name != shared_name:
+    for old in [*folder.glob("shared-round-*"), *folder.glob("server-state-round-*")]:
+        if old.name not in (shared_name, server_name):
             old.unlink()
     return folder / STATE
 
@@ -104,6 +110,7 @@ def load_checkpoint(run_dir: str | Path) -> Checkpoint | None:
         clients=state["clients"],
         config=state["config"],
         strategy=state.get("strategy", {}),
+        server_state=load_file(str(folder / state["server_state_file"])),
     )
 
 

@@ -68,6 +68,8 @@ class MethodStrategy(Strategy):
         self.recorder = recorder
         self.nodes: dict[int, Node] = {}
         self.shared: Arrays = {}
+        #: The method's own server state (never sent; checkpointed with ``shared``).
+        self.server_state: Arrays = {}
         self.shared_round = 0  # the round whose aggregation produced ``shared``
         #: The last round: num-server-rounds, unless a budget allows fewer.
         self.num_rounds = config.run.num_server_rounds
@@ -117,7 +119,9 @@ class MethodStrategy(Strategy):
         self.metric = metrics[0] if metrics else ACCURACY
         self.nodes = {n.node_id: n for n in nodes}
         self._weigh_claims(nodes)
-        self.shared = self.method.initial_shared(self.layer_shapes, [n.rank for n in nodes])
+        ranks = [n.rank for n in nodes]
+        self.shared = self.method.initial_shared(self.layer_shapes, ranks)
+        self.server_state = self.method.initial_server_state(self.layer_shapes, ranks)
         self.shared_round = 0
         return self.arrays
 
@@ -153,7 +157,15 @@ class MethodStrategy(Strategy):
                 "the checkpoint's shared state does not fit this "
                 "strategy, model and ranks; resume with the same run-config",
             )
+        state_shapes = {k: v.shape for k, v in self.server_state.items()}
+        if {k: v.shape for k, v in checkpoint.server_state.items()} != state_shapes:
+            raise ConfigError(
+                "resume",
+                "the checkpoint's server state does not fit this strategy, model and "
+                "ranks; resume with the same run-config",
+            )
         self.shared = {k: np.array(v) for k, v in checkpoint.shared.items()}
+        self.server_state = {k: np.array(v) for k, v in checkpoint.server_state.items()}
         self.shared_round = checkpoint.shared_round
         return self.arrays
 
@@ -169,6 +181,7 @@ class MethodStrategy(Strategy):
             ],
             self.config.to_run_config(),
             self.strategy_state(),
+            self.server_state,
         )
 
     def strategy_state(self) -> dict[str, Any]:
@@ -277,7 +290,10 @@ class MethodStrategy(Strategy):
             dataclasses.replace(n, num_examples=self.weights[n.partition_id]) for n in clients
         ]
         if not self.robust.replaces_rule:
-            return self.method.aggregate(self.shared, updates, weighed)
+            shared, self.server_state = self.method.server_step(
+                self.shared, self.server_state, updates, weighed
+            )
+            return shared
         deltas = [
             self.method.shared_delta(self._installed(node), update)
             for node, update in zip(clients, updates, strict=True)

@@ -9,6 +9,7 @@ registered with ``@register_method`` (``fedalora.methods.registry``):
     server                                  client (``fedalora.client``)
     ------                                  ----------------------------
     initial_shared(layers, ranks)           client_rank(rank, state)
+    initial_server_state(layers, ranks)
     download(shared, client)  ----------->  make_adapter(base, rank, dropout)
                                             load private state (``keeps``, head, state)
                                             install(adapter, arrays, shared_round)
@@ -17,10 +18,15 @@ registered with ``@register_method`` (``fedalora.methods.registry``):
     upload_shapes(layers, rank)  <-------   after_training(adapter, upload(adapter))
     applied_size(upload, rank)   (size screens)
     aggregate(shared, updates, clients)     export_factors(adapter)
+    (server_step, with server state)
 
 Under client-level DP (``fedalora.privacy``) a ``linear`` method's client sends its
 ``shared_delta`` (shapes ``delta_shapes``) clipped, and the server's DP-FedAvg step
 replaces ``aggregate``.
+
+A method that keeps state of its own on the server (a momentum's velocity) returns it
+from ``initial_server_state`` and updates it in ``server_step``; the strategy
+checkpoints it beside the shared state and never sends it.
 
 Every array is named ``<module>.<tensor>``; ``uploads``, ``downloads`` and ``keeps``
 name the adapter tensors (``tensor_shapes``) that go up, come down and stay on the
@@ -169,6 +175,23 @@ class Method(ABC):
     ) -> Arrays:
         """The new shared state from the current one and the accepted updates
         (``updates[i]`` from ``clients[i]``, sorted by partition id)."""
+
+    def initial_server_state(self, layers: LayerShapes, ranks: Sequence[int]) -> Arrays:
+        """What the server keeps beside the shared state and never sends (checkpointed
+        with it); none by default."""
+        return {}
+
+    def server_step(
+        self,
+        shared: Arrays,
+        server_state: Arrays,
+        updates: Sequence[Arrays],
+        clients: Sequence[Participant],
+    ) -> tuple[Arrays, Arrays]:
+        """The new shared state and server state from the accepted updates: ``aggregate``,
+        the server state unchanged, by default. A robust or DP step that replaces the
+        method's rule leaves the server state as it is."""
+        return self.aggregate(shared, updates, clients), server_state
 
     def download(self, shared: Arrays, client: Participant) -> Arrays:
         """What ``client`` receives; the shared state itself by default."""
