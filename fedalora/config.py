@@ -384,7 +384,7 @@ class FedConfig(Section):
         key = "aggregation" if self.robust.aggregation != METHOD_RULE else "clip-norm"
         refusal = self.method.dp_refusal()
         if refusal:
-            able = [n for n, c in registered_methods().items() if c.linear]
+            able = [n for n, c in registered_methods().items() if c.nonlinear_reason is None]
             raise ConfigError(
                 key,
                 f"strategy '{self.strategy}' cannot be aggregated robustly: {refusal}; "
@@ -408,7 +408,7 @@ class FedConfig(Section):
         )
         refusal = self.method.dp_refusal()
         if refusal:
-            able = [n for n, c in registered_methods().items() if c.linear]
+            able = [n for n, c in registered_methods().items() if c.nonlinear_reason is None]
             raise ConfigError(
                 "dp-noise-multiplier",
                 f"strategy '{self.strategy}' cannot run under client-level DP: {refusal}; "

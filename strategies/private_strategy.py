@@ -34,7 +34,7 @@ LEDGER = "privacy"
 
 
 class PrivateMethodStrategy(MethodStrategy):
-    """A linear method (``Method.linear``) with clipped client updates, Gaussian noise
+    """A linear method (``Method.dp_refusal`` None) with clipped client updates, Gaussian noise
     on their sum (central mode) or on each of them (local mode), equal weights, and
     epsilon at ``dp-delta`` in every rounds.jsonl row and in summary.json (with a warning
     and ``dp_delta_too_large`` when that delta is not well below 1/N).

@@ -138,7 +138,7 @@ def make_strategy(tmp_path: Path, name: str = "fedalora-hetero", **overrides):
 
 
 def discover(strategy, grid) -> None:
-    strategy.connect(discover_nodes(grid, strategy.config.min_nodes, timeout=5))
+    strategy.connect(discover_nodes(grid, strategy.config.run.min_nodes, timeout=5))
 
 
 def run_all(strategy, grid, **kwargs):
@@ -473,9 +473,10 @@ def test_a_checkpoint_holds_only_shared_state_and_is_replaced_atomically(tmp_pat
     strategy, _, _ = run(tmp_path)
     path = save_checkpoint(tmp_path, strategy.checkpoint(2))
     files = sorted(p.name for p in path.parent.iterdir())
-    assert files == ["shared-round-2.safetensors", "state.json"]
+    assert files == ["server-state-round-2.safetensors", "shared-round-2.safetensors", "state.json"]
     saved = load_checkpoint(tmp_path)
     assert set(saved.shared) == {f"{m}.B0" for m in LAYERS}  # no A, M, B1, B2
+    assert saved.server_state == {}  # Fed-ALoRA keeps nothing else on the server
     assert [c["rank"] for c in saved.clients] == [3, 2, 1, 2]
 
 

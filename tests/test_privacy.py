@@ -41,7 +41,9 @@ from .test_faults import (
 
 CLIP, Z = 0.5, 1.2
 DP = {"dp_clip": CLIP, "dp_noise_multiplier": Z}
-LINEAR = [name for name, cls in registered_methods(built_in=True).items() if cls.linear]
+LINEAR = [
+    name for name, cls in registered_methods(built_in=True).items() if cls.nonlinear_reason is None
+]
 
 
 def dp_update(norm_of: dict[int, float] | None = None):

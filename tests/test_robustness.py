@@ -27,7 +27,9 @@ from strategies.protocol import ARRAYS, METRICS, to_numpy, to_record
 from .conftest import TINY, tiny_config
 
 LAYERS = {"l0.q": (24, 32), "l0.v": (24, 32)}
-LINEAR = [name for name, c in registered_methods(built_in=True).items() if c.linear]
+LINEAR = [
+    name for name, c in registered_methods(built_in=True).items() if c.nonlinear_reason is None
+]
 
 
 @pytest.fixture(autouse=True)

@@ -20,7 +20,8 @@ registered with ``@register_method`` (``fedalora.methods.registry``):
     aggregate(shared, updates, clients)     export_factors(adapter)
     (server_step, with server state)
 
-Under client-level DP (``fedalora.privacy``) a ``linear`` method's client sends its
+Under client-level DP (``fedalora.privacy``) a linear method's client (``dp_refusal``
+None) sends its
 ``shared_delta`` (shapes ``delta_shapes``) clipped, and the server's DP-FedAvg step
 replaces ``aggregate``.
 
@@ -108,10 +109,13 @@ class Method(ABC):
     keeps: tuple[str, ...] = ()
     #: The LoRA variants (run-config keys of ``fedalora.variants``) the method takes.
     accepts: ClassVar[frozenset[str]] = frozenset()
-    #: Whether the rule is the shared state plus the clients' mean ``shared_delta`` (up to
-    #: the weights), so that client-level DP (``fedalora.privacy``) can clip and noise
-    #: each client's delta and keep the method's meaning.
-    linear: ClassVar[bool] = False
+    #: Why the rule is not the shared state plus the clients' mean ``shared_delta`` (up
+    #: to the weights), or None when it is: then client-level DP (``fedalora.privacy``)
+    #: and robust aggregation can clip, noise or trim each client's delta and keep the
+    #: method's meaning (``dp_refusal``).
+    nonlinear_reason: ClassVar[str | None] = (
+        "its rule is not the shared state plus a mean of per-client updates"
+    )
     #: Whether the centralised reference (``fedalora.centralised``) pools the clients
     #: with this method's own adapters at one rank (their shared factor tied); the others
     #: are referenced by ALoRA's pooled model.
@@ -198,9 +202,10 @@ class Method(ABC):
         return shared
 
     def dp_refusal(self) -> str | None:
-        """Why client-level DP cannot protect this method's uploads, or None."""
-        if not self.linear:
-            return "its rule is not the shared state plus a mean of per-client updates"
+        """Why client-level DP (or robust aggregation) cannot protect this method's
+        uploads, or None: ``nonlinear_reason``, or what the run's variants change."""
+        if self.nonlinear_reason:
+            return self.nonlinear_reason
         derived = [n for n in self.variants.client_initialised() if n in self.downloads]
         if derived:
             return (

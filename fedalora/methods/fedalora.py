@@ -37,7 +37,7 @@ class FedALoRA(Method):
     name = "fedalora"
     accepts = frozenset({"dora", "lora-plus-ratio", "lora-init", "lora-fa"})
     paper = FED_ALORA
-    linear = True
+    nonlinear_reason = None
     uploads = downloads = ("lora_B",)
     keeps = ("lora_A",)
 

@@ -63,7 +63,7 @@ class FedALoRAHetero(Method):
     name = "fedalora-hetero"
     paper = FED_ALORA
     heterogeneous = True
-    linear = True
+    nonlinear_reason = None
     Options = DecompositionOptions
     options: DecompositionOptions
     uploads = ("B2", "B1")

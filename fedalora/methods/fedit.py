@@ -35,7 +35,7 @@ class FedIT(Method):
         "ICASSP 2024",
         "2305.05644",
     )
-    linear = True
+    nonlinear_reason = None
     uploads = downloads = ("lora_A", "lora_B")
 
     def initial_shared(self, layers: LayerShapes, ranks: Sequence[int]) -> Arrays:

@@ -33,7 +33,7 @@ class FedSALoRA(Method):
         "ICLR 2025",
         "2410.01463",
     )
-    linear = True
+    nonlinear_reason = None
     uploads = downloads = ("lora_A",)
     keeps = ("lora_B",)
 

@@ -38,7 +38,7 @@ class FFALoRA(Method):
         "2403.12313",
     )
     heterogeneous = True
-    linear = True
+    nonlinear_reason = None
     uploads = downloads = ("lora_B",)
 
     def initial_shared(self, layers: LayerShapes, ranks: Sequence[int]) -> Arrays:

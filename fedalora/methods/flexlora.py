@@ -39,6 +39,10 @@ class FlexLoRA(Method):
         "NeurIPS 2024",
         "2402.11505",
     )
+    nonlinear_reason = (
+        "its SVD of the summed products B_i A_i is not linear in the uploads; DP would "
+        "have to clip and noise each dense d_out x d_in product"
+    )
     heterogeneous = True
     uploads = downloads = ("lora_A", "lora_B")
 
@@ -56,12 +60,6 @@ class FlexLoRA(Method):
     def applied_size(self, upload: Arrays, rank: int) -> tuple[float, float]:
         """Of s B_i A_i: the client's share of the summed product is what the SVD spreads."""
         return product_size(upload, self.scaling.scale(rank))
-
-    def dp_refusal(self) -> str | None:
-        return (
-            "its SVD of the summed products B_i A_i is not linear in the uploads; DP would "
-            "have to clip and noise each dense d_out x d_in product"
-        )
 
     def download(self, shared: Arrays, client: Participant) -> Arrays:
         return truncate_rank(shared, client.rank, 1.0 / self.scaling.scale(client.rank))

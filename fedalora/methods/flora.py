@@ -51,6 +51,10 @@ class FLoRA(Method):
         "NeurIPS 2024",
         "2409.05976",
     )
+    nonlinear_reason = (
+        "its stacked factors publish every client's own A_i and B_i, which no noise "
+        "on a sum can cover; DP would have to clip and noise each dense product"
+    )
     heterogeneous = True
     uploads = ("lora_A", "lora_B")
 
@@ -66,12 +70,6 @@ class FLoRA(Method):
     def applied_size(self, upload: Arrays, rank: int) -> tuple[float, float]:
         """Of s B_i A_i: what the stack adds to every client's frozen weights."""
         return product_size(upload, self.scaling.scale(rank))
-
-    def dp_refusal(self) -> str | None:
-        return (
-            "its stacked factors publish every client's own A_i and B_i, which no noise "
-            "on a sum can cover; DP would have to clip and noise each dense product"
-        )
 
     def make_adapter(self, base: BaseModel, rank: int, dropout: float) -> ClientAdapter:
         adapter = super().make_adapter(base, rank, dropout)

@@ -79,8 +79,11 @@ class HetLoRA(ZeroPadding):
         "EMNLP 2024",
         "2401.06432",
     )
+    nonlinear_reason = (
+        "its weights are the updates' own norms and its ranks shrink with them, so "
+        "one client's influence on the aggregate is not bounded by clipping"
+    )
     ranks_can_shrink = True
-    linear = False
     Options = RankPruningOptions
     options: RankPruningOptions
 
@@ -89,12 +92,6 @@ class HetLoRA(ZeroPadding):
     ) -> Arrays:
         scales = [self.scaling.scale(c.rank) for c in clients]
         return hetlora_average(updates, scales, padded_rank(shared))
-
-    def dp_refusal(self) -> str | None:
-        return (
-            "its weights are the updates' own norms and its ranks shrink with them, so "
-            "one client's influence on the aggregate is not bounded by clipping"
-        )
 
     def client_rank(self, rank: int, state: Tensors) -> int:
         """The rank left by earlier pruning, else the client's own."""

@@ -23,6 +23,7 @@ class LocalOnly(Method):
     name = "local"
     accepts = frozenset({"dora", "lora-plus-ratio", "lora-init", "lora-fa"})
     paper = None
+    nonlinear_reason = "it shares nothing, so there is no update to protect"
     heterogeneous = True
     keeps = ("lora_A", "lora_B")
 
@@ -33,6 +34,3 @@ class LocalOnly(Method):
         self, shared: Arrays, updates: Sequence[Arrays], clients: Sequence[Participant]
     ) -> Arrays:
         return {}
-
-    def dp_refusal(self) -> str | None:
-        return "it shares nothing, so there is no update to protect"

@@ -97,7 +97,7 @@ class LoRI(Method):
         "2504.07448",
     )
     heterogeneous = True
-    linear = True
+    nonlinear_reason = None
     Options = LoRIOptions
     options: LoRIOptions
     uploads = downloads = (B,)

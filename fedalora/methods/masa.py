@@ -68,7 +68,7 @@ class MASA(Method):
         "2510.06005",
     )
     heterogeneous = True
-    linear = True
+    nonlinear_reason = None
     pooled_reference = True
     Options = MASAOptions
     options: MASAOptions

@@ -20,7 +20,7 @@ Up per client per layer: r_i (d_in + d_out) floats; down: r_max (d_in + d_out).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 from ..adapters import ClientAdapter
 from ..aggregation import truncate_rank, zero_pad_average
@@ -43,7 +43,7 @@ class ZeroPadding(Method):
         "2509.25414",
     )
     heterogeneous = True
-    linear = True
+    nonlinear_reason: ClassVar[str | None] = None
     uploads = downloads = ("lora_A", "lora_B")
 
     def initial_shared(self, layers: LayerShapes, ranks: Sequence[int]) -> Arrays:
