@@ -246,7 +246,7 @@ class FederatedClient:
     ) -> TrainResult:
         """The upload, private state and scores of a client whose local steps are done."""
         cfg, method, adapter = self.config, self.method, start.adapter
-        upload = method.after_training(adapter, method.upload(adapter))
+        upload = method.upload(adapter)
         if cfg.dp.enabled:  # send the clipped (and in local mode noised) update instead
             upload = cfg.dp.client_upload(
                 method.shared_delta(start.installed, upload),

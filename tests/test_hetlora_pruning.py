@@ -50,7 +50,7 @@ def test_the_model_after_a_rank_cut_computes_the_kept_update_at_the_old_scale(
         for m in adapter.targets
     }
     adapter.state[TAIL_NORM] = torch.tensor(1e9)  # last round's tail was larger: it fades
-    upload = method.after_training(adapter, method.upload(adapter))
+    upload = method.upload(adapter)
     private = adapter.private_state(method.keeps)
     reported = method.client_rank(RANK, adapter.state)
     assert reported == KEPT

@@ -15,7 +15,7 @@ registered with ``@register_method`` (``fedalora.methods.registry``):
                                             install(adapter, arrays, shared_round)
                                             start_round(adapter)
                                             train (+ loss_penalty(adapter))
-    upload_shapes(layers, rank)  <-------   after_training(adapter, upload(adapter))
+    upload_shapes(layers, rank)  <-------   upload(adapter)
     applied_size(upload, rank)   (size screens)
     aggregate(shared, updates, clients)     export_factors(adapter)
     (server_step, with server state)
@@ -259,12 +259,9 @@ class Method(ABC):
         return None
 
     def upload(self, adapter: ClientAdapter) -> Arrays:
-        """What the client sends after local training."""
+        """What the client sends after local training (called once per round, so a
+        method may also update its bookkeeping ``adapter.state`` here)."""
         return adapter.arrays(self.uploads)
-
-    def after_training(self, adapter: ClientAdapter, upload: Arrays) -> Arrays:
-        """The upload, changed by what the method does after local training."""
-        return upload
 
     def shared_delta(self, installed: Arrays, upload: Arrays) -> Arrays:
         """The client's update to the shared state (keys and shapes of ``delta_shapes``),

@@ -13,12 +13,8 @@ Up and down per client per layer: d_out r floats each way.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-from ..aggregation import weighted_average
-from ..types import Arrays, LayerShapes
-from .base import Method, Paper, Participant
-from .lora_factors import initial_lora
+from .base import Paper
+from .lora_factors import FactorAveraging
 from .registry import register_method
 
 #: The paper of Fed-ALoRA (both rank settings).
@@ -31,20 +27,10 @@ FED_ALORA = Paper(
 
 
 @register_method
-class FedALoRA(Method):
+class FedALoRA(FactorAveraging):
     """Homogeneous Fed-ALoRA: FedAvg over the shared B matrices only."""
 
     name = "fedalora"
-    accepts = frozenset({"dora", "lora-plus-ratio", "lora-init", "lora-fa"})
     paper = FED_ALORA
-    nonlinear_reason = None
     uploads = downloads = ("lora_B",)
     keeps = ("lora_A",)
-
-    def initial_shared(self, layers: LayerShapes, ranks: Sequence[int]) -> Arrays:
-        return initial_lora(layers, max(ranks), self.seed, self.downloads)  # B = 0
-
-    def aggregate(
-        self, shared: Arrays, updates: Sequence[Arrays], clients: Sequence[Participant]
-    ) -> Arrays:
-        return weighted_average(updates, [c.num_examples for c in clients])

@@ -14,34 +14,20 @@ Up and down per client per layer: r (d_in + d_out) floats each way.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-from ..aggregation import weighted_average
-from ..types import Arrays, LayerShapes
-from .base import Method, Paper, Participant
-from .lora_factors import initial_lora
+from .base import Paper
+from .lora_factors import FactorAveraging
 from .registry import register_method
 
 
 @register_method
-class FedIT(Method):
+class FedIT(FactorAveraging):
     """FedAvg over A and B."""
 
     name = "fedit"
-    accepts = frozenset({"dora", "lora-plus-ratio", "lora-init", "lora-fa"})
     paper = Paper(
         "Zhang et al.",
         "Towards Building the Federated GPT: Federated Instruction Tuning",
         "ICASSP 2024",
         "2305.05644",
     )
-    nonlinear_reason = None
     uploads = downloads = ("lora_A", "lora_B")
-
-    def initial_shared(self, layers: LayerShapes, ranks: Sequence[int]) -> Arrays:
-        return initial_lora(layers, max(ranks), self.seed)
-
-    def aggregate(
-        self, shared: Arrays, updates: Sequence[Arrays], clients: Sequence[Participant]
-    ) -> Arrays:
-        return weighted_average(updates, [c.num_examples for c in clients])

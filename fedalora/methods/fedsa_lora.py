@@ -12,35 +12,21 @@ Up and down per client per layer: r d_in floats each way.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-from ..aggregation import weighted_average
-from ..types import Arrays, LayerShapes
-from .base import Method, Paper, Participant
-from .lora_factors import initial_lora
+from .base import Paper
+from .lora_factors import FactorAveraging
 from .registry import register_method
 
 
 @register_method
-class FedSALoRA(Method):
+class FedSALoRA(FactorAveraging):
     """FedAvg over the shared A matrices only."""
 
     name = "fedsa-lora"
-    accepts = frozenset({"dora", "lora-plus-ratio", "lora-init", "lora-fa"})
     paper = Paper(
         "Guo et al.",
         "Selective Aggregation for Low-Rank Adaptation in Federated Learning",
         "ICLR 2025",
         "2410.01463",
     )
-    nonlinear_reason = None
     uploads = downloads = ("lora_A",)
     keeps = ("lora_B",)
-
-    def initial_shared(self, layers: LayerShapes, ranks: Sequence[int]) -> Arrays:
-        return initial_lora(layers, max(ranks), self.seed, self.downloads)
-
-    def aggregate(
-        self, shared: Arrays, updates: Sequence[Arrays], clients: Sequence[Participant]
-    ) -> Arrays:
-        return weighted_average(updates, [c.num_examples for c in clients])

@@ -103,10 +103,11 @@ class HetLoRA(ZeroPadding):
             return None
         return lambda: self.options.rank_penalty * tail_norm(adapter, keep)
 
-    def after_training(self, adapter: ClientAdapter, upload: Arrays) -> Arrays:
-        """Cut the rank to k when the tail norm fell since last round (then there is no
-        tail to compare until next round's), B rescaled to keep the kept components'
-        update; remember the rank and the tail norm."""
+    def upload(self, adapter: ClientAdapter) -> Arrays:
+        """The factors, cut to rank k when the tail norm fell since last round (then
+        there is no tail to compare until next round's), B rescaled to keep the kept
+        components' update; remembers the rank and the tail norm."""
+        upload = super().upload(adapter)
         if self.options.rank_decay >= 1.0:
             return upload
         keep, rank = self._keep(adapter), adapter.rank

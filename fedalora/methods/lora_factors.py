@@ -1,19 +1,24 @@
 """Helpers of the methods that move PEFT LoRA factors (``<module>.lora_A``, r x d_in,
-and ``<module>.lora_B``, d_out x r)."""
+and ``<module>.lora_B``, d_out x r), and the base of those that only average them."""
 
 from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
 
 from ..adapters import ClientAdapter
 from ..adapters.lora import LORA_A, LORA_B
+from ..aggregation import weighted_average
 from ..types import Arrays, LayerShapes
 from ..variants import MAGNITUDE
+from .base import Method, Participant
+
+#: The LoRA variants a plain PEFT LoRA client takes.
+EVERY_VARIANT = frozenset({"dora", "lora-plus-ratio", "lora-init", "lora-fa"})
 
 
 def seeded_lora_a(seed: int, module: str, rank: int, d_in: int) -> np.ndarray:
@@ -61,3 +66,20 @@ def freeze_seeded_a(adapter: ClientAdapter, seed: int) -> ClientAdapter:
             weight.copy_(torch.from_numpy(seeded_lora_a(seed, m, rank, d_in)))
             weight.requires_grad_(False)
     return adapter
+
+
+class FactorAveraging(Method):
+    """A method of one rank whose shared factors (``downloads``) start from the seeded
+    global init (A = ``seeded_lora_a``, B = 0) and are averaged with the clients'
+    weights, FedAvg's rule; the others stay private. A subclass names what moves."""
+
+    accepts = EVERY_VARIANT
+    nonlinear_reason = None
+
+    def initial_shared(self, layers: LayerShapes, ranks: Sequence[int]) -> Arrays:
+        return initial_lora(layers, max(ranks), self.seed, self.downloads)
+
+    def aggregate(
+        self, shared: Arrays, updates: Sequence[Arrays], clients: Sequence[Participant]
+    ) -> Arrays:
+        return weighted_average(updates, [c.num_examples for c in clients])

@@ -210,8 +210,9 @@ class LoRI(Method):
             kept = mask.to(dtype=tensors[f"{m}.{B}"].dtype, device=tensors[f"{m}.{B}"].device)
             tensors[f"{m}.{B}"].register_hook(lambda grad, kept=kept: grad * kept)
 
-    def after_training(self, adapter: ClientAdapter, upload: Arrays) -> Arrays:
+    def upload(self, adapter: ClientAdapter) -> Arrays:
         """LoRI-S: fix the mask after calibration; upload the masked values."""
+        upload = super().upload(adapter)
         if not self.sparse:
             return upload
         masks = self._masks(adapter)
