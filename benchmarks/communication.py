@@ -44,7 +44,10 @@ def per_client_floats(
         method = base.with_strategy(name).method
         clients = [Participant(i, r, 100) for i, r in enumerate(ranks)]
         shared = method.initial_shared(layer_shapes, ranks)
-        uploads = [method.zero_upload(layer_shapes, c.rank) for c in clients]
+        uploads = [
+            method.upload_format().zeros(method.upload_shapes(layer_shapes, c.rank))
+            for c in clients
+        ]
         shared = method.aggregate(shared, uploads, clients)
         up = [payload_bytes(to_record(u)) / 4 for u in uploads]
         down = [payload_bytes(to_record(method.download(shared, c))) / 4 for c in clients]

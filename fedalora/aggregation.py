@@ -14,6 +14,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from .types import module_of
+
 Arrays = Mapping[str, np.ndarray]
 LORA_A, LORA_B = ".lora_A", ".lora_B"
 STACK_A, STACK_B = ".stack_A", ".stack_B"
@@ -57,7 +59,7 @@ def accumulate_decomposed(
     weights = data_weights(num_examples)
     result: dict[str, np.ndarray] = {}
     for key, current in b0.items():
-        module = key[: -len(".B0")]
+        module = module_of(key)
         total = _f64(current).copy()
         for w, update in zip(weights, updates, strict=True):
             total += w * (_f64(update[f"{module}.B2"]) @ _f64(update[f"{module}.B1"]))
@@ -98,7 +100,7 @@ def zero_pad_average(
         raise ValueError(f"slots must be 'holders' or 'all', got {slots!r}")
     result: dict[str, np.ndarray] = {}
     for key in updates[0]:
-        module, is_a = key.rsplit(".", 1)[0], key.endswith(LORA_A)
+        module, is_a = module_of(key), key.endswith(LORA_A)
         raw = weights[module] if isinstance(weights, Mapping) else weights
         w = data_weights(raw)
         ranks = np.array([_rank_of(u[key], key) for u in updates])
@@ -230,7 +232,7 @@ def _stack(
 # ------------------------------------------------------------------- helpers
 def modules_of(update: Arrays) -> list[str]:
     """The adapted modules named by an update's LoRA keys, in order."""
-    modules = [k.rsplit(".", 1)[0] for k in update if k.endswith((LORA_A, LORA_B))]
+    modules = [module_of(k) for k in update if k.endswith((LORA_A, LORA_B))]
     return list(dict.fromkeys(modules))
 
 

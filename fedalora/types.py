@@ -20,3 +20,13 @@ Shapes = dict[str, tuple[int, ...]]
 Tensors = dict[str, torch.Tensor]
 #: (d_out, d_in) of every adapted layer, by module name.
 LayerShapes = Mapping[str, tuple[int, int]]
+
+
+def module_of(key: str) -> str:
+    """The module of a ``<module>.<tensor>`` key (module names hold dots themselves)."""
+    return key.rpartition(".")[0]
+
+
+def tensor_of(key: str) -> str:
+    """The tensor name of a ``<module>.<tensor>`` key."""
+    return key.rpartition(".")[2]

@@ -32,7 +32,7 @@ from fedalora.errors import ConfigError, RunFailed
 from fedalora.outputs import EVALUATE, LOCAL_MODEL, TRAIN, RunRecorder
 from fedalora.privacy import leading_block
 from fedalora.robust import MEDIAN, TRIMMED_MEAN, claim_weights, outlying_claims, robust_step
-from fedalora.types import Arrays, LayerShapes
+from fedalora.types import Arrays, LayerShapes, module_of
 
 from .accounting import RoundTally
 from .discovery import Node
@@ -150,7 +150,7 @@ class MethodStrategy(Strategy):
             self.nodes[node_id] = dataclasses.replace(node, rank=saved[node.partition_id]["rank"])
         expected = {k: v.shape for k, v in self.shared.items()}
         saved_shapes = {k: v.shape for k, v in checkpoint.shared.items()}
-        foreign = [k for k in saved_shapes if k.rsplit(".", 1)[0] not in self.layer_shapes]
+        foreign = [k for k in saved_shapes if module_of(k) not in self.layer_shapes]
         if foreign or (expected and saved_shapes != expected):  # FLoRA's stack grows
             raise ConfigError(
                 "resume",

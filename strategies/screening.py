@@ -69,11 +69,14 @@ class ReplyScreen:
 
     def bounds(self, rank: int) -> Shapes:
         """The largest arrays an upload at ``rank`` may hold."""
-        return self.method.upload_bounds(self.layer_shapes, rank)
+        method = self.method
+        return method.upload_format().bounds(method.upload_shapes(self.layer_shapes, rank))
 
     def upload_problem(self, rank: int, update: Arrays) -> str | None:
         """Why an upload at ``rank`` does not have the method's form, or None."""
-        return self.method.upload_problem(self.layer_shapes, rank, update)
+        method = self.method
+        dense = method.upload_shapes(self.layer_shapes, rank)
+        return method.upload_format().problem(dense, update)
 
     def size_problems(self, updates: Sequence[tuple[int, Arrays]]) -> list[str | None]:
         """Per well-formed upload of a round (its rank and arrays), why the update it

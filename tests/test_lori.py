@@ -66,7 +66,7 @@ def test_the_mask_is_calibrated_once_over_all_layers_and_training_stays_under_it
     assert sum(int(m.sum()) for m in masks.values()) == round(0.1 * total)  # one global top 10%
     dense_values = sum(v.size for k, v in first.upload.items() if k.endswith("values"))
     assert dense_values == total  # every entry in the calibration round
-    assert method.upload_problem(layers, 8, first.upload) is None
+    assert _problem(method, layers, first.upload) is None
 
     # round 2 restarts from B = 0 under the mask: after training, B is zero off the mask
     aggregate = method.aggregate(shared, [first.upload], [Participant(0, 8, 100)])
@@ -80,7 +80,7 @@ def test_the_mask_is_calibrated_once_over_all_layers_and_training_stays_under_it
     second = client.train(
         method.download(aggregate, Participant(0, 8, 100)), first.private, 2, shared_round=1
     )
-    assert method.upload_problem(layers, 8, second.upload) is None
+    assert _problem(method, layers, second.upload) is None
     kept = sum(v.size for k, v in second.upload.items() if k.endswith("values"))
     assert kept == round(0.1 * total)
     decoded = method.aggregate(shared, [second.upload], [Participant(0, 8, 100)])
@@ -100,10 +100,10 @@ def test_a_corrupt_sparse_upload_is_refused():
     upload = client.train(shared, None, 1).upload
     module = next(iter(layers))
     short = {**upload, f"{module}.lora_B.values": upload[f"{module}.lora_B.values"][:-1]}
-    assert "shape" in method.upload_problem(layers, 8, short)
+    assert "shape" in _problem(method, layers, short)
     floats = {**upload, f"{module}.lora_B.mask": upload[f"{module}.lora_B.mask"].astype(float)}
-    assert "packed into uint8" in method.upload_problem(layers, 8, floats)
-    assert "keys differ" in method.upload_problem(layers, 8, {})
+    assert "packed into uint8" in _problem(method, layers, floats)
+    assert "keys differ" in _problem(method, layers, {})
 
 
 def test_lori_a_is_the_shared_seeded_a_and_frozen():
@@ -135,3 +135,8 @@ def test_a_lori_s_client_exports_its_effective_dense_factors(tmp_path):
         torch.testing.assert_close(
             exported(**batch).logits, ours(**batch).logits, atol=1e-4, rtol=1e-4
         )
+
+
+def _problem(method, layers, upload):
+    """What the server's screen says of a rank-8 upload."""
+    return method.upload_format().problem(method.upload_shapes(layers, 8), upload)

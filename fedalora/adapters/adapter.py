@@ -26,7 +26,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
-from ..models import quantisation_states, transposed_weights
+from ..models import BaseModel, quantisation_states, transposed_weights
 from ..training import LocalRecipe
 from ..types import Arrays, Tensors
 
@@ -39,28 +39,21 @@ PeftFactors = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
 class ClientAdapter(ABC):
-    """A client's copy of the base model with a rank-``rank`` adapter on ``targets``.
+    """A client's copy of the base model with a rank-``rank`` adapter on its adapted
+    layers (``base.targets``), scale ``scale`` and input dropout ``dropout``.
 
     The frozen base weights are the base model's own tensors (``share_frozen_weights``);
     only the adapter and the new head are the client's.
     """
 
-    def __init__(
-        self,
-        base_model: nn.Module,
-        targets: list[str],
-        head_modules: list[str],
-        rank: int,
-        scale: float,
-        dropout: float,
-    ) -> None:
-        self.targets, self.head_modules = targets, head_modules
+    def __init__(self, base: BaseModel, rank: int, scale: float, dropout: float) -> None:
+        self.targets, self.head_modules = base.targets, base.head_modules
         self.rank, self.scale = rank, scale
         #: The method's per-client bookkeeping, kept privately between rounds.
         self.state: Tensors = {}
         #: The round this model is built for (0: outside a federation's rounds).
         self.server_round = 0
-        self.model = self._attach(share_frozen_weights(base_model, head_modules), dropout)
+        self.model = self._attach(share_frozen_weights(base.model, base.head_modules), dropout)
         for param in self._head_parameters().values():
             param.requires_grad_(True)
 

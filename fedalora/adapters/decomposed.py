@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..models import adapter_placement, layer_dims
+from ..models import BaseModel, adapter_placement, layer_dims
 from .adapter import ClientAdapter, PeftFactors, lora_a_init_
 
 
@@ -84,16 +84,14 @@ class DecomposedAdapter(ClientAdapter):
 
     def __init__(
         self,
-        base_model: nn.Module,
-        targets: list[str],
-        head_modules: list[str],
+        base: BaseModel,
         rank: int,
         scale: float,
         dropout: float,
         intermediate_rank: int,
     ) -> None:
         self.intermediate_rank = intermediate_rank
-        super().__init__(base_model, targets, head_modules, rank, scale, dropout)
+        super().__init__(base, rank, scale, dropout)
 
     def _attach(self, model: nn.Module, dropout: float) -> nn.Module:
         model.requires_grad_(False)

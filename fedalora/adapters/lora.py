@@ -12,7 +12,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.optimizers import create_lorafa_optimizer, create_loraplus_optimizer
 from torch import nn
 
-from ..models import transposed_weights
+from ..models import BaseModel, transposed_weights
 from ..training import LocalRecipe
 from ..variants import MAGNITUDE, Variants
 from .adapter import ClientAdapter, PeftFactors
@@ -26,9 +26,7 @@ class LoRAAdapter(ClientAdapter):
 
     def __init__(
         self,
-        base_model: nn.Module,
-        targets: list[str],
-        head_modules: list[str],
+        base: BaseModel,
         rank: int,
         scale: float,
         dropout: float,
@@ -39,7 +37,7 @@ class LoRAAdapter(ClientAdapter):
         self.variants = variants or Variants()
         #: Per module, the principal init (A_0, s B_0) that a PiSSA/OLoRA base lacks.
         self.initial: PeftFactors = {}
-        super().__init__(base_model, targets, head_modules, rank, scale, dropout)
+        super().__init__(base, rank, scale, dropout)
 
     def _attach(self, model: nn.Module, dropout: float) -> nn.Module:
         variants = self.variants

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..models import adapter_placement, layer_dims
+from ..models import BaseModel, adapter_placement, layer_dims
 from .adapter import ClientAdapter, PeftFactors, lora_a_init_
 
 
@@ -68,16 +68,14 @@ class MASAAdapter(ClientAdapter):
 
     def __init__(
         self,
-        base_model: nn.Module,
-        targets: list[str],
-        head_modules: list[str],
+        base: BaseModel,
         rank: int,
         scale: float,
         dropout: float,
         experts: int,
     ) -> None:
         self.experts = experts
-        super().__init__(base_model, targets, head_modules, rank, scale, dropout)
+        super().__init__(base, rank, scale, dropout)
 
     def _attach(self, model: nn.Module, dropout: float) -> nn.Module:
         model.requires_grad_(False)

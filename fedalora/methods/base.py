@@ -16,6 +16,7 @@ registered with ``@register_method`` (``fedalora.methods.registry``):
                                             start_round(adapter)
                                             train (+ loss_penalty(adapter))
     upload_shapes(layers, rank)  <-------   upload(adapter)
+    upload_format()
     applied_size(upload, rank)   (size screens)
     aggregate(shared, updates, clients)     export_factors(adapter)
     (server_step, with server state)
@@ -43,16 +44,16 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 
 from ..adapters import ClientAdapter, LoRAAdapter, PeftFactors
 from ..models import BaseModel
 from ..scaling import LoRAScaling
-from ..screening import update_problem, update_size
+from ..screening import update_size
 from ..settings import Section
-from ..types import Arrays, LayerShapes, Shapes, Tensors
+from ..types import Arrays, LayerShapes, Shapes, Tensors, tensor_of
 from ..variants import MAGNITUDE, Variants
+from .wire import DENSE, UploadFormat
 
 
 @dataclass(frozen=True)
@@ -141,33 +142,24 @@ class Method(ABC):
         return {"lora_A": (rank, d_in), "lora_B": (d_out, rank), MAGNITUDE: (d_out,)}
 
     def upload_shapes(self, layers: LayerShapes, rank: int) -> Shapes:
-        """Array names and shapes that a client of ``rank`` uploads."""
+        """Array names and shapes of the dense factors a client of ``rank`` uploads
+        (what travels is ``upload_format().shapes`` of them)."""
         return {
             f"{m}.{name}": self.tensor_shapes(d_out, d_in, rank)[name]
             for m, (d_out, d_in) in layers.items()
             for name in self.uploads
         }
 
-    def zero_upload(self, layers: LayerShapes, rank: int) -> Arrays:
-        """A well-formed upload of zeros from a client of ``rank`` (for the server side
-        without a model: communication accounting, benchmarks)."""
-        return {k: np.zeros(s, np.float32) for k, s in self.upload_shapes(layers, rank).items()}
-
-    def upload_bounds(self, layers: LayerShapes, rank: int) -> Shapes:
-        """The largest shape each array of an upload at ``rank`` may have: what the
-        server checks before it reads a reply (``upload_shapes`` unless sizes vary)."""
-        return self.upload_shapes(layers, rank)
+    def upload_format(self) -> UploadFormat:
+        """How the upload travels (``fedalora.methods.wire``): the dense factors of
+        ``upload_shapes`` as they are, by default."""
+        return DENSE
 
     def applied_size(self, upload: Arrays, rank: int) -> tuple[float, float]:
         """(RMS entry, L2 norm) of what an upload at ``rank`` changes in the shared state,
         as the size screens measure it: the uploaded factors themselves (their average
         is the rule)."""
         return update_size(upload)
-
-    def upload_problem(self, layers: LayerShapes, rank: int, update: Arrays) -> str | None:
-        """Why an upload of a client of ``rank`` cannot be used (keys, shapes, dtype,
-        NaN/Inf), or None."""
-        return update_problem(update, self.upload_shapes(layers, rank))
 
     @abstractmethod
     def initial_shared(self, layers: LayerShapes, ranks: Sequence[int]) -> Arrays:
@@ -231,9 +223,7 @@ class Method(ABC):
     def make_adapter(self, base: BaseModel, rank: int, dropout: float) -> ClientAdapter:
         """The client's adapter at ``rank`` on the shared base model (PEFT LoRA)."""
         return LoRAAdapter(
-            base.model,
-            base.targets,
-            base.head_modules,
+            base,
             rank,
             self.scaling.scale(rank),
             dropout,
@@ -247,7 +237,7 @@ class Method(ABC):
         every client (DoRA's magnitude, a principal init) keep their derived values."""
         own = self.variants.client_initialised() if shared_round == 0 else ()
         adapter.copy_in(
-            {k: v for k, v in arrays.items() if k.rsplit(".", 1)[1] not in own},
+            {k: v for k, v in arrays.items() if tensor_of(k) not in own},
             [n for n in self.downloads if n not in own],
         )
 

@@ -32,7 +32,7 @@ from ..aggregation import accumulate_decomposed
 from ..errors import require
 from ..models import BaseModel
 from ..screening import update_size
-from ..types import Arrays, LayerShapes
+from ..types import Arrays, LayerShapes, module_of
 from .base import Method, MethodOptions, Participant
 from .fedalora import FED_ALORA
 from .registry import register_method
@@ -95,9 +95,7 @@ class FedALoRAHetero(Method):
 
     def make_adapter(self, base: BaseModel, rank: int, dropout: float) -> ClientAdapter:
         return DecomposedAdapter(
-            base.model,
-            base.targets,
-            base.head_modules,
+            base,
             rank,
             self.scaling.scale(rank),
             dropout,
@@ -121,5 +119,5 @@ def _products(upload: Arrays) -> Arrays:
     """``<module>.B0``: B2_i @ B1_i of every layer of an upload."""
     return {
         f"{m}.B0": upload[f"{m}.B2"] @ upload[f"{m}.B1"]
-        for m in (k[: -len(".B1")] for k in upload if k.endswith(".B1"))
+        for m in (module_of(k) for k in upload if k.endswith(".B1"))
     }

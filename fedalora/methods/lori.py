@@ -36,7 +36,6 @@ Up per client per layer: LoRI-D d_out r_i floats; LoRI-S (1 - s) d_out r_i + d_o
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,13 +47,13 @@ from ..adapters import ClientAdapter
 from ..aggregation import masked_average, truncate_rank
 from ..errors import require
 from ..models import BaseModel
-from ..screening import update_problem
-from ..types import Arrays, LayerShapes, Shapes
+from ..types import Arrays, LayerShapes
 from .base import Method, MethodOptions, Paper, Participant
 from .lora_factors import freeze_seeded_a, initial_lora, padded_rank
 from .registry import register_method
+from .wire import DENSE, MaskedValues, UploadFormat
 
-B, VALUES, MASK = "lora_B", "lora_B.values", "lora_B.mask"
+B = "lora_B"
 #: Client bookkeeping: the mask of each module (uint8, 1 = trained).
 MASK_STATE = "mask."
 
@@ -107,55 +106,10 @@ class LoRI(Method):
         return self.options.lori_sparsity > 0
 
     # ------------------------------------------------------------- server side
-    def upload_shapes(self, layers: LayerShapes, rank: int) -> Shapes:
-        """Dense B; under LoRI-S the values and packed mask at the mask's mean density
-        (a client's share of each layer varies, its total does not)."""
-        if not self.sparse:
-            return super().upload_shapes(layers, rank)
-        keep = 1 - self.options.lori_sparsity
-        shapes: Shapes = {}
-        for m, (d_out, _) in layers.items():
-            shapes[f"{m}.{VALUES}"] = (round(keep * d_out * rank),)
-            shapes[f"{m}.{MASK}"] = (math.ceil(d_out * rank / 8),)
-        return shapes
-
-    def upload_bounds(self, layers: LayerShapes, rank: int) -> Shapes:
-        """Under LoRI-S a layer's values are at most all of its d_out x r entries."""
-        if not self.sparse:
-            return super().upload_bounds(layers, rank)
-        bounds = dict(self.upload_shapes(layers, rank))
-        for m, (d_out, _) in layers.items():
-            bounds[f"{m}.{VALUES}"] = (d_out * rank,)
-        return bounds
-
-    def zero_upload(self, layers: LayerShapes, rank: int) -> Arrays:
-        """Under LoRI-S: the first round((1 - s) d_out r) entries of each layer masked."""
-        if not self.sparse:
-            return super().zero_upload(layers, rank)
-        upload: Arrays = {}
-        for m, (d_out, _) in layers.items():
-            kept = np.zeros(d_out * rank, bool)
-            kept[: self.upload_shapes(layers, rank)[f"{m}.{VALUES}"][0]] = True
-            upload[f"{m}.{VALUES}"] = np.zeros(int(kept.sum()), np.float32)
-            upload[f"{m}.{MASK}"] = np.packbits(kept)
-        return upload
-
-    def upload_problem(self, layers: LayerShapes, rank: int, update: Arrays) -> str | None:
-        if not self.sparse:
-            return super().upload_problem(layers, rank, update)
-        expected = {f"{m}.{key}" for m in layers for key in (VALUES, MASK)}
-        if set(update) != expected:
-            missing, extra = sorted(expected - set(update)), sorted(set(update) - expected)
-            return f"keys differ from a LoRI-S upload (missing {missing[:2]}, extra {extra[:2]})"
-        for m, (d_out, _) in layers.items():
-            mask, values = update[f"{m}.{MASK}"], update[f"{m}.{VALUES}"]
-            if mask.dtype != np.uint8 or mask.shape != (math.ceil(d_out * rank / 8),):
-                return f"'{m}.{MASK}' is not {d_out} x {rank} entries packed into uint8"
-            kept = int(_unpack(mask, (d_out, rank)).sum())
-            problem = update_problem({f"{m}.{VALUES}": values}, {f"{m}.{VALUES}": (kept,)})
-            if problem:
-                return problem
-        return None
+    def upload_format(self) -> UploadFormat:
+        """LoRI-S: the values its mask keeps and the packed mask, at the mask's mean
+        density; LoRI-D: dense B."""
+        return MaskedValues(1 - self.options.lori_sparsity) if self.sparse else DENSE
 
     def initial_shared(self, layers: LayerShapes, ranks: Sequence[int]) -> Arrays:
         return initial_lora(layers, max(ranks), self.seed, self.downloads)  # B = 0
@@ -166,9 +120,8 @@ class LoRI(Method):
         rank, counts = padded_rank(shared), [c.num_examples for c in clients]
         result = {}
         for key, current in shared.items():
-            module = key[: -len(B) - 1]
             decoded = [
-                self._decode(u, module, current.shape[0], c.rank)
+                self._decode(u, key, (current.shape[0], c.rank))
                 for u, c in zip(updates, clients, strict=True)
             ]
             result[key] = masked_average(
@@ -220,17 +173,9 @@ class LoRI(Method):
             masks = self._calibrate(adapter)
             adapter.state.update({MASK_STATE + m: mask for m, mask in masks.items()})
             masks = {}  # this round's upload is still dense
-        encoded: Arrays = {}
-        for key, dense in upload.items():
-            module = key[: -len(B) - 1]
-            kept = (
-                masks[module].numpy().astype(bool)
-                if module in masks
-                else np.ones(dense.shape, bool)
-            )
-            encoded[f"{module}.{VALUES}"] = dense[kept].astype(np.float32)
-            encoded[f"{module}.{MASK}"] = np.packbits(kept.ravel())
-        return encoded
+        return MaskedValues.encode(
+            upload, {f"{m}.{B}": mask.numpy().astype(bool) for m, mask in masks.items()}
+        )
 
     def _calibrate(self, adapter: ClientAdapter) -> dict[str, torch.Tensor]:
         """The largest-magnitude (1 - s) share of B's entries over all layers together."""
@@ -252,17 +197,9 @@ class LoRI(Method):
         }
 
     def _decode(
-        self, update: Arrays, module: str, d_out: int, rank: int
+        self, update: Arrays, key: str, shape: tuple[int, int]
     ) -> tuple[np.ndarray, np.ndarray]:
-        """(dense B_i, mask_i) of one layer from an upload."""
+        """(dense B_i, mask_i) of factor ``key`` from an upload."""
         if not self.sparse:
-            factor = update[f"{module}.{B}"]
-            return factor, np.ones(factor.shape, bool)
-        kept = _unpack(update[f"{module}.{MASK}"], (d_out, rank))
-        dense = np.zeros((d_out, rank), np.float32)
-        dense[kept] = update[f"{module}.{VALUES}"]
-        return dense, kept
-
-
-def _unpack(packed: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    return np.unpackbits(packed)[: shape[0] * shape[1]].reshape(shape).astype(bool)
+            return update[key], np.ones(update[key].shape, bool)
+        return MaskedValues.decode(update, key, shape)

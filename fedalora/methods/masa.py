@@ -94,9 +94,7 @@ class MASA(Method):
 
     def make_adapter(self, base: BaseModel, rank: int, dropout: float) -> ClientAdapter:
         return MASAAdapter(
-            base.model,
-            base.targets,
-            base.head_modules,
+            base,
             rank,
             self.scaling.scale(rank),
             dropout,
