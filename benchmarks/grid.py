@@ -45,10 +45,11 @@ from fedalora.centralised import run_centralised
 from fedalora.comparison import over_seeds, paired_gain, reading, run_figures
 from fedalora.config import FedConfig
 from fedalora.errors import ConfigError
+from fedalora.launch import SimulationFailed, completed_run, ray_cluster
+from fedalora.launch.simulate import run_simulation
 from fedalora.methods import method_class, registered_methods
-from fedalora.outputs import LOCAL_MODEL, PROTOCOLS
+from fedalora.outputs import LOCAL_MODEL, PROTOCOLS, run_status
 from fedalora.run_config import format_run_config, parse_run_config
-from fedalora.simulate import SimulationFailed, completed_run, ray_cluster, run_simulation
 from fedalora.stats import Interval
 from server.in_process import flower_log_in, run_in_process
 
@@ -301,7 +302,11 @@ class Grid:
         bar = tqdm(runs, unit="run", dynamic_ncols=True)
         for run in bar:
             bar.set_description(run.name)
-            if resume and run.name in self.walls and _completed(self.output_dir / run.name):
+            if (
+                resume
+                and run.name in self.walls
+                and run_status(self.output_dir / run.name) == "completed"
+            ):
                 continue
             try:
                 self.execute(run, ray_address)
@@ -328,7 +333,7 @@ class Grid:
                 ROOT,
                 run.name,
                 num_supernodes=self.preset.num_clients,
-                run_config=_text({**run_config, "strategy": strategy}),
+                run_config=format_run_config({**run_config, "strategy": strategy}),
                 output_dir=self.output_dir,
                 log_path=log,
             )
@@ -338,7 +343,7 @@ class Grid:
                 ROOT,
                 run.name,
                 num_supernodes=self.preset.num_clients,
-                run_config=_text({**run_config, "strategy": strategy}),
+                run_config=format_run_config({**run_config, "strategy": strategy}),
                 output_dir=self.output_dir,
                 ray_address=ray_address,
                 log_path=log,
@@ -526,16 +531,6 @@ def _records(runs: pd.DataFrame) -> list[dict[str, Any]]:
     return [
         {str(k): v for k, v in row.items()} for row in runs.sort_values("seed").to_dict("records")
     ]
-
-
-def _completed(run_dir: Path) -> bool:
-    summary = run_dir / "summary.json"
-    return summary.exists() and json.loads(summary.read_text()).get("status") == "completed"
-
-
-def _text(run_config: dict[str, object]) -> str:
-    """``key=value`` pairs as ``--run-config`` takes them."""
-    return format_run_config(run_config)
 
 
 def _cell(row: pd.Series, key: str) -> str:

@@ -1,6 +1,6 @@
 """Peak memory of a 1,000-client simulation against a 100-client one.
 
-Both are ``flwr run`` simulations (``fedalora.simulate``, a fresh Ray instance each)
+Both are ``flwr run`` simulations (``fedalora.launch.simulate``, a fresh Ray instance each)
 with 10% participation (``fraction-train`` = ``fraction-evaluate`` = 0.1; the last
 round evaluates every client) and private state on disk (``state-store=disk``),
 the default strategy and ranks, on a model and data set sized for 1,000 clients on
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from common import ROOT, PeakMemory, machine, print_figures
 
-from fedalora.simulate import run_simulation
+from fedalora.launch.simulate import run_simulation
 
 RUN_CONFIG = (
     "num-hidden-layers=2 dataset='20newsgroups' partitioning='iid' local-steps=1 "

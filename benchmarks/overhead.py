@@ -2,7 +2,7 @@
 
 Simulation: the default configuration (8 clients, ranks 64..8, ``fedalora-hetero``,
 MiniLM on BBC News, 10 steps of batch 16 per round) for ``--rounds`` rounds through
-``fedalora.simulate``: its own SuperLink, and a fresh Ray instance that the run
+``fedalora.launch.simulate``: its own SuperLink, and a fresh Ray instance that the run
 starts (start-up included), timed from launch to the completed summary.json.
 Plain loop: the same clients, rounds, training steps, aggregation (the method's
 own ``aggregate``) and evaluations, in this one process, one client after another (the
@@ -26,8 +26,8 @@ from common import ROOT, federation, machine, print_figures
 
 from fedalora.client import FederatedClient
 from fedalora.config import FedConfig
+from fedalora.launch.simulate import run_simulation
 from fedalora.outputs import read_jsonl
-from fedalora.simulate import run_simulation
 
 NUM_CLIENTS = 8
 

@@ -10,9 +10,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from fedalora.deploy import LocalDeployment, make_certificates, make_node_key
+from fedalora.launch import make_certificates, make_node_key, ray_cluster
+from fedalora.launch.deploy import LocalDeployment
+from fedalora.launch.simulate import run_simulation
 from fedalora.outputs import read_jsonl
-from fedalora.simulate import ray_cluster, run_simulation
 
 APP = Path(__file__).resolve().parents[1]
 TINY = (

@@ -72,7 +72,7 @@ def test_the_ema_rule_blends_the_padded_average_into_the_old_b():
 
 #: String constants spelled like a method's name that do not name the method.
 HOMONYMS = {
-    ("fedalora/deploy.py", "local"),  # the sub-command that deploys on loopback
+    ("fedalora/launch/deploy.py", "local"),  # the sub-command that deploys on loopback
     ("fedalora/privacy.py", "local"),  # dp-mode='local': local differential privacy
 }
 

@@ -1,4 +1,4 @@
-"""A SuperNode that dies and comes back: ``fedalora.deploy supernode`` waits while the
+"""A SuperNode that dies and comes back: ``fedalora.launch.deploy supernode`` waits while the
 SuperLink still holds the dead node (same key, same node id), then rejoins the run; in a
 real deployment (SuperLink and SuperNode processes with TLS and node authentication on
 loopback) whose private state never leaves the nodes' own disks."""
@@ -18,7 +18,7 @@ import psutil
 import pytest
 from safetensors.numpy import load_file
 
-from fedalora.deploy import LocalDeployment, refusal, supervise_supernode
+from fedalora.launch.deploy import LocalDeployment, refusal, supervise_supernode
 from fedalora.outputs import read_jsonl
 from tests.test_deployment import APP, TINY
 
@@ -75,7 +75,7 @@ def test_sigterm_goes_to_the_supernode_and_its_exit_status_comes_back(tmp_path):
         [
             sys.executable,
             "-c",
-            "import os, sys\nfrom fedalora.deploy import supervise_supernode\n"
+            "import os, sys\nfrom fedalora.launch.deploy import supervise_supernode\n"
             f"sys.exit(supervise_supernode([sys.executable, '-c', {child!r}], os.environ))",
         ],
         stderr=subprocess.PIPE,

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from fedalora.launch import RunFollower
 from fedalora.outputs import INTERRUPTED, RESUMED_MARK, RUNNING, SUMMARY, RunRecorder, run_status
-from fedalora.simulate import RunFollower
 
 APP = Path(__file__).resolve().parents[1]
 LOGGER = logging.getLogger("test_run_records")

@@ -20,10 +20,11 @@ import pytest
 from safetensors.numpy import load_file
 
 from fedalora.adapters import load_peft_adapter
+from fedalora.launch import ray_cluster
+from fedalora.launch.simulate import run_simulation
 from fedalora.methods import registered_methods
 from fedalora.models import load_base_model
 from fedalora.outputs import read_jsonl
-from fedalora.simulate import ray_cluster, run_simulation
 
 from .comm_formulas import ORACLE, Layer, floats_per_layer
 from .conftest import TINY_OPTIONS
@@ -363,7 +364,7 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result_bit_for_bit(runs, tmp_
         [
             sys.executable,
             "-m",
-            "fedalora.simulate",
+            "fedalora.launch.simulate",
             "--app",
             str(APP),
             "--run-name",

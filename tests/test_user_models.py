@@ -212,7 +212,7 @@ def _console(tmp_path: Path, run_config: str, *launcher: str) -> subprocess.Comp
         [
             sys.executable,
             "-m",
-            "fedalora.simulate",
+            "fedalora.launch.simulate",
             *launcher,
             "--run-name",
             "console",
@@ -322,7 +322,7 @@ def test_a_run_in_which_no_client_trained_fails_with_the_clients_own_error(tmp_p
 
 
 def test_the_console_follows_a_run_a_line_per_round_and_its_warnings(tmp_path):
-    from fedalora.simulate import RunFollower
+    from fedalora.launch import RunFollower
 
     stale = {"round": 1, "local_model_mean_accuracy": 0.1, "local_model_worst_accuracy": 0.0}
     (tmp_path / "rounds.jsonl").write_text(json.dumps(stale) + "\n")  # an earlier run's

@@ -3,14 +3,14 @@ SuperNodes each with its own rank, data partition and private-state directory.
 
 On the SuperLink's machine, then on each node's machine (keys and ca.crt copied there)::
 
-    python -m fedalora.deploy certs --out certs --host superlink.example.org
-    python -m fedalora.deploy node-key --out keys/node0        # one per SuperNode
-    python -m fedalora.deploy superlink --certs certs          # serves on 0.0.0.0:8000
-    python -m fedalora.deploy connection --superlink superlink.example.org:8000 \\
+    python -m fedalora.launch.deploy certs --out certs --host superlink.example.org
+    python -m fedalora.launch.deploy node-key --out keys/node0        # one per SuperNode
+    python -m fedalora.launch.deploy superlink --certs certs          # serves on 0.0.0.0:8000
+    python -m fedalora.launch.deploy connection --superlink superlink.example.org:8000 \
         --ca certs/ca.crt >> "${FLWR_HOME:-$HOME/.flwr}/config.toml"
     flwr supernode register keys/node0.pub fedalora-deployment
-    python -m fedalora.deploy supernode --ca certs/ca.crt --key keys/node0 \\
-        --superlink superlink.example.org:8000 --partition-id 0 --num-partitions 3 \\
+    python -m fedalora.launch.deploy supernode --ca certs/ca.crt --key keys/node0 \
+        --superlink superlink.example.org:8000 --partition-id 0 --num-partitions 3 \
         --lora-rank 8 --state-dir ~/fedalora-state
     flwr run . fedalora-deployment --stream --run-config "state-store='disk'"
 
@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import argparse
 import collections
-import datetime
 import functools
-import ipaddress
 import os
 import shlex
 import signal
@@ -40,33 +38,22 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import NameOID
-
-from .errors import ConfigError
-from .run_config import format_run_config
-from .simulate import (
-    BIN,
-    SimulationFailed,
-    check_run_config,
-    completed_run,
-    connection_toml,
-    free_port,
-    refuse_run,
-    run_logged,
-    runtime_env,
-    stop_process_tree,
-    wait_healthy,
-    write_connection,
-)
+from ..errors import ConfigError
+from ..run_config import format_run_config
+from .certificates import Certificates, make_certificates, make_node_key
+from .connection import connection_toml, write_connection
+from .processes import BIN, free_port, run_logged, runtime_env, stop_process_tree, wait_healthy
+from .runs import SimulationFailed, check_run_config, completed_run, refuse_run
 
 CONNECTION = "fedalora-deployment"
+
+
 INSECURE_WARNING = (
     "insecure mode: no TLS and no SuperNode authentication; anyone who can "
     "reach the SuperLink can join the federation and read every message"
 )
+
+
 #: How much longer than the SuperLink's hold ``supernode`` retries by default (s).
 REJOIN_MARGIN = 30.0
 
@@ -99,79 +86,6 @@ def refusal() -> Refusal:
         HEARTBEAT_PATIENCE,
         float(HEARTBEAT_PATIENCE * HEARTBEAT_DEFAULT_INTERVAL),
     )
-
-
-@dataclass(frozen=True)
-class Certificates:
-    ca: Path
-    certificate: Path
-    key: Path
-
-
-def make_certificates(
-    out: str | Path, hosts: Sequence[str] = ("localhost", "127.0.0.1"), days: int = 365
-) -> Certificates:
-    """A CA and a SuperLink certificate signed by it, valid for ``hosts`` (names or IPs)."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedalora CA")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
-        .not_valid_after(now + datetime.timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    names = [
-        x509.IPAddress(ipaddress.ip_address(h)) if _is_ip(h) else x509.DNSName(h) for h in hosts
-    ]
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
-        .not_valid_after(now + datetime.timedelta(days=days))
-        .add_extension(x509.SubjectAlternativeName(names), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    paths = Certificates(out / "ca.crt", out / "server.pem", out / "server.key")
-    paths.ca.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    paths.certificate.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    _write_private(out / "ca.key", _pem(ca_key))
-    _write_private(paths.key, _pem(key))
-    return paths
-
-
-def make_node_key(path: str | Path) -> tuple[Path, Path]:
-    """A SuperNode's ECDSA P-384 key pair in OpenSSH format: (``path``, ``path``.pub)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    key = ec.generate_private_key(ec.SECP384R1())
-    _write_private(
-        path,
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.OpenSSH,
-            serialization.NoEncryption(),
-        ),
-    )
-    public = path.with_name(path.name + ".pub")
-    public.write_bytes(
-        key.public_key().public_bytes(
-            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-        )
-    )
-    return path, public
 
 
 def superlink_command(
@@ -361,7 +275,7 @@ class LocalDeployment:
             self.start_node(i)
 
     def start_node(self, i: int) -> None:
-        """Node i as ``python -m fedalora.deploy supernode`` (which waits out a refusal)."""
+        """Node i as ``python -m fedalora.launch.deploy supernode`` (which waits out a refusal)."""
         security = (
             ["--ca", str(self.certs.ca), "--key", str(self._key(i))]
             if self.certs
@@ -373,7 +287,7 @@ class LocalDeployment:
             [
                 sys.executable,
                 "-m",
-                "fedalora.deploy",
+                "fedalora.launch.deploy",
                 "supernode",
                 "--superlink",
                 self.address,
@@ -460,29 +374,11 @@ class LocalDeployment:
             raise RuntimeError(f"flwr {' '.join(args)} failed: {result.stdout}{result.stderr}")
 
 
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
-def _pem(key: rsa.RSAPrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    path.write_bytes(data)
-    path.chmod(0o600)
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     certs = commands.add_parser("certs", help="make a CA and the SuperLink's certificate")
+    certs.set_defaults(handler=_certs)
     certs.add_argument("--out", default="certs")
     certs.add_argument(
         "--host",
@@ -491,16 +387,20 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="a name or IP the SuperNodes reach the SuperLink by (repeat)",
     )
     key = commands.add_parser("node-key", help="make a SuperNode's key pair")
+    key.set_defaults(handler=_node_key)
     key.add_argument("--out", required=True, help="private key path (public: <out>.pub)")
     link = commands.add_parser("superlink", help="start the SuperLink (foreground)")
+    link.set_defaults(handler=_superlink)
     link.add_argument("--certs", help="the folder 'certs' wrote")
     link.add_argument("--host", default="0.0.0.0")  # noqa: S104 - remote SuperNodes connect
     link.add_argument("--port", type=int, default=8000)
     link.add_argument("--database", default="superlink.db")
     connection = commands.add_parser("connection", help="print the flwr CLI connection TOML")
+    connection.set_defaults(handler=_connection)
     connection.add_argument("--superlink", required=True, help="host:port of the SuperLink")
     connection.add_argument("--ca", help="the CA certificate (omit only with --insecure)")
     node = commands.add_parser("supernode", help="start a SuperNode (foreground)")
+    node.set_defaults(handler=_supernode)
     node.add_argument("--superlink", required=True, help="host:port of the SuperLink")
     node.add_argument("--ca", help="the CA certificate (ca.crt)")
     node.add_argument("--key", help="this node's private key from 'node-key'")
@@ -521,6 +421,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"(default: its hold, 2 heartbeat intervals, plus {REJOIN_MARGIN:g})",
     )
     local = commands.add_parser("local", help="a SuperLink and SuperNodes on loopback, one run")
+    local.set_defaults(handler=_local)
     local.add_argument("--ranks", default="8,4,2", help="one SuperNode per rank")
     local.add_argument("--root", default="deployment")
     local.add_argument("--run-config", default="num-server-rounds=2")
@@ -534,60 +435,79 @@ def main(argv: Sequence[str] | None = None) -> None:
     if getattr(args, "insecure", False):
         print(f"WARNING: {INSECURE_WARNING}", file=sys.stderr)
 
-    if args.command == "certs":
-        paths = make_certificates(args.out, args.host or ["localhost", "127.0.0.1"])
-        print(f"CA {paths.ca}; SuperLink certificate {paths.certificate}, key {paths.key}")
-    elif args.command == "node-key":
-        private, public = make_node_key(args.out)
-        print(f"private key {private} (keep on the node); public key {public} (register it)")
-    elif args.command == "superlink":
-        trust = (
-            None
-            if args.insecure
-            else Certificates(
-                *(Path(args.certs) / name for name in ("ca.crt", "server.pem", "server.key"))
-            )
+    args.handler(args)
+
+
+def _certs(args: argparse.Namespace) -> None:
+    """A CA and the SuperLink's certificate."""
+    paths = make_certificates(args.out, args.host or ["localhost", "127.0.0.1"])
+    print(f"CA {paths.ca}; SuperLink certificate {paths.certificate}, key {paths.key}")
+
+
+def _node_key(args: argparse.Namespace) -> None:
+    """A SuperNode's key pair."""
+    private, public = make_node_key(args.out)
+    print(f"private key {private} (keep on the node); public key {public} (register it)")
+
+
+def _superlink(args: argparse.Namespace) -> None:
+    """The SuperLink, in the foreground (this process becomes it)."""
+    trust = (
+        None
+        if args.insecure
+        else Certificates(
+            *(Path(args.certs) / name for name in ("ca.crt", "server.pem", "server.key"))
         )
-        command = superlink_command(trust, args.host, args.port, Path(args.database))
-        print(shlex.join(command), file=sys.stderr)
-        os.execve(command[0], command, runtime_env())  # noqa: S606
-    elif args.command == "connection":
-        print(connection_toml(CONNECTION, args.superlink, None if args.insecure else Path(args.ca)))
-    elif args.command == "supernode":
-        config = {"partition-id": args.partition_id, "num-partitions": args.num_partitions}
-        for name in ("lora_rank", "state_dir", "dataset"):
-            if getattr(args, name) is not None:
-                config[name.replace("_", "-")] = getattr(args, name)
-        command = supernode_command(
-            args.superlink,
-            None if args.insecure else Path(args.ca),
-            None if args.insecure else Path(args.key),
-            config,
-            args.port,
-        )
-        print(shlex.join(command), file=sys.stderr, flush=True)
-        raise SystemExit(supervise_supernode(command, runtime_env(), args.rejoin_timeout))
-    else:
-        ranks = [int(r) for r in args.ranks.split(",")]
-        nodes = [
-            {"partition-id": i, "num-partitions": len(ranks), "lora-rank": r}
-            for i, r in enumerate(ranks)
-        ]
-        root = Path(args.root)
-        run_name = time.strftime("deploy-%Y%m%d-%H%M%S")
-        run_config = f"min-nodes={len(ranks)} state-store='disk' {args.run_config}"
+    )
+    command = superlink_command(trust, args.host, args.port, Path(args.database))
+    print(shlex.join(command), file=sys.stderr)
+    os.execve(command[0], command, runtime_env())  # noqa: S606
+
+
+def _connection(args: argparse.Namespace) -> None:
+    """The flwr CLI connection TOML, on stdout."""
+    print(connection_toml(CONNECTION, args.superlink, None if args.insecure else Path(args.ca)))
+
+
+def _supernode(args: argparse.Namespace) -> None:
+    """A SuperNode, in the foreground, restarted while the SuperLink still holds it."""
+    config = {"partition-id": args.partition_id, "num-partitions": args.num_partitions}
+    for name in ("lora_rank", "state_dir", "dataset"):
+        if getattr(args, name) is not None:
+            config[name.replace("_", "-")] = getattr(args, name)
+    command = supernode_command(
+        args.superlink,
+        None if args.insecure else Path(args.ca),
+        None if args.insecure else Path(args.key),
+        config,
+        args.port,
+    )
+    print(shlex.join(command), file=sys.stderr, flush=True)
+    raise SystemExit(supervise_supernode(command, runtime_env(), args.rejoin_timeout))
+
+
+def _local(args: argparse.Namespace) -> None:
+    """A SuperLink and SuperNodes on loopback, and one run."""
+    ranks = [int(r) for r in args.ranks.split(",")]
+    nodes = [
+        {"partition-id": i, "num-partitions": len(ranks), "lora-rank": r}
+        for i, r in enumerate(ranks)
+    ]
+    root = Path(args.root)
+    run_name = time.strftime("deploy-%Y%m%d-%H%M%S")
+    run_config = f"min-nodes={len(ranks)} state-store='disk' {args.run_config}"
+    try:
+        check_run_config(Path.cwd(), run_config)
+    except ConfigError as exc:
+        raise refuse_run(root / "outputs" / run_name, exc) from None
+    with LocalDeployment(root, nodes, secure=not args.insecure) as deployment:
         try:
-            check_run_config(Path.cwd(), run_config)
-        except ConfigError as exc:
-            raise refuse_run(root / "outputs" / run_name, exc) from None
-        with LocalDeployment(root, nodes, secure=not args.insecure) as deployment:
-            try:
-                run_dir = deployment.run(
-                    Path.cwd(), run_name, root / "outputs", run_config, progress=print
-                )
-            except SimulationFailed as exc:
-                raise SystemExit(str(exc)) from None
-        print(f"completed: {run_dir}")
+            run_dir = deployment.run(
+                Path.cwd(), run_name, root / "outputs", run_config, progress=print
+            )
+        except SimulationFailed as exc:
+            raise SystemExit(str(exc)) from None
+    print(f"completed: {run_dir}")
 
 
 if __name__ == "__main__":
