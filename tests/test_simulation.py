@@ -1,6 +1,6 @@
 """End to end: runs of 3 clients over 2 rounds on a tiny real model (packaged MiniLM cut
 to 2 layers), one per strategy and rank setting, checked through the files they write.
-Two are real `flwr run` Ray simulations on one shared cluster (a third is killed); the
+One is a real `flwr run` Ray simulation on a shared cluster (a second is killed); the
 others run the same ServerApp, strategy and ClientApp in this process
 (``server.in_process``, which a test here checks against Ray bit for bit), since Ray's
 actor start-up is most of a tiny run."""
