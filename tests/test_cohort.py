@@ -215,7 +215,7 @@ def test_an_adapter_without_output_delta_says_why():
 
     client = FederatedClient(tiny_config(strategy="fedit", ranks="4"), 0, 3, 4)
     base = client.base
-    own = OwnLayers(base.model, base.targets, base.head_modules, 4, 2.0, 0.0, {"lora_alpha": 8})
+    own = OwnLayers(base, 4, 2.0, 0.0, {"lora_alpha": 8})
     assert own.cohort_problem() == "OwnLayers does not define output_delta"
     with pytest.raises(NotImplementedError, match="output_delta"):
         own.output_delta(base.targets[0], torch.zeros(1, 384))
