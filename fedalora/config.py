@@ -305,11 +305,8 @@ class FedConfig(Section):
         for key, raw in run_config.items():
             if key not in global_keys and key not in own:
                 _check_foreign_option(key, raw, strategy)
-        built = super().from_run_config(run_config)
-        config = cls(
-            **{name: getattr(built, name) for name in _SECTION_NAMES},
-            strategy=built.strategy,
-            options=options_class.from_run_config(run_config),
+        config = dataclasses.replace(
+            super().from_run_config(run_config), options=options_class.from_run_config(run_config)
         )
         config.validate()
         return config
@@ -431,10 +428,6 @@ class FedConfig(Section):
             scaling=self.lora.scaling,
             variants=self.lora.variants,
         )
-
-
-#: FedConfig's sections, by attribute.
-_SECTION_NAMES = ("run", "data", "model", "lora", "recipe", "dp", "robust", "faults", "outputs")
 
 
 def heterogeneous_methods() -> list[str]:
