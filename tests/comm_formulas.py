@@ -80,7 +80,19 @@ ORACLE: dict[str, Facts] = {
         lambda x: x.both,
         lambda x: 0 if x.first else sum(x.ranks) * (x.d_in + x.d_out),
     ),
+    "fedex-lora": Facts(
+        frozenset({"lora_A", "lora_B", "residual"}),
+        frozenset(),
+        lambda x: x.both,
+        lambda x: x.both + (0 if x.first else x.d_out * x.d_in),
+    ),
+    "fedrot-lora": Facts(
+        frozenset({"lora_A", "lora_B"}), frozenset(), lambda x: x.both, lambda x: x.both
+    ),
     "local": Facts(frozenset(), frozenset({"lora_A", "lora_B"}), lambda x: 0, lambda x: 0),
+    "lora-fair": Facts(
+        frozenset({"lora_A", "lora_B"}), frozenset(), lambda x: x.both, lambda x: x.both
+    ),
     "masa": Facts(
         frozenset({"lora_B"}),
         frozenset({"bank", "mix"}),

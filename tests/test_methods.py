@@ -169,3 +169,9 @@ def test_the_docs_show_the_method_the_suite_runs():
     code = code[: code.index("```")]
     assert code == (ROOT / "tests" / "ema_method.py").read_text()
     assert len(code.splitlines()) < 60
+
+
+@pytest.mark.parametrize("page", ["README.md", "docs/methods.md"])
+def test_the_methods_table_has_one_row_per_built_in_method(page):
+    rows = re.findall(r"^\| `([^`]+)` \|", (ROOT / page).read_text(), flags=re.MULTILINE)
+    assert sorted(rows) == sorted(["strategy", *methods(built_in=True)])  # header too

@@ -53,6 +53,8 @@ class ClientAdapter(ABC):
         self.state: Tensors = {}
         #: The round this model is built for (0: outside a federation's rounds).
         self.server_round = 0
+        #: The shared arrays installed this round (``copy_in``), as the server sent them.
+        self.installed: dict[str, np.ndarray] = {}
         self.model = self._attach(share_frozen_weights(base.model, base.head_modules), dropout)
         for param in self._head_parameters().values():
             param.requires_grad_(True)
@@ -113,6 +115,7 @@ class ClientAdapter(ABC):
         with torch.no_grad():
             for key, value in arrays.items():
                 _copy_into(tensors[key], value)
+        self.installed.update(arrays)
 
     def private_state(self, kept: Iterable[str]) -> Tensors:
         """What stays on the client between rounds (detached copies): the adapter

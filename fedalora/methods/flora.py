@@ -24,18 +24,18 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
-from ..adapters import ClientAdapter, LoRAAdapter, PeftFactors
+from ..adapters import ClientAdapter, PeftFactors
 from ..aggregation import flora_stack
-from ..models import BaseModel, layer_dims
+from ..models import BaseModel
 from ..screening import product_size
 from ..types import Arrays, LayerShapes
 from .base import Method, Paper, Participant
+from .merged import add_merged_updates, apply_merged_updates, merged_factors, merged_update
 from .registry import register_method
 
-#: Client bookkeeping: the merged update of each module, and the round merged last.
-MERGED, MERGED_ROUND = "merged.", "merged-round"
+#: Client bookkeeping: the round whose stack was merged last.
+MERGED_ROUND = "merged-round"
 
 
 @register_method
@@ -73,11 +73,7 @@ class FLoRA(Method):
 
     def make_adapter(self, base: BaseModel, rank: int, dropout: float) -> ClientAdapter:
         adapter = super().make_adapter(base, rank, dropout)
-        for m in adapter.targets:
-            base_layer = _lora(adapter, m).base_layer
-            adapter.state[MERGED + m] = torch.zeros(
-                layer_dims(base_layer), device=base_layer.weight.device
-            )
+        add_merged_updates(adapter)
         adapter.state[MERGED_ROUND] = torch.zeros(1, dtype=torch.int64)
         return adapter
 
@@ -94,47 +90,14 @@ class FLoRA(Method):
         for m in adapter.targets:
             stack_a = torch.from_numpy(np.asarray(arrays[f"{m}.stack_A"]))
             stack_b = torch.from_numpy(np.asarray(arrays[f"{m}.stack_B"]))
-            merged = adapter.state[MERGED + m]
+            merged = merged_update(adapter, m)
             merged += (stack_b.double() @ stack_a.double()).to(merged)
         adapter.state[MERGED_ROUND].fill_(shared_round)
 
     def start_round(self, adapter: ClientAdapter) -> None:
-        """This client's frozen layers become W0 + merged update (the worker's shared base
-        layers are left as they are). The LoRA itself is fresh."""
-        for m in adapter.targets:
-            lora = _lora(adapter, m)
-            lora.base_layer = MergedLayer(lora.base_layer, adapter.state[MERGED + m])
+        """This client's frozen layers become W0 + merged update; the LoRA is fresh."""
+        apply_merged_updates(adapter)
 
     def export_factors(self, adapter: ClientAdapter) -> PeftFactors:
         """Merged update + current LoRA as one exact full-rank factorisation."""
-        exact = {}
-        for m, (lora_a, lora_b) in adapter.peft_factors().items():
-            u, s, vt = torch.linalg.svd(
-                (adapter.state[MERGED + m] + lora_b @ lora_a).double(), full_matrices=False
-            )
-            exact[m] = (vt.to(lora_a.dtype), (u * s).to(lora_a.dtype))
-        return exact
-
-
-class MergedLayer(nn.Module):
-    """A frozen layer W0 (as stored: shared, quantised or not) plus this client's merged
-    update: y = W0 x + merged x."""
-
-    merged: torch.Tensor  # d_out x d_in, a buffer: frozen
-
-    def __init__(self, base: nn.Module, merged: torch.Tensor) -> None:
-        super().__init__()
-        self.base = base
-        self.register_buffer("merged", merged, persistent=False)
-
-    def output_delta(self, x: torch.Tensor) -> torch.Tensor:
-        """The merged update's part of the output, merged x."""
-        return nn.functional.linear(x, self.merged)
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return self.base(x, *args, **kwargs) + self.output_delta(x)
-
-
-def _lora(adapter: ClientAdapter, module: str) -> Any:
-    assert isinstance(adapter, LoRAAdapter)
-    return adapter.layer(module)
+        return merged_factors(adapter)
