@@ -46,12 +46,13 @@ def make_method(name: str, num_replies: int) -> tuple[Method, list[Participant],
 
 
 def reply_pool(method: Method, rng: np.random.Generator) -> dict[int, list[dict[str, np.ndarray]]]:
-    """Per rank, a few distinct random uploads of the shapes the method expects."""
+    """Per rank, a few distinct random uploads of the shapes the method expects (in
+    round 1)."""
     return {
         rank: [
             {
                 k: (rng.standard_normal(shape) * 0.01).astype(np.float32)
-                for k, shape in method.upload_shapes(layer_shapes(), rank).items()
+                for k, shape in method.upload_shapes(layer_shapes(), rank, 1).items()
             }
             for _ in range(POOL_PER_RANK)
         ]

@@ -32,8 +32,9 @@ def per_client_floats(
     ranks: list[int],
     intermediate_rank: int,
 ) -> list[dict]:
-    """Mean floats up and down per client per round (after the first aggregation) for
-    clients of ``ranks``; methods that need one rank are skipped when ranks differ."""
+    """Mean floats up and down per client per round for clients of ``ranks`` (up: over
+    rounds 1 and 2, for the methods that alternate what they upload; down: after the
+    first aggregation); methods that need one rank are skipped when ranks differ."""
     rows = []
     base = FedConfig.from_run_config(
         {"ranks": ",".join(map(str, ranks)), "intermediate-rank": intermediate_rank}
@@ -44,12 +45,21 @@ def per_client_floats(
         method = base.with_strategy(name).method
         clients = [Participant(i, r, 100) for i, r in enumerate(ranks)]
         shared = method.initial_shared(layer_shapes, ranks)
-        uploads = [
-            method.upload_format().zeros(method.upload_shapes(layer_shapes, c.rank))
-            for c in clients
+        uploads = {
+            server_round: [
+                method.upload_format().zeros(
+                    method.upload_shapes(layer_shapes, c.rank, server_round)
+                )
+                for c in clients
+            ]
+            for server_round in (1, 2)
+        }
+        shared = method.aggregate(shared, uploads[1], clients)
+        up = [
+            payload_bytes(to_record(u)) / 4
+            for round_uploads in uploads.values()
+            for u in round_uploads
         ]
-        shared = method.aggregate(shared, uploads, clients)
-        up = [payload_bytes(to_record(u)) / 4 for u in uploads]
         down = [payload_bytes(to_record(method.download(shared, c))) / 4 for c in clients]
         rows.append(
             {

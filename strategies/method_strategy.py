@@ -229,12 +229,12 @@ class MethodStrategy(Strategy):
             )
             self.tally.receive(upload)
             problem, rank = self.screen.metrics_problem(node, metrics)
-            problem = problem or self.screen.declared_problem(rank, upload)
+            problem = problem or self.screen.declared_problem(rank, upload, server_round)
             if problem:  # rejected before any array is read
                 self._reject(server_round, node, problem)
                 continue
             update = to_numpy(upload)
-            problem = self.screen.upload_problem(rank, update)
+            problem = self.screen.upload_problem(rank, update, server_round)
             if problem:
                 self._reject(server_round, node, problem)
                 continue

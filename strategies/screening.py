@@ -59,23 +59,26 @@ class ReplyScreen:
             return f"reports rank {rank} but has rank {client.rank}", client.rank
         return None, rank
 
-    def declared_problem(self, rank: int, record: ArrayRecord) -> str | None:
-        """Why an upload at ``rank`` cannot fit, from what its arrays declare (unread)."""
+    def declared_problem(self, rank: int, record: ArrayRecord, server_round: int) -> str | None:
+        """Why an upload at ``rank`` in ``server_round`` cannot fit, from what its arrays
+        declare (unread)."""
         declared = {
             key: Declared(tuple(array.shape), str(array.dtype), len(array.data))
             for key, array in record.items()
         }
-        return declared_problem(declared, self.bounds(rank))
+        return declared_problem(declared, self.bounds(rank, server_round))
 
-    def bounds(self, rank: int) -> Shapes:
-        """The largest arrays an upload at ``rank`` may hold."""
+    def bounds(self, rank: int, server_round: int) -> Shapes:
+        """The largest arrays an upload at ``rank`` in ``server_round`` may hold."""
         method = self.method
-        return method.upload_format().bounds(method.upload_shapes(self.layer_shapes, rank))
+        dense = method.upload_shapes(self.layer_shapes, rank, server_round)
+        return method.upload_format().bounds(dense)
 
-    def upload_problem(self, rank: int, update: Arrays) -> str | None:
-        """Why an upload at ``rank`` does not have the method's form, or None."""
+    def upload_problem(self, rank: int, update: Arrays, server_round: int) -> str | None:
+        """Why an upload at ``rank`` in ``server_round`` does not have the method's form,
+        or None."""
         method = self.method
-        dense = method.upload_shapes(self.layer_shapes, rank)
+        dense = method.upload_shapes(self.layer_shapes, rank, server_round)
         return method.upload_format().problem(dense, update)
 
     def size_problems(self, updates: Sequence[tuple[int, Arrays]]) -> list[str | None]:
@@ -98,11 +101,11 @@ class PrivateReplyScreen(ReplyScreen):
         super().__init__(method, layer_shapes, max_update_rms=math.inf, max_norm_ratio=0.0)
         self.dp = dp
 
-    def bounds(self, rank: int) -> Shapes:
+    def bounds(self, rank: int, server_round: int) -> Shapes:
         return self.method.delta_shapes(self.layer_shapes, rank)
 
-    def upload_problem(self, rank: int, update: Arrays) -> str | None:
-        problem = update_problem(update, self.bounds(rank))
+    def upload_problem(self, rank: int, update: Arrays, server_round: int) -> str | None:
+        problem = update_problem(update, self.bounds(rank, server_round))
         if problem or self.dp.mode == LOCAL:
             return problem
         return norm_problem(update, self.dp.clip)

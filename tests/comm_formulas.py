@@ -10,8 +10,9 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Layer:
-    """One d_out x d_in layer seen by a client of ``rank``; ``ranks``: every client's
-    rank in the last aggregate; ``first``: before the first aggregation."""
+    """One d_out x d_in layer seen by a client of ``rank`` in ``server_round``;
+    ``ranks``: every client's rank in the last aggregate; ``first``: before the first
+    aggregation."""
 
     rank: int
     ranks: list[int]
@@ -19,6 +20,7 @@ class Layer:
     d_in: int
     d_m: int
     first: bool
+    server_round: int
 
     @property
     def both(self) -> int:  # A and B at the client's rank
@@ -92,6 +94,12 @@ ORACLE: dict[str, Facts] = {
     "local": Facts(frozenset(), frozenset({"lora_A", "lora_B"}), lambda x: 0, lambda x: 0),
     "lora-fair": Facts(
         frozenset({"lora_A", "lora_B"}), frozenset(), lambda x: x.both, lambda x: x.both
+    ),
+    "rolora": Facts(  # B in odd rounds, A in even ones; both come down
+        frozenset({"lora_A", "lora_B"}),
+        frozenset(),
+        lambda x: x.d_out * x.rank if x.server_round % 2 else x.rank * x.d_in,
+        lambda x: x.both,
     ),
     "masa": Facts(
         frozenset({"lora_B"}),

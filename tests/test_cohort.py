@@ -23,8 +23,8 @@ RTOL, ATOL = 1e-5, 1e-6
 #: (strategy, ranks, extra run-config): a method of every kind of client-side machinery
 #: (PEFT's LoRA layer with an optimiser variant and with A frozen, Fed-ALoRA's decomposed
 #: layer, MASA's bank, FLoRA's merged update, LoRI's masks, HetLoRA's penalty and rank
-#: cut, FFA-LoRA's seeded A), heterogeneous where it takes different ranks; the other
-#: methods share PEFT's LoRA layer and hooks with these.
+#: cut, FFA-LoRA's seeded A, RoLoRA's factor frozen by round), heterogeneous where it takes
+#: different ranks; the other methods share PEFT's LoRA layer and hooks with these.
 CASES = [
     ("fedalora-hetero", "8,4,2", {}),
     ("fedit", "4", {"lora-plus-ratio": 4.0}),
@@ -34,6 +34,7 @@ CASES = [
     ("flora", "8,4,2", {}),
     ("lori", "8,4,2", {"lori-sparsity": 0.5, "lori-calibration-rounds": 1}),
     ("masa", "8,4,2", {}),
+    ("rolora", "4", {}),
 ]
 
 

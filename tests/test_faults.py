@@ -45,7 +45,7 @@ def good_update(strategy, node_id: int, server_round: int, shared: dict) -> dict
     offset = float(sum(np.abs(v).sum() for v in shared.values()))
     return {
         k: (0.1 * rng.normal(size=s) + 1e-3 * offset).astype(np.float32)
-        for k, s in strategy.method.upload_shapes(LAYERS, rank).items()
+        for k, s in strategy.method.upload_shapes(LAYERS, rank, server_round).items()
     }
 
 

@@ -139,4 +139,4 @@ def test_a_lori_s_client_exports_its_effective_dense_factors(tmp_path):
 
 def _problem(method, layers, upload):
     """What the server's screen says of a rank-8 upload."""
-    return method.upload_format().problem(method.upload_shapes(layers, 8), upload)
+    return method.upload_format().problem(method.upload_shapes(layers, 8, 1), upload)

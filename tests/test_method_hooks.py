@@ -63,7 +63,7 @@ def test_each_method_moves_only_what_its_rule_shares(name):
         upload = to_numpy(reply.content[ARRAYS])
         layers = client.base.layer_shapes()
         assert {k: v.shape for k, v in upload.items()} == config.method.upload_shapes(
-            layers, client.rank
+            layers, client.rank, server_round
         )
         assert reply.content[METRICS][UPLOAD_RANK] == client.rank
         server.aggregate(upload, server_round)

@@ -51,10 +51,10 @@ def _strategy(name, tmp_path, nodes=NODES, **overrides):
     return strategy
 
 
-def _update(strategy, client, rng, corrupt=False):
+def _update(strategy, client, rng, corrupt=False, server_round=1):
     arrays = {
         k: rng.normal(size=s).astype(np.float32)
-        for k, s in strategy.method.upload_shapes(LAYERS, client.rank).items()
+        for k, s in strategy.method.upload_shapes(LAYERS, client.rank, server_round).items()
     }
     if corrupt:
         next(iter(arrays.values()))[0, 0] = np.nan
@@ -188,9 +188,11 @@ def test_messages_move_exactly_what_the_rule_says(tmp_path, name):
     ranks, rng = [n.rank for n in nodes], np.random.default_rng(2)
     d_m = strategy.config.options.to_run_config().get("intermediate-rank", 0)
 
-    def expected(direction, client, first):
+    def expected(direction, client, server_round, first):
         return 4 * sum(
-            floats_per_layer(name, direction, Layer(client.rank, ranks, d_out, d_in, d_m, first))
+            floats_per_layer(
+                name, direction, Layer(client.rank, ranks, d_out, d_in, d_m, first, server_round)
+            )
             for d_out, d_in in LAYERS.values()
         )
 
@@ -199,12 +201,12 @@ def test_messages_move_exactly_what_the_rule_says(tmp_path, name):
         messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), None))
         for message, client in zip(messages, nodes, strict=True):
             assert payload_bytes(message.content[ARRAYS]) == expected(
-                "down", client, server_round == 1
+                "down", client, server_round, server_round == 1
             )
             assert message.content[CONFIG]["shared-round"] == server_round - 1
-        updates = [_update(strategy, n, rng) for n in nodes]
+        updates = [_update(strategy, n, rng, server_round=server_round) for n in nodes]
         assert [payload_bytes(to_record(u)) for u in updates] == [
-            expected("up", n, False) for n in nodes
+            expected("up", n, server_round, False) for n in nodes
         ]
         replies = [
             _reply(m, u, num_examples=n.num_examples)
@@ -215,7 +217,9 @@ def test_messages_move_exactly_what_the_rule_says(tmp_path, name):
         assert {k.rsplit(".", 1)[1] for k in to_numpy(arrays)} == ORACLE[name].shared
         evaluate = list(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), None))
         for message, client in zip(evaluate, nodes, strict=True):
-            assert payload_bytes(message.content[ARRAYS]) == expected("down", client, False)
+            assert payload_bytes(message.content[ARRAYS]) == expected(
+                "down", client, server_round, False
+            )
 
 
 @pytest.mark.parametrize("name", [n for n in BUILT_IN if registered_methods()[n].heterogeneous])

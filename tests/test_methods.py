@@ -67,7 +67,7 @@ def test_the_ema_rule_blends_the_padded_average_into_the_old_b():
         + 0.7 * zero_pad_average(updates, [10, 30], 3, slots="all")["l.q.lora_B"],
     )
     assert method.download({"l.q.lora_B": new}, clients[1])["l.q.lora_B"].shape == (5, 2)
-    assert method.upload_shapes(layers, 2) == {"l.q.lora_B": (5, 2)}
+    assert method.upload_shapes(layers, 2, 1) == {"l.q.lora_B": (5, 2)}
 
 
 #: String constants spelled like a method's name that do not name the method.

@@ -83,11 +83,13 @@ def _batch(base, labelled=True):
 
 
 def _build_adapter(config, base, shared, private=None, shared_round=0):
-    """Client 0's adapter as ``FederatedClient.build_adapter`` builds it."""
+    """Client 0's adapter for round ``shared_round`` + 1, as
+    ``FederatedClient.build_adapter`` builds it."""
     method = config.method
     rank = method.client_rank(config.run.rank_for(0), method_state(private))
     torch.manual_seed(config.run.seed)
     adapter = method.make_adapter(base, rank, 0.0)
+    adapter.server_round = shared_round + 1
     if private:
         adapter.load_private(private, method.keeps)
     method.install(adapter, method.download(shared, _me(config)), shared_round)

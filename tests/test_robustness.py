@@ -58,7 +58,7 @@ def _uploads(strategy, nodes, seed=0, scale=0.1):
     return [
         {
             k: (scale * rng.normal(size=s)).astype(np.float32)
-            for k, s in strategy.method.upload_shapes(LAYERS, n.rank).items()
+            for k, s in strategy.method.upload_shapes(LAYERS, n.rank, 1).items()
         }
         for n in nodes
     ]

@@ -203,7 +203,10 @@ def test_bytes_in_metrics_equal_what_each_rule_moves(runs):
         rows = read_jsonl(run_dir / "metrics.jsonl")
         for row in (r for r in rows if r["phase"] != "local-model"):  # scored on the client
             first = row["phase"] == "train" and row["round"] == 1
-            seen = [Layer(row["rank"], ranks, d_out, d_in, D_M, first) for d_out, d_in in layers]
+            seen = [
+                Layer(row["rank"], ranks, d_out, d_in, D_M, first, row["round"])
+                for d_out, d_in in layers
+            ]
             up, down = (
                 4 * sum(floats_per_layer(strategy, direction, layer) for layer in seen)
                 for direction in ("up", "down")

@@ -22,6 +22,7 @@ from . import (  # noqa: F401 - importing a method module registers it
     lora_fair,
     lori,
     masa,
+    rolora,
     zeropad,
 )
 from .base import Method, MethodOptions, Paper, Participant

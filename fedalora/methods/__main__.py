@@ -18,9 +18,8 @@ def main() -> None:
         print(f"{name}  ({cls.__module__}.{cls.__qualname__}; {ranks})")
         print(f"    {cls.paper or 'no paper'}")
         print(f"    LoRA variants: {', '.join(sorted(cls.accepts)) or 'none'}")
-        print(
-            f"    client-level DP: {'refused, ' + cls.nonlinear_reason if cls.nonlinear_reason else 'yes'}"
-        )
+        refusal = cls.nonlinear_reason
+        print(f"    client-level DP: {'refused, ' + refusal if refusal else 'yes'}")
         for key, field in cls.Options.fields_by_key().items():
             print(f"    {key} = {field.default!r}: {field.metadata.get('help', '')}")
     print("Cohorts (fedalora.cohort): clients share a batched pass when their adapter defines")

@@ -15,7 +15,7 @@ registered with ``@register_method`` (``fedalora.methods.registry``):
                                             install(adapter, arrays, shared_round)
                                             start_round(adapter)
                                             train (+ loss_penalty(adapter))
-    upload_shapes(layers, rank)  <-------   upload(adapter)
+    upload_shapes(layers, rank, round) <-   upload(adapter)
     upload_format()
     applied_size(upload, rank)   (size screens)
     aggregate(shared, updates, clients)     export_factors(adapter)
@@ -141,9 +141,10 @@ class Method(ABC):
         """Shapes of one d_out x d_in layer's adapter tensors at ``rank``, by name."""
         return {"lora_A": (rank, d_in), "lora_B": (d_out, rank), MAGNITUDE: (d_out,)}
 
-    def upload_shapes(self, layers: LayerShapes, rank: int) -> Shapes:
-        """Array names and shapes of the dense factors a client of ``rank`` uploads
-        (what travels is ``upload_format().shapes`` of them)."""
+    def upload_shapes(self, layers: LayerShapes, rank: int, server_round: int) -> Shapes:
+        """Array names and shapes of the dense factors a client of ``rank`` uploads in
+        ``server_round`` (what travels is ``upload_format().shapes`` of them): its
+        ``uploads``, whatever the round, by default."""
         return {
             f"{m}.{name}": self.tensor_shapes(d_out, d_in, rank)[name]
             for m, (d_out, d_in) in layers.items()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Mapping, Sequence
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -74,7 +75,7 @@ class FactorAveraging(Method):
     weights, FedAvg's rule; the others stay private. A subclass names what moves."""
 
     accepts = EVERY_VARIANT
-    nonlinear_reason = None
+    nonlinear_reason: ClassVar[str | None] = None
 
     def initial_shared(self, layers: LayerShapes, ranks: Sequence[int]) -> Arrays:
         return initial_lora(layers, max(ranks), self.seed, self.downloads)
