@@ -101,6 +101,12 @@ ORACLE: dict[str, Facts] = {
         lambda x: x.d_out * x.rank if x.server_round % 2 else x.rank * x.d_in,
         lambda x: x.both,
     ),
+    "sdflora": Facts(  # the global module, rank global-rank (1 in the tiny runs)
+        frozenset({"global_A", "global_B"}),
+        frozenset({"lora_A", "lora_B"}),
+        lambda x: x.d_in + x.d_out,
+        lambda x: x.d_in + x.d_out,
+    ),
     "masa": Facts(
         frozenset({"lora_B"}),
         frozenset({"bank", "mix"}),

@@ -28,7 +28,7 @@ TINY = {
 }
 #: Method options of the suites' tiny runs, for the methods that take them: a small d_m,
 #: and LoRI-D (dense B; LoRI-S has tests of its own).
-TINY_OPTIONS = {"intermediate-rank": 4, "lori-sparsity": 0.0}
+TINY_OPTIONS = {"intermediate-rank": 4, "lori-sparsity": 0.0, "global-rank": 1}
 
 
 def tiny_config(**overrides: object) -> FedConfig:

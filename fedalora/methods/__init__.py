@@ -23,6 +23,7 @@ from . import (  # noqa: F401 - importing a method module registers it
     lori,
     masa,
     rolora,
+    sdflora,
     zeropad,
 )
 from .base import Method, MethodOptions, Paper, Participant
