@@ -91,6 +91,9 @@ ORACLE: dict[str, Facts] = {
     "fedrot-lora": Facts(
         frozenset({"lora_A", "lora_B"}), frozenset(), lambda x: x.both, lambda x: x.both
     ),
+    "flora-na": Facts(
+        frozenset({"lora_A", "lora_B"}), frozenset(), lambda x: x.both, lambda x: x.both
+    ),
     "local": Facts(frozenset(), frozenset({"lora_A", "lora_B"}), lambda x: 0, lambda x: 0),
     "lora-fair": Facts(
         frozenset({"lora_A", "lora_B"}), frozenset(), lambda x: x.both, lambda x: x.both

@@ -17,6 +17,7 @@ from . import (  # noqa: F401 - importing a method module registers it
     ffa_lora,
     flexlora,
     flora,
+    flora_na,
     hetlora,
     local,
     lora_fair,
