@@ -32,8 +32,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..adapters import ClientAdapter
+from ..aggregation import modules_of
 from ..errors import require
-from ..types import Arrays, module_of
+from ..types import Arrays
 from .base import MethodOptions, Paper
 from .lora_factors import FactorAveraging
 from .registry import register_method
@@ -86,7 +87,7 @@ def rotate_into_alignment(
     """Every layer's (A, B) of ``factors`` as (R^T A, B R), R aligning its ``aligned``
     factor with ``reference``'s; other arrays pass unchanged."""
     rotated = dict(factors)
-    for module in {module_of(k) for k in factors if k.endswith(".lora_A")}:
+    for module in modules_of(factors):
         a, b = (factors[f"{module}.{n}"].astype(np.float64) for n in ("lora_A", "lora_B"))
         if aligned == "lora_A":
             rotation = alignment_rotation(a, reference[f"{module}.lora_A"], strength)

@@ -38,6 +38,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..adapters import ClientAdapter, LoRAAdapter
@@ -46,7 +47,7 @@ from ..errors import ConfigError, require
 from ..models import BaseModel
 from ..types import Arrays, LayerShapes
 from .base import MethodOptions, Paper
-from .lora_factors import FactorAveraging, initial_lora
+from .lora_factors import FactorAveraging, seeded_lora_a
 from .registry import register_method
 
 GLOBAL_A, GLOBAL_B = "global_A", "global_B"
@@ -119,11 +120,11 @@ class SDFLoRA(FactorAveraging):
                 f"has the rest), but a client has rank {min(ranks)}; lower global-rank or "
                 "raise that rank",
             )
-        initial = initial_lora(layers, r_g, self.seed)
-        return {
-            key.replace(f".{LORA_A}", f".{GLOBAL_A}").replace(f".{LORA_B}", f".{GLOBAL_B}"): v
-            for key, v in initial.items()
-        }
+        shared: Arrays = {}
+        for m, (d_out, d_in) in layers.items():
+            shared[f"{m}.{GLOBAL_A}"] = seeded_lora_a(self.seed, m, r_g, d_in)
+            shared[f"{m}.{GLOBAL_B}"] = np.zeros((d_out, r_g), np.float32)
+        return shared
 
     def make_adapter(self, base: BaseModel, rank: int, dropout: float) -> ClientAdapter:
         return DualModuleAdapter(
