@@ -21,6 +21,8 @@ from strategies.protocol import (
     METRICS,
     NUM_EXAMPLES,
     NUM_TRAIN_EXAMPLES,
+    client_ids,
+    keyed,
     to_numpy,
     to_record,
 )
@@ -42,17 +44,21 @@ def hostile(app: NodeApp, node_id: int, attack: str) -> NodeApp:
             return reply
         content, kind = reply.content, message.metadata.message_type
         if attack == "count-liar" and kind == MessageType.QUERY:
-            content.config_records[CONFIG][NUM_TRAIN_EXAMPLES] = LIE
-        elif attack == "count-liar" and kind == MessageType.TRAIN:
-            content.metric_records[METRICS][NUM_EXAMPLES] = LIE
-        elif kind == MessageType.TRAIN:
-            upload = dict(to_numpy(content.array_records[ARRAYS]))
-            for key, value in upload.items():
-                if attack == "scaled":
-                    upload[key] = value * SCALE
-                elif key.endswith(FIRST_FACTORS):
-                    upload[key] = value * FLIP
-            content.array_records[ARRAYS] = to_record(upload)
+            info = content.config_records[CONFIG]
+            info[NUM_TRAIN_EXAMPLES] = [LIE] * len(client_ids(info))
+        elif kind == MessageType.TRAIN:  # every client the node hosts
+            for partition_id in client_ids(message.content.config_records[CONFIG]):
+                if attack == "count-liar":
+                    content.metric_records[keyed(METRICS, partition_id)][NUM_EXAMPLES] = LIE
+                    continue
+                key = keyed(ARRAYS, partition_id)
+                upload = dict(to_numpy(content.array_records[key]))
+                for name, value in upload.items():
+                    if attack == "scaled":
+                        upload[name] = value * SCALE
+                    elif name.endswith(FIRST_FACTORS):
+                        upload[name] = value * FLIP
+                content.array_records[key] = to_record(upload)
         return reply
 
     return answer

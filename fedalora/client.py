@@ -362,7 +362,8 @@ def train_cohort(
     taken together, ``cohort_size`` clients at a time (0: all) in one batched pass per
     step (``fedalora.cohort``). Each client's result is the one it gets alone, to float
     rounding with dropout off. Clients whose adapter cannot be batched
-    (``ClientAdapter.cohort_problem``) train one after another."""
+    (``ClientAdapter.cohort_problem``), and a chunk of one, train one after another
+    exactly as ``FederatedClient.train`` trains them."""
     if not clients:
         return []
     config, base = clients[0].config, clients[0].base
@@ -375,14 +376,15 @@ def train_cohort(
         for k, client in enumerate(clients)
     }
     batched = [k for k, s in starts.items() if s.adapter.cohort_problem() is None]
-    for k in sorted(set(starts) - set(batched)):
+    size = cohort_size or len(batched) or 1
+    chunks = [batched[first : first + size] for first in range(0, len(batched), size)]
+    alone = set(starts) - set(batched) | {chunk[0] for chunk in chunks if len(chunk) == 1}
+    for k in sorted(alone):  # exactly as FederatedClient.train
         steps = clients[k].local_steps(starts[k])
         results[k] = clients[k].finish_training(starts[k], steps, final, exports[k])
-    size = cohort_size or len(batched) or 1
     # one dropout stream for the cohort, seeded by its first client and the round
     torch.manual_seed(round_seed(config.run.seed, server_round, clients[0].partition_id))
-    for first in range(0, len(batched), size):
-        chunk = batched[first : first + size]
+    for chunk in (c for c in chunks if len(c) > 1):
         metrics = train_cohort_steps(
             cohort_model(base),
             [starts[k].member for k in chunk],

@@ -54,14 +54,27 @@ class RunSettings(Section):
         "node-config wins",
     )
     num_server_rounds: int = setting("num-server-rounds", 5, "federated rounds")
+    num_clients: int = setting(
+        "num-clients",
+        0,
+        "clients (data partitions) of the run, spread over its nodes: node k of n hosts "
+        "clients k, k + n, k + 2n, ... (a cohort, trained in one batched pass per step); "
+        "0 = one client per node. A deployed node's `partition-ids` node-config names its own",
+    )
+    cohort_size: int = setting(
+        "cohort-size",
+        0,
+        "most clients of a node in one batched pass (bounds memory; more run in chunks); "
+        "0 = all of the node's sampled clients",
+    )
     fraction_train: float = setting(
-        "fraction-train", 1.0, "fraction of nodes sampled per round (seeded)"
+        "fraction-train", 1.0, "fraction of clients sampled per round (seeded)"
     )
     fraction_evaluate: float = setting(
         "fraction-evaluate",
         1.0,
-        "fraction of nodes evaluated after aggregation per round (seeded); the last round "
-        "always evaluates every node (unless `final-evaluation=false`); 0 = only the last "
+        "fraction of clients evaluated after aggregation per round (seeded); the last round "
+        "always evaluates every client (unless `final-evaluation=false`); 0 = only the last "
         "round (every trained client also scores its local model each round)",
     )
     local_model_scoring: str = setting(
@@ -79,7 +92,7 @@ class RunSettings(Section):
         "`fraction-evaluate=0` scores the paper's protocol only",
     )
     min_nodes: int = setting(
-        "min-nodes", 2, "nodes to wait for, and replies needed to aggregate a round"
+        "min-nodes", 2, "nodes to wait for, and client updates needed to aggregate a round"
     )
     seed: int = setting(
         "seed",
@@ -90,6 +103,16 @@ class RunSettings(Section):
     def validate(self) -> None:
         self.rank_list  # noqa: B018 - parses and checks the ranks string
         require(self.num_server_rounds > 0, "num-server-rounds", "must be >= 1")
+        require(
+            self.num_clients >= 0,
+            "num-clients",
+            "must be >= 0 (the run's clients; 0 = one per node)",
+        )
+        require(
+            self.cohort_size >= 0,
+            "cohort-size",
+            "must be >= 0 (most clients in one batched pass; 0 = all of a node's)",
+        )
         require(0.0 < self.fraction_train <= 1.0, "fraction-train", "must be in (0, 1]")
         require(
             0.0 <= self.fraction_evaluate <= 1.0,

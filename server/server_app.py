@@ -113,11 +113,11 @@ def run_federation(grid: Grid, config: FedConfig, run_name: str, recorder: RunRe
                     "num_examples": n.num_examples,
                     "num_test_examples": n.num_test_examples,
                 }
-                for n in strategy.nodes.values()
+                for n in strategy.clients.values()
             ],
             "adapted_layers": {k: list(v) for k, v in layer_shapes.items()},
             "metric": strategy.metric,
-            **_heads_and_labels(strategy.nodes.values()),
+            **_heads_and_labels(strategy.clients.values()),
         }
     )
 
@@ -139,7 +139,7 @@ def run_federation(grid: Grid, config: FedConfig, run_name: str, recorder: RunRe
     recorder.save_shared(strategy.shared)
     return {
         "rounds": strategy.last_round.get("round", resume_after),
-        "num_clients": len(strategy.nodes),
+        "num_clients": len(strategy.clients),
         "resumed_after_round": resume_after or None,
         "trained_rounds": strategy.trained_rounds,
         "stopped_early": strategy.stopped,

@@ -22,17 +22,18 @@ class RoundTally:
     bytes_up: int = 0
     bytes_down: int = 0
     aggregate_seconds: float = 0.0
-    failed: int = 0  # error replies and missing replies, both phases
+    failed: int = 0  # clients whose reply failed or was missing, both phases
     rejected: int = 0  # updates screened out
-    sent: dict[int, int] = field(default_factory=dict)  # node id -> bytes of its last message
+    sent: dict[int, int] = field(default_factory=dict)  # client -> bytes of its last download
     local_model_scores: list[float] = field(default_factory=list)  # this attempt's
-    awaiting: set[int] = field(default_factory=set)  # node ids sent to in the current phase
+    #: node id -> the clients (partition ids) it was asked for in the current phase
+    awaiting: dict[int, list[int]] = field(default_factory=dict)
     messages: list[Message] = field(default_factory=list)  # the current phase's messages
 
-    def send(self, node_id: int, record: ArrayRecord) -> None:
-        """Count a message's arrays going down to ``node_id``."""
-        self.sent[node_id] = payload_bytes(record)
-        self.bytes_down += self.sent[node_id]
+    def send(self, partition_id: int, record: ArrayRecord) -> None:
+        """Count a client's arrays going down to it."""
+        self.sent[partition_id] = payload_bytes(record)
+        self.bytes_down += self.sent[partition_id]
 
     def receive(self, record: ArrayRecord) -> int:
         """Count an upload's arrays; returns its bytes."""

@@ -1,6 +1,7 @@
-"""Discovery: the query round before training, in which every node reports its
-partition, its LoRA rank, its numbers of examples, the metric it is scored by, its local
-head and its labels (the server cannot read a node's node-config)."""
+"""Discovery: the query round before training, in which every node reports the clients
+it hosts (their partitions, LoRA ranks and numbers of examples), the metric they are
+scored by, their local head and their labels (the server cannot read a node's
+node-config)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from fedalora.errors import ConfigError, RunFailed
 from fedalora.methods import Participant
 
 from .protocol import (
+    CLIENTS,
     CONFIG,
     ERROR,
     ERROR_KEY,
@@ -25,10 +27,9 @@ from .protocol import (
     METRIC,
     NUM_TEST_EXAMPLES,
     NUM_TRAIN_EXAMPLES,
-    PARTITION_ID,
     RANK,
+    client_ids,
     destinations,
-    number,
     reply_sender,
 )
 
@@ -38,7 +39,8 @@ FEW_TEST_EXAMPLES = 5
 
 @dataclass(frozen=True)
 class Node(Participant):
-    """A client as the server addresses it: its Flower node id and what it reported."""
+    """A client as the server addresses it: the Flower node id of the node hosting it
+    and what that node reported of it."""
 
     node_id: int
     num_test_examples: int = 0
@@ -54,7 +56,8 @@ def discover_nodes(grid: Grid, min_nodes: int, timeout: float) -> list[Node]:
     take part: a node's own ConfigError (its ClientApp validates its configuration, model
     and data when asked) is raised once, with its key and fix, however many nodes report
     it. A node that failed otherwise raises RunFailed with its client, the exception's
-    type and its message. Warns about clients with fewer than 5 held-out examples.
+    type and its message. ConfigError if two nodes claim the same client. Warns about
+    clients with fewer than 5 held-out examples.
     """
     node_ids = _wait_for_nodes(grid, min_nodes, timeout)
     queries = [
@@ -80,11 +83,12 @@ def discover_nodes(grid: Grid, min_nodes: int, timeout: float) -> list[Node]:
             problems[(str(info[ERROR_KEY]), str(info[ERROR]))].append(node_id)
         elif ERROR in info:
             who = f"node {node_id}"
-            if PARTITION_ID in info:
-                who = f"client {int(number(info, PARTITION_ID))} ({who})"
+            if CLIENTS in info:
+                hosted = client_ids(info)
+                who = f"client{'s' if len(hosted) > 1 else ''} {_listed(hosted)} ({who})"
             failures[str(info[ERROR])].append(who)
         else:
-            nodes.append(_node(info, node_id))
+            nodes += _hosted(info, node_id)
     if problems:
         ranked = sorted(problems.items(), key=lambda item: -len(item[1]))
         for (key, problem), reporters in ranked[1:]:
@@ -107,6 +111,17 @@ def discover_nodes(grid: Grid, min_nodes: int, timeout: float) -> list[Node]:
             f"{shown} failed before training: {failure}"
             + (f" [{len(clients)} of {len(node_ids)} nodes]" if len(clients) > 1 else "")
         )
+    hosts: defaultdict[int, list[int]] = defaultdict(list)
+    for node in nodes:
+        hosts[node.partition_id].append(node.node_id)
+    twice = {p: ids for p, ids in hosts.items() if len(ids) > 1}
+    if twice:
+        client, ids = min(twice.items())
+        raise ConfigError(
+            "node-config",
+            f"client {client} is hosted by nodes {ids} ({len(twice)} client(s) twice); give "
+            "each node its own partition-id or partition-ids",
+        )
     for node in nodes:
         if node.num_test_examples < FEW_TEST_EXAMPLES:
             log(
@@ -120,18 +135,29 @@ def discover_nodes(grid: Grid, min_nodes: int, timeout: float) -> list[Node]:
     return nodes
 
 
-def _node(info: ConfigRecord, node_id: int) -> Node:
-    """A node from its discovery reply."""
-    return Node(
-        partition_id=int(number(info, PARTITION_ID)),
-        rank=int(number(info, RANK)),
-        num_examples=int(number(info, NUM_TRAIN_EXAMPLES)),
-        node_id=node_id,
-        num_test_examples=int(number(info, NUM_TEST_EXAMPLES)),
-        metric=str(info[METRIC]),
-        head=tuple(str(h) for h in info.get(HEAD, [])),  # type: ignore[union-attr]
-        labels=tuple(str(label) for label in info.get(LABELS, [])),  # type: ignore[union-attr]
+def _hosted(info: ConfigRecord, node_id: int) -> list[Node]:
+    """The clients of a node's discovery reply."""
+    ranks, train, test = (
+        [int(v) for v in info[key]]  # type: ignore[union-attr]
+        for key in (RANK, NUM_TRAIN_EXAMPLES, NUM_TEST_EXAMPLES)
     )
+    return [
+        Node(
+            partition_id=partition_id,
+            rank=ranks[k],
+            num_examples=train[k],
+            node_id=node_id,
+            num_test_examples=test[k],
+            metric=str(info[METRIC]),
+            head=tuple(str(h) for h in info.get(HEAD, [])),  # type: ignore[union-attr]
+            labels=tuple(str(label) for label in info.get(LABELS, [])),  # type: ignore[union-attr]
+        )
+        for k, partition_id in enumerate(client_ids(info))
+    ]
+
+
+def _listed(ids: list[int], shown: int = 5) -> str:
+    return ", ".join(map(str, ids[:shown])) + (", ..." if len(ids) > shown else "")
 
 
 def _wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:

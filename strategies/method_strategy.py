@@ -1,13 +1,15 @@
-"""One Flower strategy for every federated method: per-node messages around the
-method's pure aggregation rule (``fedalora.methods``).
+"""One Flower strategy for every federated method: messages to the nodes hosting the
+sampled clients around the method's pure aggregation rule (``fedalora.methods``).
 
 It honours Flower's ``Strategy`` contract: ``configure_train`` / ``configure_evaluate``
-turn the current global ``arrays`` into one message per sampled node (the method's
-per-node ``download``), ``aggregate_train`` returns the new global arrays (None when
-too few updates were accepted) and ``aggregate_evaluate`` the clients' mean and worst
-score, so ``Strategy.start`` can drive it; ``round_loop.run_rounds`` adds resuming and
-retries. Hand it its nodes with ``connect`` (after discovery) and, to resume, the
-checkpoint with ``restore``. Its collaborators: ``RoundTally`` (traffic and timing),
+sample clients (not nodes) and turn the current global ``arrays`` into one message per
+node hosting sampled clients, with each client's own ``download``; ``aggregate_train``
+reads each client's upload from its node's reply and returns the new global arrays
+(None when too few updates were accepted), ``aggregate_evaluate`` the clients' mean and
+worst score, so ``Strategy.start`` can drive it; ``round_loop.run_rounds`` adds resuming
+and retries. Everything is keyed by client (partition id): a node is only where a
+client's message goes. Hand it the discovered clients with ``connect`` and, to resume,
+the checkpoint with ``restore``. Its collaborators: ``RoundTally`` (traffic and timing),
 ``ReplyScreen`` (which uploads may enter) and ``records`` (the run's rows).
 """
 
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from logging import INFO, WARNING
 from typing import Any
@@ -39,6 +41,7 @@ from .discovery import Node
 from .protocol import (
     ACCURACY,
     ARRAYS,
+    CLIENTS,
     CONFIG,
     FINAL_ROUND,
     LOSS,
@@ -48,6 +51,7 @@ from .protocol import (
     SERVER_ROUND,
     SHARED_ROUND,
     destinations,
+    keyed,
     number,
     reply_sender,
     to_numpy,
@@ -66,7 +70,8 @@ class MethodStrategy(Strategy):
         self.config, self.method = config, config.method
         self.layer_shapes = dict(layer_shapes)
         self.recorder = recorder
-        self.nodes: dict[int, Node] = {}
+        #: The clients by partition id, each with the node hosting it.
+        self.clients: dict[int, Node] = {}
         self.shared: Arrays = {}
         #: The method's own server state (never sent; checkpointed with ``shared``).
         self.server_state: Arrays = {}
@@ -96,17 +101,21 @@ class MethodStrategy(Strategy):
 
     # ------------------------------------------------------------------ set-up
     def connect(self, nodes: Iterable[Node]) -> ArrayRecord:
-        """Take the discovered nodes and start from the method's initial shared state;
-        returns it. ConfigError if a node's rank does not fit the model or the method."""
+        """Take the discovered clients and start from the method's initial shared state;
+        returns it. ConfigError if a client's rank does not fit the model or the method."""
         nodes = sorted(nodes, key=lambda n: n.partition_id)
         for node in nodes:
-            validate_rank(f"lora-rank of node {node.node_id}", node.rank, self.layer_shapes)
+            validate_rank(
+                f"lora-rank of client {node.partition_id} (node {node.node_id})",
+                node.rank,
+                self.layer_shapes,
+            )
         ranks = sorted({n.rank for n in nodes})
         if len(ranks) > 1 and not self.method.heterogeneous:
             raise ConfigError(
                 "ranks",
                 f"strategy '{self.config.strategy}' needs one rank for "
-                f"every client, but the nodes report ranks {ranks}; use "
+                f"every client, but the clients have ranks {ranks}; use "
                 f"{', '.join(heterogeneous_methods())}",
             )
         metrics = sorted({n.metric for n in nodes})
@@ -117,7 +126,7 @@ class MethodStrategy(Strategy):
                 "every node classification data, or every node instruction data",
             )
         self.metric = metrics[0] if metrics else ACCURACY
-        self.nodes = {n.node_id: n for n in nodes}
+        self.clients = {n.partition_id: n for n in nodes}
         self._weigh_claims(nodes)
         ranks = [n.rank for n in nodes]
         self.shared = self.method.initial_shared(self.layer_shapes, ranks)
@@ -126,19 +135,19 @@ class MethodStrategy(Strategy):
         return self.arrays
 
     def restore(self, checkpoint: Checkpoint) -> ArrayRecord:
-        """Continue from ``checkpoint`` with the connected nodes, which must be the
-        checkpoint's clients (ranks as they were then, e.g. after HetLoRA pruning);
-        returns the restored shared state."""
+        """Continue from ``checkpoint`` with the connected clients, which must be the
+        checkpoint's (ranks as they were then, e.g. after HetLoRA pruning); returns the
+        restored shared state."""
         saved = {c["partition_id"]: c for c in checkpoint.clients}
-        found = {n.partition_id for n in self.nodes.values()}
+        found = set(self.clients)
         if found != set(saved):
             raise ConfigError(
                 "resume",
                 f"the checkpoint has clients {sorted(saved)} but the "
-                f"connected nodes are clients {sorted(found)}; start the same "
-                "nodes (partition-id) as the interrupted run",
+                f"connected nodes host clients {sorted(found)}; start the same "
+                "nodes (partition-id, num-clients) as the interrupted run",
             )
-        for node_id, node in self.nodes.items():
+        for partition_id, node in self.clients.items():
             if node.num_examples != saved[node.partition_id]["num_examples"]:
                 raise ConfigError(
                     "resume",
@@ -147,7 +156,7 @@ class MethodStrategy(Strategy):
                     f"{saved[node.partition_id]['num_examples']}; resume with "
                     "the same data and partitioning",
                 )
-            self.nodes[node_id] = dataclasses.replace(node, rank=saved[node.partition_id]["rank"])
+            self.clients[partition_id] = dataclasses.replace(node, rank=saved[partition_id]["rank"])
         expected = {k: v.shape for k, v in self.shared.items()}
         saved_shapes = {k: v.shape for k, v in checkpoint.shared.items()}
         foreign = [k for k in saved_shapes if module_of(k) not in self.layer_shapes]
@@ -177,7 +186,7 @@ class MethodStrategy(Strategy):
             self.shared,
             [
                 {"partition_id": n.partition_id, "rank": n.rank, "num_examples": n.num_examples}
-                for n in self.nodes.values()
+                for n in self.clients.values()
             ],
             self.config.to_run_config(),
             self.strategy_state(),
@@ -215,18 +224,21 @@ class MethodStrategy(Strategy):
         sampled = self._sample(
             server_round, self.config.run.fraction_train, stream=0, attempt=attempt, grid=grid
         )
-        log(INFO, "configure_train: %d of %d nodes", len(sampled), len(self.nodes))
+        log(
+            INFO,
+            "configure_train: %d of %d clients (on %d nodes)",
+            len(sampled),
+            len(self.clients),
+            len({n.node_id for n in sampled}),
+        )
         return self._messages(sampled, server_round, config, MessageType.TRAIN)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         candidates: list[tuple[Node, Arrays, MetricRecord]] = []
-        for reply, node in self._replies(replies, server_round, TRAIN):
-            upload, metrics = (
-                reply.content.array_records[ARRAYS],
-                reply.content.metric_records[METRICS],
-            )
+        for node, metrics, upload in self._replies(replies, server_round, TRAIN):
+            assert upload is not None  # a train reply without it is malformed
             self.tally.receive(upload)
             problem, rank = self.screen.metrics_problem(node, metrics)
             problem = problem or self.screen.declared_problem(rank, upload, server_round)
@@ -247,7 +259,7 @@ class MethodStrategy(Strategy):
                     node.rank,
                     rank,
                 )
-                node = self.nodes[node.node_id] = dataclasses.replace(node, rank=rank)
+                node = self.clients[node.partition_id] = dataclasses.replace(node, rank=rank)
             candidates.append((node, update, metrics))
         accepted = []
         for candidate, problem in zip(
@@ -323,7 +335,7 @@ class MethodStrategy(Strategy):
         final = server_round == self.num_rounds
         config[FINAL_ROUND] = final
         if final:
-            sampled = list(self.nodes.values()) if self.config.run.final_evaluation else []
+            sampled = list(self.clients.values()) if self.config.run.final_evaluation else []
         elif self.config.run.fraction_evaluate > 0:
             sampled = self._sample(server_round, self.config.run.fraction_evaluate, stream=1)
         else:
@@ -334,8 +346,8 @@ class MethodStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         scores = [
-            number(reply.content.metric_records[METRICS], self.metric)
-            for reply, _ in self._replies(replies, server_round, EVALUATE)
+            number(metrics, self.metric)
+            for _, metrics, _ in self._replies(replies, server_round, EVALUATE)
         ]
         self.last_round = {
             **round_row(
@@ -384,11 +396,12 @@ class MethodStrategy(Strategy):
     def summary(self) -> None:
         log(
             INFO,
-            "\t├──> %s: %d nodes, ranks %s, fraction-train %.2f, fraction-evaluate "
-            "%.2f, min-nodes %d",
+            "\t├──> %s: %d clients on %d nodes, ranks %s, fraction-train %.2f, "
+            "fraction-evaluate %.2f, min-nodes %d",
             self.config.strategy,
-            len(self.nodes),
-            [n.rank for n in self.nodes.values()],
+            len(self.clients),
+            len({n.node_id for n in self.clients.values()}),
+            _ranks_line([n.rank for n in self.clients.values()]),
             self.config.run.fraction_train,
             self.config.run.fraction_evaluate,
             self.config.run.min_nodes,
@@ -396,8 +409,10 @@ class MethodStrategy(Strategy):
 
     # ----------------------------------------------------------------- helpers
     def sample_size(self, fraction: float) -> int:
-        """Nodes drawn per round at ``fraction``: max(fraction * N, min-nodes), capped at N."""
-        return min(len(self.nodes), max(int(len(self.nodes) * fraction), self.config.run.min_nodes))
+        """Clients drawn per round at ``fraction``: max(fraction * N, min-nodes), capped at
+        N."""
+        total = len(self.clients)
+        return min(total, max(int(total * fraction), self.config.run.min_nodes))
 
     def _sample(
         self,
@@ -407,58 +422,68 @@ class MethodStrategy(Strategy):
         attempt: int = 0,
         grid: Grid | None = None,
     ) -> list[Node]:
-        """Seeded sample of ``sample_size(fraction)`` nodes, of those ``grid`` reports
-        online when given (all of them, or fewer if fewer are online); ``stream``
-        separates the training draw (0) from the evaluation draw (1), ``attempt`` a
-        retried round's draw from the first."""
-        nodes = list(self.nodes.values())
+        """Seeded sample of ``sample_size(fraction)`` clients, of those whose node ``grid``
+        reports online when given (all of them, or fewer if fewer are online);
+        ``stream`` separates the training draw (0) from the evaluation draw (1),
+        ``attempt`` a retried round's draw from the first."""
+        clients = list(self.clients.values())
         if grid is not None:
-            online = set(grid.get_node_ids()) & set(self.nodes)
-            if len(online) < len(nodes):
+            online = set(grid.get_node_ids())
+            offline = [n.partition_id for n in clients if n.node_id not in online]
+            if offline:
                 log(
                     INFO,
-                    "round %d: sampling among the %d of %d nodes online (offline: clients %s)",
+                    "round %d: sampling among the %d of %d clients whose node is online "
+                    "(offline: clients %s)",
                     server_round,
-                    len(online),
-                    len(nodes),
-                    [n.partition_id for n in nodes if n.node_id not in online],
+                    len(clients) - len(offline),
+                    len(clients),
+                    _listed(offline),
                 )
-                nodes = [n for n in nodes if n.node_id in online]
-        count = min(len(nodes), self.sample_size(fraction))
+                clients = [n for n in clients if n.node_id in online]
+        count = min(len(clients), self.sample_size(fraction))
         rng = np.random.default_rng([self.config.run.seed, server_round, stream, attempt])
-        chosen = sorted(rng.choice(len(nodes), size=count, replace=False))
-        return [nodes[i] for i in chosen]
+        chosen = sorted(rng.choice(len(clients), size=count, replace=False))
+        return [clients[i] for i in chosen]
 
     def _messages(
-        self, nodes: Sequence[Node], server_round: int, config: ConfigRecord, message_type: str
+        self, clients: Sequence[Node], server_round: int, config: ConfigRecord, message_type: str
     ) -> list[Message]:
+        """One message per node hosting some of ``clients``: their partition ids in its
+        config, and each one's download as ``arrays.<partition id>``."""
         config[SERVER_ROUND] = server_round
         config[SHARED_ROUND] = self.shared_round
-        self.tally.awaiting = {node.node_id for node in nodes}
+        by_node: defaultdict[int, list[Node]] = defaultdict(list)
+        for client in clients:
+            by_node[client.node_id].append(client)
+        self.tally.awaiting = {
+            node_id: [c.partition_id for c in hosted] for node_id, hosted in by_node.items()
+        }
         messages = self.tally.messages = []
-        for node in nodes:
-            arrays = to_record(self.method.download(self.shared, node))
-            self.tally.send(node.node_id, arrays)
-            messages.append(
-                Message(
-                    RecordDict({ARRAYS: arrays, CONFIG: config}),
-                    dst_node_id=node.node_id,
-                    message_type=message_type,
-                )
+        for node_id, hosted in by_node.items():
+            content = RecordDict(
+                {CONFIG: ConfigRecord({**config, CLIENTS: [c.partition_id for c in hosted]})}
             )
+            for client in hosted:
+                arrays = to_record(self.method.download(self.shared, client))
+                self.tally.send(client.partition_id, arrays)
+                content[keyed(ARRAYS, client.partition_id)] = arrays
+            messages.append(Message(content, dst_node_id=node_id, message_type=message_type))
         return messages
 
     def _replies(
         self, replies: Iterable[Message], server_round: int, phase: str
-    ) -> list[tuple[Message, Node]]:
-        """Error-free replies from the nodes sent to; logs every failed or missing reply
-        and records one metrics row per good one."""
-        good, awaiting = [], set(self.tally.awaiting)
+    ) -> list[tuple[Node, MetricRecord, ArrayRecord | None]]:
+        """Each asked client's metrics (and upload) from the error-free replies of the
+        nodes sent to; logs every failed or missing reply once with the clients it was
+        for, and records one metrics row per good client."""
+        good = []
+        awaiting = dict(self.tally.awaiting)
         sent_to = destinations(self.tally.messages)
         for reply in replies:
             sender = reply_sender(reply, sent_to)
-            node = self.nodes.get(sender)
-            if node is None or node.node_id not in awaiting:
+            asked = awaiting.pop(sender, None)
+            if asked is None:
                 log(
                     WARNING,
                     "round %d: ignored a %s reply from node %d, which was not asked",
@@ -467,48 +492,63 @@ class MethodStrategy(Strategy):
                     sender,
                 )
                 continue
-            awaiting.discard(node.node_id)
-            problem = (
-                f"{phase} failed: {reply.error.reason}"
-                if reply.has_error()
-                else _malformed(reply, phase)
-            )
-            if problem:
-                self.tally.failed += 1
-                if phase == TRAIN:
-                    self.train_faults[problem].append(node.partition_id)
-                log(
-                    WARNING,
-                    "round %d: node %d (client %d): %s",
-                    server_round,
-                    node.node_id,
-                    node.partition_id,
-                    problem,
+            if reply.has_error():
+                self._fail(
+                    server_round, phase, sender, asked, f"{phase} failed: {reply.error.reason}"
                 )
                 continue
-            good.append((reply, node))
-            rows = client_rows(
-                reply, node, server_round, phase, self.tally.sent.get(node.node_id, 0)
-            )
-            self.tally.local_model_scores += [
-                row[self.metric] for row in rows if row["phase"] == LOCAL_MODEL
-            ]
-            for row in rows:
-                if self.recorder:
-                    self.recorder.client_row(row)
-        for node_id in sorted(awaiting):
-            self.tally.failed += 1
-            log(
-                WARNING,
-                "round %d: no %s reply from node %d (client %d) within "
-                "round-timeout=%g s (disconnected or too slow)",
+            for partition_id in asked:
+                client = self.clients[partition_id]
+                malformed = _malformed(reply, phase, partition_id)
+                if malformed:
+                    self._fail(server_round, phase, sender, [partition_id], malformed)
+                    continue
+                metrics = reply.content.metric_records[keyed(METRICS, partition_id)]
+                uploads = reply.content.array_records
+                upload = uploads.get(keyed(ARRAYS, partition_id)) if phase == TRAIN else None
+                good.append((client, metrics, upload))
+                rows = client_rows(
+                    metrics,
+                    upload,
+                    client,
+                    server_round,
+                    phase,
+                    self.tally.sent.get(partition_id, 0),
+                )
+                self.tally.local_model_scores += [
+                    row[self.metric] for row in rows if row["phase"] == LOCAL_MODEL
+                ]
+                for row in rows:
+                    if self.recorder:
+                        self.recorder.client_row(row)
+        for node_id, asked in sorted(awaiting.items()):
+            self._fail(
                 server_round,
                 phase,
                 node_id,
-                self.nodes[node_id].partition_id,
-                self.config.faults.round_timeout,
+                asked,
+                f"no {phase} reply within round-timeout={self.config.faults.round_timeout:g} s "
+                "(disconnected or too slow)",
             )
         return good
+
+    def _fail(
+        self, server_round: int, phase: str, node_id: int, clients: Sequence[int], problem: str
+    ) -> None:
+        """``clients`` of node ``node_id`` failed with ``problem``: counted per client,
+        logged once."""
+        self.tally.failed += len(clients)
+        if phase == TRAIN:
+            self.train_faults[problem] += clients
+        log(
+            WARNING,
+            "round %d: node %d (client%s %s): %s",
+            server_round,
+            node_id,
+            "s" if len(clients) > 1 else "",
+            _listed(list(clients)),
+            problem,
+        )
 
     def _weigh_claims(self, nodes: Sequence[Node]) -> None:
         """Each client's weight under the ``weights`` policy; claims far from the median
@@ -548,13 +588,29 @@ class MethodStrategy(Strategy):
         self.tally.rejected += 1
 
 
-def _malformed(reply: Message, phase: str) -> str | None:
-    """What a reply lacks to be read, or None."""
-    if METRICS not in reply.content:
-        return f"malformed {phase} reply: no '{METRICS}' record"
-    missing = [k for k in REPLY_METRICS if k not in reply.content.metric_records[METRICS]]
+def _malformed(reply: Message, phase: str, partition_id: int) -> str | None:
+    """What a reply lacks to be read for client ``partition_id``, or None."""
+    metrics = keyed(METRICS, partition_id)
+    if metrics not in reply.content:
+        return f"malformed {phase} reply: no '{metrics}' record"
+    missing = [k for k in REPLY_METRICS if k not in reply.content.metric_records[metrics]]
     if missing:
         return f"malformed {phase} reply: metrics lack {missing}"
-    if phase == "train" and ARRAYS not in reply.content:
-        return f"malformed train reply: no '{ARRAYS}' record"
+    arrays = keyed(ARRAYS, partition_id)
+    if phase == TRAIN and arrays not in reply.content:
+        return f"malformed train reply: no '{arrays}' record"
     return None
+
+
+def _listed(ids: Sequence[int], shown: int = 8) -> str:
+    """Partition ids for a log line, the first ``shown`` of them."""
+    more = f", ... ({len(ids)} in all)" if len(ids) > shown else ""
+    return ", ".join(map(str, ids[:shown])) + more
+
+
+def _ranks_line(ranks: Sequence[int]) -> str:
+    """The clients' ranks, or how many clients have each rank when there are many."""
+    if len(ranks) <= 16:
+        return str(list(ranks))
+    counts = sorted(Counter(ranks).items(), reverse=True)
+    return ", ".join(f"{count} x rank {rank}" for rank, count in counts)

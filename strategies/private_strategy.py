@@ -28,6 +28,7 @@ from fedalora.types import Arrays, LayerShapes
 
 from .discovery import Node
 from .method_strategy import MethodStrategy
+from .protocol import CONFIG, client_ids
 from .screening import PrivateReplyScreen
 
 LEDGER = "privacy"
@@ -54,7 +55,7 @@ class PrivateMethodStrategy(MethodStrategy):
 
     def connect(self, nodes: Iterable[Node]) -> ArrayRecord:
         arrays = super().connect(nodes)
-        num_clients = len(self.nodes)
+        num_clients = len(self.clients)
         self.accountant = ClientLevelAccountant(
             self.dp.noise_multiplier,
             self.dp.delta_for(num_clients),
@@ -89,8 +90,9 @@ class PrivateMethodStrategy(MethodStrategy):
         """Sample as the method strategy does; every sampled client's training is a
         release, whatever becomes of its reply."""
         messages = list(super().configure_train(server_round, arrays, config, grid))
-        by_node = {n.node_id: n.partition_id for n in self.nodes.values()}
-        self.ledger.record([by_node[m.metadata.dst_node_id] for m in messages])
+        self.ledger.record(
+            [p for m in messages for p in client_ids(m.content.config_records[CONFIG])]
+        )
         return messages
 
     def aggregate_updates(
@@ -101,7 +103,7 @@ class PrivateMethodStrategy(MethodStrategy):
         return private_mean_update(
             self.shared,
             updates,
-            [self.method.delta_shapes(self.layer_shapes, n.rank) for n in self.nodes.values()],
+            [self.method.delta_shapes(self.layer_shapes, n.rank) for n in self.clients.values()],
             self.accountant.sample_size / self.accountant.num_clients,
             self.dp.noise_std if self.dp.mode == CENTRAL else 0.0,
             self.dp.noise_rng(self.config.run.seed, server_round, attempt, NOISE_STREAM),

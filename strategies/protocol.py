@@ -1,21 +1,24 @@
 """The messages between the ServerApp and the ClientApps: record keys, config keys,
 metric names, array conversion and byte counting, in one place for both sides.
 
-A train or evaluate message carries ``arrays`` (what the method sends the node) and
-``config`` (``server-round``, ``shared-round``: the round whose aggregation produced
-the arrays, ``final-round`` and ``run-name``). A reply carries ``metrics``
-(``REPLY_METRICS`` and any others, one spelling: snake_case, as in ``metrics.jsonl``)
-and, from training, ``arrays`` (the upload); a train reply's metrics also score the
-client's local model right after training (``LOCAL_MODEL_PREFIX``). The discovery
-query's reply is a ``config`` record of ``partition-id``, ``rank``, ``num-examples``,
-``num-test-examples``, ``metric`` (the score clients are ranked by), ``head`` (the
-modules of the local head it trains) and ``labels`` (class names in label-id order; the
-last two only when there are any); from a node whose configuration, model or data
-cannot work, of ``error-key`` and ``error`` (the run-config key and the problem with
-its fix); from a node that failed otherwise, of ``error`` alone (the exception's type
-and message) and ``partition-id`` when the node has one. A ClientApp that fails in
-training or evaluation answers with an error reply whose reason is the exception's
-type and message.
+A node hosts one client or a cohort of them (``partition-ids``), and one message to a
+node speaks for all of its clients sampled in the round. A train or evaluate message
+carries ``config`` (``clients``: the sampled clients' partition ids, ``server-round``,
+``shared-round``: the round whose aggregation produced the arrays, ``final-round`` and
+``run-name``) and, per sampled client p, ``arrays.p`` (what the method sends it). A
+reply carries per client ``metrics.p`` (``REPLY_METRICS`` and any others, one spelling:
+snake_case, as in ``metrics.jsonl``) and, from training, ``arrays.p`` (the upload); a
+train reply's metrics also score the client's local model right after training
+(``LOCAL_MODEL_PREFIX``). The discovery query's reply is a ``config`` record of
+``clients`` (the hosted clients' partition ids) and, in the same order, their ``rank``,
+``num-examples`` and ``num-test-examples``; and ``metric`` (the score clients are ranked
+by), ``head`` (the modules of the local head they train) and ``labels`` (class names in
+label-id order; the last two only when there are any); from a node whose configuration,
+model or data cannot work, of ``error-key`` and ``error`` (the run-config key and the
+problem with its fix); from a node that failed otherwise, of ``error`` alone (the
+exception's type and message) and ``clients`` when the node knows them. A ClientApp
+that fails in training or evaluation answers with an error reply whose reason is the
+exception's type and message: every client of the message failed.
 """
 
 from __future__ import annotations
@@ -30,15 +33,16 @@ from fedalora.types import Arrays
 
 #: Record keys, both directions.
 ARRAYS, CONFIG, METRICS = "arrays", "config", "metrics"
-#: Keys of a train or evaluate message's config record.
+#: Keys of a train or evaluate message's config record (``CLIENTS`` also of the query reply).
+CLIENTS = "clients"
 SERVER_ROUND, SHARED_ROUND, FINAL_ROUND, RUN_NAME = (
     "server-round",
     "shared-round",
     "final-round",
     "run-name",
 )
-#: Keys of the discovery reply (a node's partition, rank, examples and what it scores).
-PARTITION_ID, RANK, NUM_TRAIN_EXAMPLES = "partition-id", "rank", "num-examples"
+#: Keys of the discovery reply (per hosted client: rank and examples; what they score).
+RANK, NUM_TRAIN_EXAMPLES = "rank", "num-examples"
 NUM_TEST_EXAMPLES, METRIC, HEAD, LABELS = "num-test-examples", "metric", "head", "labels"
 #: Keys of a discovery reply from a node that cannot take part (its ConfigError).
 ERROR_KEY, ERROR = "error-key", "error"
@@ -51,6 +55,18 @@ UPLOAD_RANK, PRIVATE_STATE_ROUND = "rank", "private_state_round"
 #: The prefix of a train reply's scores of the client's local model right after
 #: training (the paper's evaluation protocol).
 LOCAL_MODEL_PREFIX = "local_model."
+
+
+def keyed(kind: str, partition_id: int) -> str:
+    """The record key of client ``partition_id``'s ``kind`` (``ARRAYS``, ``METRICS``)."""
+    return f"{kind}.{partition_id}"
+
+
+def client_ids(config: ConfigRecord) -> list[int]:
+    """The partition ids a message's or query reply's ``config`` names."""
+    value = config[CLIENTS]
+    ids = value if isinstance(value, list) else [value]
+    return [int(p) for p in ids]
 
 
 def reply_sender(reply: Message, destinations: Mapping[str, int]) -> int:

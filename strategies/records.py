@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from logging import INFO
 from typing import Any
 
-from flwr.app import Message
+from flwr.app import ArrayRecord, MetricRecord
 from flwr.supercore import log
 
 from fedalora.outputs import EVALUATE, LOCAL_MODEL, TRAIN, progress_line, protocol_scores
@@ -16,9 +16,7 @@ from .accounting import RoundTally
 from .discovery import Node
 from .protocol import (
     ACCURACY,
-    ARRAYS,
     LOSS,
-    METRICS,
     NUM_EXAMPLES,
     SECONDS,
     UPLOAD_RANK,
@@ -30,13 +28,18 @@ _ROW_METRICS = (NUM_EXAMPLES, UPLOAD_RANK, LOSS, ACCURACY, SECONDS)
 
 
 def client_rows(
-    reply: Message, node: Node, server_round: int, phase: str, bytes_down: int
+    metrics: MetricRecord,
+    upload: ArrayRecord | None,
+    node: Node,
+    server_round: int,
+    phase: str,
+    bytes_down: int,
 ) -> list[dict[str, Any]]:
-    """A reply's rows: its own metrics in ``phase`` with the bytes each way, and for a
-    train reply the local-model scores it carries (phase ``local-model``, no bytes)."""
-    own, local_model = split_local_model(reply.content.metric_records[METRICS])
-    uploads = reply.content.array_records
-    up = payload_bytes(uploads[ARRAYS]) if ARRAYS in uploads else 0
+    """A client's rows from its part of a reply: its own metrics in ``phase`` with the
+    bytes each way, and for a train reply the local-model scores it carries (phase
+    ``local-model``, no bytes)."""
+    own, local_model = split_local_model(metrics)
+    up = payload_bytes(upload) if upload is not None else 0
     rows = [_row(own, node, server_round, phase, up, bytes_down)]
     if phase == TRAIN and local_model:
         rows.append(

@@ -11,10 +11,12 @@ import os
 from collections.abc import Iterator
 
 import pytest
+from flwr.app import Message
 from torch import nn
 
 from fedalora.config import FedConfig
 from fedalora.methods import method_class
+from strategies.protocol import CONFIG, client_ids, keyed
 
 TINY = {
     "num-hidden-layers": 2,
@@ -36,6 +38,13 @@ def tiny_config(**overrides: object) -> FedConfig:
     own = method_class(str(values.get("strategy", FedConfig.strategy))).Options.fields_by_key()
     values.update({k: v for k, v in TINY_OPTIONS.items() if k in own and k not in values})
     return FedConfig.from_run_config(values)
+
+
+def sole(message: Message, kind: str) -> str:
+    """The record key of ``kind`` (arrays, metrics) of the one client that a message to
+    (or a reply from) a node hosting one client is for."""
+    (partition_id,) = client_ids(message.content.config_records[CONFIG])
+    return keyed(kind, partition_id)
 
 
 @contextlib.contextmanager

@@ -9,7 +9,15 @@ from flwr.supercore.task_identity import TaskIdentity
 from safetensors.torch import load_file
 
 from clients import client_app
-from strategies.protocol import ARRAYS, CONFIG, METRICS, PRIVATE_STATE_ROUND, to_numpy, to_record
+from strategies.protocol import (
+    ARRAYS,
+    CONFIG,
+    METRICS,
+    PRIVATE_STATE_ROUND,
+    keyed,
+    to_numpy,
+    to_record,
+)
 
 from .conftest import tiny_config
 
@@ -31,11 +39,14 @@ def _context(config, partition_id=0, num_partitions=3, **node) -> Context:
 
 
 def _message(arrays, message_type=MessageType.TRAIN, **config) -> Message:
+    """A message to client 0's node for client 0."""
     return Message(
         RecordDict(
             {
-                ARRAYS: to_record(arrays),
-                CONFIG: ConfigRecord({"server-round": 1, "shared-round": 0, **config}),
+                keyed(ARRAYS, 0): to_record(arrays),
+                CONFIG: ConfigRecord(
+                    {"clients": [0], "server-round": 1, "shared-round": 0, **config}
+                ),
             }
         ),
         dst_node_id=1,
@@ -43,15 +54,21 @@ def _message(arrays, message_type=MessageType.TRAIN, **config) -> Message:
     )
 
 
+def _client(context):
+    """The one client of a node hosting one."""
+    (client,) = client_app._hosted(context).values()
+    return client
+
+
 def _b0(config, context) -> dict[str, np.ndarray]:
     """Fed-ALoRA's initial shared B0 (zeros, d_out x d_m) for this node's model."""
-    client = client_app._client(context)
+    client = _client(context)
     return config.method.initial_shared(client.base.layer_shapes(), [client.rank])
 
 
 def _private_arrays(context) -> dict[str, np.ndarray]:
     """The newest private state in the node's memory."""
-    private, _ = client_app.MemoryStateStore(context.state).load(10**9)
+    private, _ = client_app.MemoryStateStore(context.state, 0).load(10**9)
     return {k: v.numpy() for k, v in private.items()}
 
 
@@ -64,7 +81,7 @@ def test_query_reports_rank_from_node_config_or_ranks(hetero_config):
             Message(RecordDict(), dst_node_id=1, message_type=MessageType.QUERY), context
         )
         info = reply.content[CONFIG]
-        assert (info["partition-id"], info["rank"]) == (1, rank) and info["num-examples"] > 0
+        assert (info["clients"], info["rank"]) == ([1], [rank]) and info["num-examples"][0] > 0
 
 
 def test_private_a_and_m_never_leave_the_client(hetero_config):
@@ -101,7 +118,7 @@ def test_private_state_persists_across_rounds_and_resets_when_asked():
         shared = _b0(config, context)
         client_app.train(_message(shared), context)
         trained = {k: torch.from_numpy(v) for k, v in _private_arrays(context).items()}
-        client = client_app._client(context)
+        client = _client(context)
         keeps = client.method.keeps
         start_of_round_2 = client.build_adapter(shared, trained).private_state(keeps)
         initial = client.build_adapter(shared, None).private_state(keeps)  # A_0, M_0, B1_0
@@ -131,7 +148,7 @@ def test_same_seed_same_upload(hetero_config):
     for _ in range(2):
         context = _context(hetero_config)
         reply = client_app.train(_message(_b0(hetero_config, context)), context)
-        uploads.append(to_numpy(reply.content[ARRAYS]))
+        uploads.append(to_numpy(reply.content[keyed(ARRAYS, 0)]))
     assert all(np.array_equal(uploads[0][k], uploads[1][k]) for k in uploads[0])
 
 
@@ -177,8 +194,8 @@ def test_exported_adapter_reproduces_client_outputs(tmp_path, strategy, ranks, m
 
 
 def test_base_model_is_loaded_once_per_process_and_shared(hetero_config):
-    first = client_app._client(_context(hetero_config, 0))
-    second = client_app._client(_context(hetero_config, 1))
+    first = _client(_context(hetero_config, 0))
+    second = _client(_context(hetero_config, 1))
     assert first is not second and first.rank != second.rank
     assert first.base is second.base  # one frozen base model serves every client
     shared = _b0(hetero_config, _context(hetero_config, 0))
@@ -201,7 +218,7 @@ def test_device_selection():
 
 
 def test_adapters_share_the_frozen_base_weights_and_copy_only_the_head(hetero_config):
-    client = client_app._client(_context(hetero_config, 0))
+    client = _client(_context(hetero_config, 0))
     shared = _b0(hetero_config, _context(hetero_config, 0))
     base = {p.data_ptr() for p in client.base.model.parameters()}
     for adapter in (client.build_adapter(shared, None), client.build_adapter(shared, None)):
@@ -237,7 +254,7 @@ def test_disk_state_store_matches_memory_and_survives_a_restarted_node(tmp_path)
             reply = client_app.train(
                 _message(shared, **{"server-round": server_round, "run-name": "t"}), context
             )
-        uploads[store] = to_numpy(reply.content[ARRAYS])
+        uploads[store] = to_numpy(reply.content[keyed(ARRAYS, 0)])
         privates[store] = (
             load_file(str(tmp_path / "state" / "client-0.round-2.safetensors"))
             if store == "disk"
@@ -273,9 +290,9 @@ def test_a_retried_round_trains_from_the_state_before_its_first_attempt(hetero_c
     client_app.train(_message(shared, **{"server-round": 1}), context)
     first = client_app.train(_message(shared, **{"server-round": 2, "shared-round": 1}), context)
     again = client_app.train(_message(shared, **{"server-round": 2, "shared-round": 1}), context)
-    assert first.content[METRICS][PRIVATE_STATE_ROUND] == 1
-    assert again.content[METRICS][PRIVATE_STATE_ROUND] == 1
-    up1, up2 = to_numpy(first.content[ARRAYS]), to_numpy(again.content[ARRAYS])
+    assert first.content[keyed(METRICS, 0)][PRIVATE_STATE_ROUND] == 1
+    assert again.content[keyed(METRICS, 0)][PRIVATE_STATE_ROUND] == 1
+    up1, up2 = to_numpy(first.content[keyed(ARRAYS, 0)]), to_numpy(again.content[keyed(ARRAYS, 0)])
     assert all(np.array_equal(up1[k], up2[k]) for k in up1)
 
 
@@ -285,7 +302,7 @@ def test_bf16_autocast_trains_float32_factors():
         config = tiny_config(strategy="fedalora-hetero", ranks="8,4,2", bf16=bf16)
         context = _context(config)
         reply = client_app.train(_message(_b0(config, context)), context)
-        uploads[bf16] = to_numpy(reply.content[ARRAYS])
+        uploads[bf16] = to_numpy(reply.content[keyed(ARRAYS, 0)])
     for value in uploads[True].values():
         assert value.dtype == np.float32 and np.all(np.isfinite(value))
     key = next(k for k in uploads[True] if k.endswith(".B2"))
@@ -300,5 +317,5 @@ def test_a_node_config_dataset_gives_the_node_all_of_its_own_file(tmp_path, hete
     reply = client_app.query(
         Message(RecordDict(), dst_node_id=1, message_type=MessageType.QUERY), context
     )
-    assert reply.content[CONFIG]["num-examples"] == 16  # 20 rows, test-fraction 0.2
-    assert reply.content[CONFIG]["partition-id"] == 2
+    assert reply.content[CONFIG]["num-examples"] == [16]  # 20 rows, test-fraction 0.2
+    assert reply.content[CONFIG]["clients"] == [2]

@@ -22,7 +22,7 @@ from fedalora.errors import ConfigError, RunFailed
 from fedalora.outputs import RunRecorder, read_jsonl
 from strategies import discover_nodes, run_rounds
 from strategies import make_strategy as strategy_for
-from strategies.protocol import ARRAYS, CONFIG, METRICS, to_numpy, to_record
+from strategies.protocol import ARRAYS, CONFIG, METRICS, keyed, to_numpy, to_record
 
 from .conftest import tiny_config
 
@@ -85,10 +85,10 @@ class ScriptedGrid:
                     {
                         CONFIG: ConfigRecord(
                             {
-                                "partition-id": partition,
-                                "rank": rank,
-                                "num-examples": examples,
-                                "num-test-examples": examples // 4,
+                                "clients": [partition],
+                                "rank": [rank],
+                                "num-examples": [examples],
+                                "num-test-examples": [examples // 4],
                                 "metric": "accuracy",
                             }
                         )
@@ -105,16 +105,24 @@ class ScriptedGrid:
         }
         if message.metadata.message_type == MessageType.EVALUATE:
             fault = self.evaluate_faults.get((node_id, server_round))
-            reply = Message(RecordDict({METRICS: MetricRecord(metrics)}), reply_to=message)
+            reply = Message(
+                RecordDict({keyed(METRICS, partition): MetricRecord(metrics)}), reply_to=message
+            )
             return fault(reply, {}) if fault else reply
         key = (node_id, server_round)
         self.attempts[key] = attempt = self.attempts.get(key, 0) + 1
         update = self.update(
-            self.strategy, node_id, server_round, to_numpy(message.content[ARRAYS])
+            self.strategy,
+            node_id,
+            server_round,
+            to_numpy(message.content[keyed(ARRAYS, partition)]),
         )
         reply = Message(
             RecordDict(
-                {ARRAYS: to_record(update), METRICS: MetricRecord({**metrics, "rank": rank})}
+                {
+                    keyed(ARRAYS, partition): to_record(update),
+                    keyed(METRICS, partition): MetricRecord({**metrics, "rank": rank}),
+                }
             ),
             reply_to=message,
         )
@@ -180,8 +188,9 @@ def assert_same(actual: dict, expected: dict) -> None:
 def _with_arrays(transform) -> Fault:
     def fault(reply, update):
         arrays = transform({k: v.copy() for k, v in update.items()})
+        own = _own(reply)
         return Message(
-            RecordDict({ARRAYS: to_record(arrays), METRICS: reply.content[METRICS]}),
+            RecordDict({own[ARRAYS]: to_record(arrays), own[METRICS]: reply.content[own[METRICS]]}),
             reply_to=_original(reply),
         )
 
@@ -190,13 +199,21 @@ def _with_arrays(transform) -> Fault:
 
 def _with_metrics(**changes) -> Fault:
     def fault(reply, update):
-        metrics = {**dict(reply.content[METRICS]), **changes}
+        own = _own(reply)
+        metrics = {**dict(reply.content[own[METRICS]]), **changes}
         return Message(
-            RecordDict({ARRAYS: to_record(update), METRICS: MetricRecord(metrics)}),
+            RecordDict({own[ARRAYS]: to_record(update), own[METRICS]: MetricRecord(metrics)}),
             reply_to=_original(reply),
         )
 
     return fault
+
+
+def _own(reply: Message) -> dict[str, str]:
+    """The record keys (arrays, metrics) of the one client a scripted reply is for."""
+    (metrics,) = [k for k in reply.content if k.startswith(f"{METRICS}.")]
+    partition = int(metrics.split(".")[1])
+    return {ARRAYS: keyed(ARRAYS, partition), METRICS: metrics}
 
 
 def _original(reply: Message) -> Message:
@@ -238,7 +255,7 @@ REJECTED_OR_LOST = {
         _error(ErrorCode.NODE_UNAVAILABLE, "node is offline"),
         "train failed: node is offline",
     ),
-    "times out": (lambda reply, update: None, "no train reply from node 103"),
+    "times out": (lambda reply, update: None, "node 103 (client 2): no train reply within"),
     "wrong shape": (
         _with_arrays(lambda u: {**u, _first(u): np.zeros((5, 5), np.float32)}),
         "declares shape (5, 5)",
@@ -267,22 +284,28 @@ REJECTED_OR_LOST = {
     "NaN loss": (_with_metrics(loss=float("nan")), "training loss is nan"),
     "no metrics": (
         lambda reply, update: Message(
-            RecordDict({ARRAYS: to_record(update)}), reply_to=_original(reply)
+            RecordDict({_own(reply)[ARRAYS]: to_record(update)}), reply_to=_original(reply)
         ),
-        "no 'metrics' record",
+        "no 'metrics.2' record",
     ),
     "metrics lack keys": (
         lambda reply, update: Message(
-            RecordDict({ARRAYS: to_record(update), METRICS: MetricRecord({"loss": 1.0})}),
+            RecordDict(
+                {
+                    _own(reply)[ARRAYS]: to_record(update),
+                    _own(reply)[METRICS]: MetricRecord({"loss": 1.0}),
+                }
+            ),
             reply_to=_original(reply),
         ),
         "metrics lack",
     ),
     "no arrays": (
         lambda reply, update: Message(
-            RecordDict({METRICS: reply.content[METRICS]}), reply_to=_original(reply)
+            RecordDict({_own(reply)[METRICS]: reply.content[_own(reply)[METRICS]]}),
+            reply_to=_original(reply),
         ),
-        "no 'arrays' record",
+        "no 'arrays.2' record",
     ),
 }
 
@@ -465,8 +488,8 @@ def test_checkpoint_resume_equals_an_uninterrupted_run_bit_for_bit(tmp_path, nam
     run_all(resumed, grid, first_round=3)
     assert resumed.shared_round == whole.shared_round == 4
     assert_same(resumed.shared, whole.shared)
-    for node in whole.nodes.values():
-        assert resumed.nodes[node.node_id] == node
+    for client in whole.clients.values():
+        assert resumed.clients[client.partition_id] == client
 
 
 def test_a_checkpoint_holds_only_shared_state_and_is_replaced_atomically(tmp_path):
@@ -485,7 +508,7 @@ def test_resume_refuses_other_clients_or_state_shapes(tmp_path):
     saved = strategy.checkpoint(2)
     other = make_strategy(tmp_path / "other")
     discover(other, ScriptedGrid(other))
-    del other.nodes[104]
+    del other.clients[NODES[104][0]]
     with pytest.raises(ConfigError, match=r"'resume'.*clients \[0, 1, 2, 3\].*\[0, 1, 2\]"):
         other.restore(saved)
     wider = make_strategy(tmp_path / "wider", intermediate_rank=8)
@@ -582,7 +605,7 @@ def test_a_client_that_crashes_before_training_is_the_headline_with_its_own_erro
     class Crashing(ScriptedGrid):
         def _answer(self, message, node_id):
             if node_id == 102 and message.metadata.message_type == MessageType.QUERY:
-                failure = {"error": "TypeError: '<' not supported", "partition-id": 1}
+                failure = {"error": "TypeError: '<' not supported", "clients": [1]}
                 return Message(RecordDict({CONFIG: ConfigRecord(failure)}), reply_to=message)
             return super()._answer(message, node_id)
 

@@ -12,11 +12,11 @@ from fedalora.client import FederatedClient
 from fedalora.methods import Participant, registered_methods
 from fedalora.methods.hetlora import RANK, TAIL_NORM
 from fedalora.methods.lora_factors import seeded_lora_a
-from strategies.protocol import ARRAYS, METRICS, UPLOAD_RANK, to_numpy
+from strategies.protocol import ARRAYS, METRICS, UPLOAD_RANK, keyed, to_numpy
 
 from .comm_formulas import ORACLE
 from .conftest import tiny_config
-from .test_client_app import _context, _message, _private_arrays
+from .test_client_app import _client, _context, _message, _private_arrays
 
 HETERO_RANKS = [8, 4, 2]
 BUILT_IN = list(registered_methods(built_in=True))
@@ -49,7 +49,7 @@ def _setup(name, **overrides):
     ranks = HETERO_RANKS if registered_methods()[name].heterogeneous else [4, 4, 4]
     config = tiny_config(strategy=name, ranks=",".join(map(str, ranks)), **overrides)
     context = _context(config)
-    client = client_app._client(context)
+    client = _client(context)
     return config, context, client, Server(config, client.base.layer_shapes(), ranks)
 
 
@@ -60,12 +60,12 @@ def test_each_method_moves_only_what_its_rule_shares(name):
     for server_round in (1, 2):
         rounds = {"server-round": server_round, "shared-round": server.shared_round}
         reply = client_app.train(_message(server.download(), **rounds), context)
-        upload = to_numpy(reply.content[ARRAYS])
+        upload = to_numpy(reply.content[keyed(ARRAYS, 0)])
         layers = client.base.layer_shapes()
         assert {k: v.shape for k, v in upload.items()} == config.method.upload_shapes(
             layers, client.rank, server_round
         )
-        assert reply.content[METRICS][UPLOAD_RANK] == client.rank
+        assert reply.content[keyed(METRICS, 0)][UPLOAD_RANK] == client.rank
         server.aggregate(upload, server_round)
         replies.append(reply)
         replies.append(

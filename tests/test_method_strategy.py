@@ -23,7 +23,7 @@ from strategies.protocol import (
 )
 
 from .comm_formulas import ORACLE, Layer, floats_per_layer
-from .conftest import tiny_config
+from .conftest import sole, tiny_config
 
 LAYERS = {"l0.q": (4, 6), "l0.v": (4, 6)}
 BUILT_IN = list(registered_methods(built_in=True))
@@ -70,7 +70,10 @@ def _reply(message, arrays=None, error=None, num_examples=None):
     metrics = MetricRecord(
         {"num_examples": num_examples, "loss": 1.0, "accuracy": 0.5, "seconds": 0.1}
     )
-    return Message(RecordDict({ARRAYS: to_record(arrays), METRICS: metrics}), reply_to=message)
+    content = RecordDict(
+        {sole(message, ARRAYS): to_record(arrays), sole(message, METRICS): metrics}
+    )
+    return Message(content, reply_to=message)
 
 
 def _train_messages(strategy, server_round=1):
@@ -87,7 +90,7 @@ def test_connect_refuses_ranks_the_method_cannot_take(tmp_path):
     config = tiny_config(strategy="fedit", ranks="2")
     with pytest.raises(ConfigError, match=r"'ranks'.*fedit.*\[1, 2, 3\].*fedalora-hetero"):
         MethodStrategy(config, LAYERS).connect(NODES)
-    with pytest.raises(ConfigError, match=r"lora-rank of node 101.*<= 4"):
+    with pytest.raises(ConfigError, match=r"lora-rank of client 0 \(node 101\).*<= 4"):
         MethodStrategy(config, LAYERS).connect([node(101, 0, 5, 10)])
 
 
@@ -124,7 +127,7 @@ def test_the_strategy_sends_the_global_arrays_it_is_given(tmp_path):
     strategy = _strategy("fedalora", tmp_path, [node(101, 0, 2, 10), node(102, 1, 2, 30)])
     given = {k: np.full_like(v, 0.5) for k, v in strategy.shared.items()}
     for message in strategy.configure_train(1, to_record(given), ConfigRecord(), None):
-        sent = to_numpy(message.content[ARRAYS])
+        sent = to_numpy(message.content[sole(message, ARRAYS)])
         assert all(np.array_equal(sent[k], given[k]) for k in given)
 
 
@@ -200,7 +203,7 @@ def test_messages_move_exactly_what_the_rule_says(tmp_path, name):
     for server_round in (1, 2):
         messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), None))
         for message, client in zip(messages, nodes, strict=True):
-            assert payload_bytes(message.content[ARRAYS]) == expected(
+            assert payload_bytes(message.content[sole(message, ARRAYS)]) == expected(
                 "down", client, server_round, server_round == 1
             )
             assert message.content[CONFIG]["shared-round"] == server_round - 1
@@ -217,7 +220,7 @@ def test_messages_move_exactly_what_the_rule_says(tmp_path, name):
         assert {k.rsplit(".", 1)[1] for k in to_numpy(arrays)} == ORACLE[name].shared
         evaluate = list(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), None))
         for message, client in zip(evaluate, nodes, strict=True):
-            assert payload_bytes(message.content[ARRAYS]) == expected(
+            assert payload_bytes(message.content[sole(message, ARRAYS)]) == expected(
                 "down", client, server_round, False
             )
 
@@ -231,9 +234,9 @@ def test_only_a_method_that_lets_ranks_shrink_accepts_a_pruned_rank(tmp_path, na
     pruned = node(101, 0, 2, 10)  # node 101 registered rank 3, now uploads rank 2
     updates = [_update(strategy, pruned, rng)] + [_update(strategy, n, rng) for n in NODES[1:]]
     replies = [_reply(m, u) for m, u in zip(messages, updates, strict=True)]
-    replies[0].content[METRICS][UPLOAD_RANK] = 2
+    replies[0].content[sole(messages[0], METRICS)][UPLOAD_RANK] = 2
     strategy.aggregate_train(1, replies)
-    assert strategy.nodes[101].rank == (2 if shrinks else 3)
+    assert strategy.clients[0].rank == (2 if shrinks else 3)
     if shrinks:  # a rank may shrink, never grow
         messages = _train_messages(strategy, 2)
         grown = node(103, 2, 2, 60)
@@ -241,9 +244,9 @@ def test_only_a_method_that_lets_ranks_shrink_accepts_a_pruned_rank(tmp_path, na
             _reply(m, _update(strategy, n, rng))
             for m, n in zip(messages, [pruned, NODES[1], grown], strict=True)
         ]
-        replies[2].content[METRICS][UPLOAD_RANK] = 2
+        replies[2].content[sole(messages[2], METRICS)][UPLOAD_RANK] = 2
         strategy.aggregate_train(2, replies)
-        assert strategy.nodes[103].rank == 1
+        assert strategy.clients[2].rank == 1
 
 
 def test_flowers_own_start_drives_the_strategy_to_the_same_result(tmp_path):

@@ -163,7 +163,7 @@ def test_the_server_rejects_an_update_over_the_clip_bound(tmp_path, caplog):
     expected = private_mean_update(
         reference.shared,
         updates,
-        [reference.method.delta_shapes(LAYERS, n.rank) for n in reference.nodes.values()],
+        [reference.method.delta_shapes(LAYERS, n.rank) for n in reference.clients.values()],
         1.0,
         Z * CLIP,
         np.random.default_rng([reference.config.run.seed, 1, 0, NOISE_STREAM]),

@@ -24,7 +24,7 @@ from server.in_process import run_in_process
 from strategies import MethodStrategy, Node
 from strategies.protocol import ARRAYS, METRICS, to_numpy, to_record
 
-from .conftest import TINY, tiny_config
+from .conftest import TINY, sole, tiny_config
 
 LAYERS = {"l0.q": (24, 32), "l0.v": (24, 32)}
 LINEAR = [
@@ -76,7 +76,8 @@ def _round(strategy, nodes, uploads, counts=None, server_round=1):
         metrics = MetricRecord(
             {"num_examples": count, "loss": 1.0, "accuracy": 0.5, "seconds": 0.1}
         )
-        replies.append(Message(RecordDict({ARRAYS: record, METRICS: metrics}), reply_to=message))
+        content = RecordDict({sole(message, ARRAYS): record, sole(message, METRICS): metrics})
+        replies.append(Message(content, reply_to=message))
     arrays, _ = strategy.aggregate_train(server_round, replies)
     return None if arrays is None else to_numpy(arrays)
 
@@ -308,7 +309,8 @@ def test_a_round_samples_only_the_nodes_the_grid_reports_online(caplog):
         1, strategy.arrays, ConfigRecord(), _PartlyOnline([101, 103])
     )
     assert [m.metadata.dst_node_id for m in messages] == [101, 103]
-    assert "sampling among the 2 of 3 nodes online (offline: clients [1])" in caplog.text
+    online = "sampling among the 2 of 3 clients whose node is online (offline: clients 1)"
+    assert online in caplog.text
     every = strategy.configure_train(
         1, strategy.arrays, ConfigRecord(), _PartlyOnline([101, 102, 103])
     )

@@ -30,7 +30,7 @@ def test_an_interrupted_state_write_keeps_the_previous_state(tmp_path, monkeypat
 @pytest.mark.parametrize("backend", ["memory", "disk"])
 def test_state_stores_keep_the_state_before_each_round(tmp_path, backend):
     store = (
-        client_app.MemoryStateStore(RecordDict())
+        client_app.MemoryStateStore(RecordDict(), 0)
         if backend == "memory"
         else state.DiskStateStore(tmp_path, 3)
     )

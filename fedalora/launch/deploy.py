@@ -12,6 +12,7 @@ On the SuperLink's machine, then on each node's machine (keys and ca.crt copied 
     python -m fedalora.launch.deploy supernode --ca certs/ca.crt --key keys/node0 \
         --superlink superlink.example.org:8000 --partition-id 0 --num-partitions 3 \
         --lora-rank 8 --state-dir ~/fedalora-state
+    # a node hosting a cohort of clients: --partition-ids 0,3,6 --num-partitions 9
     flwr run . fedalora-deployment --stream --run-config "state-store='disk'"
 
 ``local`` does all of it on loopback (a SuperLink and N SuperNodes, then one run).
@@ -123,8 +124,8 @@ def superlink_command(
 def supernode_command(
     superlink: str, ca: Path | None, key: Path | None, node_config: dict, port: int
 ) -> list[str]:
-    """``flower-supernode`` for one client: ``node_config`` holds partition-id,
-    num-partitions and optionally lora-rank, state-dir, dataset."""
+    """``flower-supernode`` for one client or a cohort: ``node_config`` holds partition-id
+    (or partition-ids), num-partitions and optionally lora-rank, state-dir, dataset."""
     security = (
         ["--insecure"]
         if ca is None
@@ -404,7 +405,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     node.add_argument("--superlink", required=True, help="host:port of the SuperLink")
     node.add_argument("--ca", help="the CA certificate (ca.crt)")
     node.add_argument("--key", help="this node's private key from 'node-key'")
-    node.add_argument("--partition-id", type=int, required=True)
+    hosted = node.add_mutually_exclusive_group(required=True)
+    hosted.add_argument("--partition-id", type=int, help="the one client this node hosts")
+    hosted.add_argument(
+        "--partition-ids", help="the clients this node hosts as a cohort, e.g. '0,4,8'"
+    )
     node.add_argument("--num-partitions", type=int, required=True)
     node.add_argument("--lora-rank", type=int)
     node.add_argument("--state-dir", help="where this node keeps its private factors")
@@ -471,8 +476,8 @@ def _connection(args: argparse.Namespace) -> None:
 
 def _supernode(args: argparse.Namespace) -> None:
     """A SuperNode, in the foreground, restarted while the SuperLink still holds it."""
-    config = {"partition-id": args.partition_id, "num-partitions": args.num_partitions}
-    for name in ("lora_rank", "state_dir", "dataset"):
+    config: dict[str, object] = {"num-partitions": args.num_partitions}
+    for name in ("partition_id", "partition_ids", "lora_rank", "state_dir", "dataset"):
         if getattr(args, name) is not None:
             config[name.replace("_", "-")] = getattr(args, name)
     command = supernode_command(
