@@ -36,7 +36,7 @@ from flwr.app.error import Error
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
-from fedalora.client import FederatedClient, train_cohort
+from fedalora.client import FederatedClient, evaluate_cohort_clients, train_cohort
 from fedalora.config import FedConfig
 from fedalora.errors import ConfigError, exception_line
 from fedalora.outputs import EVALUATE, LOCAL_MODEL, adapter_dir
@@ -198,8 +198,9 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 @answers_failures
 def evaluate(msg: Message, context: Context) -> Message:
-    """Score the sampled clients' personalised models on their held-out splits; after
-    the last round also export them (unless export-adapters=false)."""
+    """Score the sampled clients' personalised models on their held-out splits (together,
+    ``fedalora.client.evaluate_cohort_clients``); after the last round also export them
+    (unless export-adapters=false)."""
     config = msg.content.config_records[CONFIG]
     clients = _sampled(context, config)
     shared_round, server_round = (
@@ -207,14 +208,24 @@ def evaluate(msg: Message, context: Context) -> Message:
         int(number(config, SERVER_ROUND)),
     )
     final = bool(config.get(FINAL_ROUND, False))
+    stores = [_store(context, client, config) for client in clients]
+    shared = [_arrays(msg, client) for client in clients]
+    scored = evaluate_cohort_clients(
+        clients,
+        shared,
+        [store.load(server_round)[0] for store in stores],
+        shared_round,
+        final,
+        server_round,
+        clients[0].config.run.cohort_size,
+    )
     reply = RecordDict()
-    for client in clients:
-        shared, store = _arrays(msg, client), _store(context, client, config)
-        private, _ = store.load(server_round)
-        metrics, private = client.evaluate(shared, private, shared_round, final, server_round)
+    for client, store, own_shared, (metrics, private) in zip(
+        clients, stores, shared, scored, strict=True
+    ):
         if final and client.config.outputs.export_adapters:
             client.export(
-                shared,
+                own_shared,
                 private,
                 adapter_dir(_run_dir(client, config), client.partition_id, EVALUATE),
                 shared_round,

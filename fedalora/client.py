@@ -15,7 +15,13 @@ from torch import nn
 
 from .adapters import ClientAdapter, export_peft_adapter, method_state
 from .adapters.adapter import HEAD, STATE
-from .cohort import CohortMember, CohortModel, train_cohort_steps
+from .cohort import (
+    CohortMember,
+    CohortModel,
+    evaluate_cohort,
+    generate_cohort,
+    train_cohort_steps,
+)
 from .config import EVERY_ROUND, FedConfig, validate_rank
 from .data import (
     ClientData,
@@ -193,7 +199,17 @@ class FederatedClient:
         that DP could protect reports the update's L2 norm as ``update_norm``.
         """
         start = self.start_training(shared, private, server_round, shared_round)
-        return self.finish_training(start, self.local_steps(start), final, export_to)
+        result = self.finish_training(start, self.local_steps(start), export_to)
+        if not self.scores_local_model(final):
+            return result
+        started = time.perf_counter()
+        local_model = self.evaluate_adapter(start.adapter, final)
+        local_model.update(num_examples=self.data.num_test, seconds=time.perf_counter() - started)
+        return result._replace(local_model=local_model)
+
+    def scores_local_model(self, final: bool) -> bool:
+        """Whether the local model is scored right after training in this round."""
+        return final or self.config.run.local_model_scoring == EVERY_ROUND
 
     def local_steps(self, start: RoundStart) -> dict[str, float]:
         """The round's local steps of this client alone (dropout seeded for it)."""
@@ -241,10 +257,10 @@ class FederatedClient:
         self,
         start: RoundStart,
         metrics: dict[str, float],
-        final: bool = False,
         export_to: Path | None = None,
     ) -> TrainResult:
-        """The upload, private state and scores of a client whose local steps are done."""
+        """The upload and private state of a client whose local steps are done (its local
+        model not yet scored), exported to ``export_to`` when given."""
         cfg, method, adapter = self.config, self.method, start.adapter
         upload = method.upload(adapter)
         if cfg.dp.enabled:  # send the clipped (and in local mode noised) update instead
@@ -259,19 +275,11 @@ class FederatedClient:
             rank=method.client_rank(self.rank, adapter.state),
             seconds=time.perf_counter() - start.started,
         )
-        private_state = adapter.private_state(method.keeps)
-        local_model: dict[str, float] = {}
-        if final or cfg.run.local_model_scoring == EVERY_ROUND:
-            started = time.perf_counter()
-            local_model = self.evaluate_adapter(adapter, final)
-            local_model.update(
-                num_examples=self.data.num_test, seconds=time.perf_counter() - started
-            )
         if export_to is not None:
             export_peft_adapter(
                 method.export_factors(adapter), adapter, self.base.model, export_to, self.labels
             )
-        return TrainResult(upload, private_state, metrics, local_model)
+        return TrainResult(upload, adapter.private_state(method.keeps), metrics, {})
 
     def evaluate(
         self,
@@ -360,31 +368,27 @@ def train_cohort(
     """``FederatedClient.train`` for clients of one worker (one base model, one run
     configuration; ``shared[k]`` and ``private[k]`` are client k's), their local steps
     taken together, ``cohort_size`` clients at a time (0: all) in one batched pass per
-    step (``fedalora.cohort``). Each client's result is the one it gets alone, to float
-    rounding with dropout off. Clients whose adapter cannot be batched
+    step (``fedalora.cohort``), and their local models scored together
+    (``score_cohort``). Each client's result is the one it gets alone, to float rounding
+    with dropout off. Clients whose adapter cannot be batched
     (``ClientAdapter.cohort_problem``), and a chunk of one, train one after another
     exactly as ``FederatedClient.train`` trains them."""
     if not clients:
         return []
-    config, base = clients[0].config, clients[0].base
-    if any(c.base is not base or c.config != config for c in clients):
-        raise ValueError("a cohort's clients share one base model and one run configuration")
+    config, base = _one_worker(clients)
     exports = list(export_to or [None] * len(clients))
     results: dict[int, TrainResult] = {}
-    starts = {
-        k: client.start_training(shared[k], private[k], server_round, shared_round)
+    starts = [
+        client.start_training(shared[k], private[k], server_round, shared_round)
         for k, client in enumerate(clients)
-    }
-    batched = [k for k, s in starts.items() if s.adapter.cohort_problem() is None]
-    size = cohort_size or len(batched) or 1
-    chunks = [batched[first : first + size] for first in range(0, len(batched), size)]
-    alone = set(starts) - set(batched) | {chunk[0] for chunk in chunks if len(chunk) == 1}
-    for k in sorted(alone):  # exactly as FederatedClient.train
+    ]
+    alone, chunks = _chunks([s.adapter for s in starts], cohort_size)
+    for k in alone:  # exactly as FederatedClient.train
         steps = clients[k].local_steps(starts[k])
-        results[k] = clients[k].finish_training(starts[k], steps, final, exports[k])
+        results[k] = clients[k].finish_training(starts[k], steps, exports[k])
     # one dropout stream for the cohort, seeded by its first client and the round
     torch.manual_seed(round_seed(config.run.seed, server_round, clients[0].partition_id))
-    for chunk in (c for c in chunks if len(c) > 1):
+    for chunk in chunks:
         metrics = train_cohort_steps(
             cohort_model(base),
             [starts[k].member for k in chunk],
@@ -395,8 +399,131 @@ def train_cohort(
             bf16=config.model.bf16,
         )
         for k, own in zip(chunk, metrics, strict=True):
-            results[k] = clients[k].finish_training(starts[k], own, final, exports[k])
-    return [results[k] for k in range(len(clients))]
+            results[k] = clients[k].finish_training(starts[k], own, exports[k])
+    if not clients[0].scores_local_model(final):
+        return [results[k] for k in range(len(clients))]
+    local_models = score_cohort(clients, [s.adapter for s in starts], final, cohort_size)
+    return [results[k]._replace(local_model=local_models[k]) for k in range(len(clients))]
+
+
+def evaluate_cohort_clients(
+    clients: Sequence[FederatedClient],
+    shared: Sequence[Mapping[str, np.ndarray]],
+    private: Sequence[Mapping[str, torch.Tensor] | None],
+    shared_round: int = 0,
+    final: bool = False,
+    server_round: int = 0,
+    cohort_size: int = 0,
+) -> list[tuple[dict[str, float], Tensors]]:
+    """``FederatedClient.evaluate`` for clients of one worker, scored together
+    (``score_cohort``)."""
+    if not clients:
+        return []
+    started = time.perf_counter()
+    adapters = [
+        client.build_adapter(shared[k], private[k], shared_round, server_round)
+        for k, client in enumerate(clients)
+    ]
+    built = (time.perf_counter() - started) / len(clients)
+    scores = score_cohort(clients, adapters, final, cohort_size)
+    for score in scores:
+        score["seconds"] += built
+    return [
+        (score, adapter.private_state(client.method.keeps))
+        for client, adapter, score in zip(clients, adapters, scores, strict=True)
+    ]
+
+
+def score_cohort(
+    clients: Sequence[FederatedClient],
+    adapters: Sequence[ClientAdapter],
+    final: bool = False,
+    cohort_size: int = 0,
+) -> list[dict[str, float]]:
+    """``FederatedClient.evaluate_adapter`` of every client's adapter (with its
+    ``num_examples`` and ``seconds``), ``cohort_size`` clients at a time (0: all) in one
+    batched pass over each evaluation batch, and for instruction data in one greedy
+    generation (``fedalora.cohort.evaluate_cohort``, ``generate_cohort``); a client's
+    ``seconds`` is its share of its chunk's time. Clients that cannot be batched, and a
+    chunk of one, are scored alone."""
+    config, base = _one_worker(clients)
+    scores: dict[int, dict[str, float]] = {}
+    alone, chunks = _chunks(adapters, cohort_size)
+    for k in alone:
+        started = time.perf_counter()
+        scores[k] = clients[k].evaluate_adapter(adapters[k], final)
+        scores[k]["seconds"] = time.perf_counter() - started
+    batch_size, device, bf16 = config.recipe.eval_batch_size, clients[0].device, config.model.bf16
+    for chunk in chunks:
+        started = time.perf_counter()
+        cohort, own = cohort_model(base), [adapters[k] for k in chunk]
+        metrics = evaluate_cohort(
+            cohort,
+            own,
+            [clients[k].data.test for k in chunk],
+            batch_size=batch_size,
+            device=device,
+            bf16=bf16,
+        )
+        if clients[0].data.is_instruction:
+            answers = generate_cohort(
+                cohort,
+                own,
+                [clients[k].data.test["prompt_ids"] for k in chunk],
+                batch_size=batch_size,
+                max_new_tokens=config.data.max_new_tokens,
+                device=device,
+                bf16=bf16,
+            )
+            for k, own_metrics, own_answers in zip(chunk, metrics, answers, strict=True):
+                own_metrics.update(
+                    generation_scores(own_answers, clients[k].data.test["references"])
+                )
+        if final and config.data.global_test_examples:
+            official = load_official_test(
+                config.data.dataset,
+                config.data.global_test_examples,
+                config.run.seed,
+                base.tokenizer,
+                config.data.max_length,
+            )
+            on_official = evaluate_cohort(
+                cohort,
+                own,
+                [official] * len(chunk),
+                batch_size=batch_size,
+                device=device,
+                bf16=bf16,
+            )
+            for own_metrics, score in zip(metrics, on_official, strict=True):
+                own_metrics["global_accuracy"] = score["accuracy"]
+        share = (time.perf_counter() - started) / len(chunk)
+        for k, own_metrics in zip(chunk, metrics, strict=True):
+            scores[k] = {**own_metrics, "seconds": share}
+    for k, client in enumerate(clients):
+        scores[k]["num_examples"] = client.data.num_test
+    return [scores[k] for k in range(len(clients))]
+
+
+def _one_worker(clients: Sequence[FederatedClient]) -> tuple[FedConfig, BaseModel]:
+    """The one run configuration and base model of a cohort's clients."""
+    config, base = clients[0].config, clients[0].base
+    if any(c.base is not base or c.config != config for c in clients):
+        raise ValueError("a cohort's clients share one base model and one run configuration")
+    return config, base
+
+
+def _chunks(
+    adapters: Sequence[ClientAdapter], cohort_size: int
+) -> tuple[list[int], list[list[int]]]:
+    """The clients (indices) that go alone (their adapter cannot be batched, or their
+    chunk would be of one), and the chunks of at most ``cohort_size`` (0: all) that go
+    through a batched pass together."""
+    batched = [k for k, a in enumerate(adapters) if a.cohort_problem() is None]
+    size = cohort_size or len(batched) or 1
+    chunks = [batched[first : first + size] for first in range(0, len(batched), size)]
+    alone = set(range(len(adapters))) - set(batched) | {c[0] for c in chunks if len(c) == 1}
+    return sorted(alone), [c for c in chunks if len(c) > 1]
 
 
 _COHORT_MODELS: weakref.WeakKeyDictionary[nn.Module, CohortModel] = weakref.WeakKeyDictionary()

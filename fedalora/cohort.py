@@ -13,6 +13,9 @@ rounding, as in the multi-adapter training of mLoRA (Ye et al., VLDB 2025,
 arXiv:2312.02515) and the segmented adapter products of Punica (Chen et al., MLSys 2024,
 arXiv:2310.18547), here with every client's own optimiser.
 
+The evaluation of a cohort (``evaluate_cohort``) and its greedy generation
+(``generate_cohort``) batch the clients' rows the same way, without gradients.
+
 Rows of different clients meet only in the frozen layers' matrix products: attention
 and normalisation act per example, and padding to the cohort's longest sequence is
 masked. With dropout on, the masks come from one random stream for the whole batch, so
@@ -33,7 +36,7 @@ from .adapters import ClientAdapter
 from .adapters.adapter import share_frozen_weights
 from .data import IGNORE, collate
 from .models import BaseModel
-from .training import LocalRecipe, _hits, autocast, batch_indices
+from .training import LocalRecipe, autocast, batch_indices, count_hits, greedy_answers
 
 
 @dataclass
@@ -174,7 +177,7 @@ def train_cohort_steps(
             total = totals[k]
             total["grad_norm"] += recipe.step(parameters[k], *member.optimiser)
             total["loss"] += losses[k].item()
-            hits, count = _hits(own_logits[k].detach(), own_labels[k])
+            hits, count = count_hits(own_logits[k].detach(), own_labels[k])
             total["correct"] += hits
             total["seen"] += count
     return [
@@ -185,6 +188,88 @@ def train_cohort_steps(
         }
         for t in totals
     ]
+
+
+@torch.no_grad()
+def evaluate_cohort(
+    cohort: CohortModel,
+    adapters: Sequence[ClientAdapter],
+    examples: Sequence[dict],
+    *,
+    batch_size: int,
+    device: torch.device,
+    bf16: bool = False,
+) -> list[dict[str, float]]:
+    """``fedalora.training.evaluate`` of every adapter on its own examples at once: the
+    k-th batch of every client that has one, through one forward of ``cohort``."""
+    cohort.model.eval()
+    for adapter in adapters:
+        adapter.model.eval()
+    totals = [{"loss": 0.0, "correct": 0, "seen": 0} for _ in adapters]
+    sizes = [len(e["labels"]) for e in examples]
+    for start in range(0, max(sizes), batch_size):
+        members = [k for k, size in enumerate(sizes) if start < size]
+        batches = [
+            collate(
+                examples[k],
+                list(range(start, min(start + batch_size, sizes[k]))),
+                cohort.tokenizer,
+                device,
+            )
+            for k in members
+        ]
+        cohort.bind([adapters[k] for k in members], [len(b["labels"]) for b in batches])
+        batch = concatenate(batches, cohort.tokenizer.pad_token_id)
+        with autocast(device, bf16):
+            logits = cohort.model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).logits
+        for k, own_logits, own_labels in zip(
+            members, cohort.rows.split(logits), cohort.rows.split(batch["labels"]), strict=True
+        ):
+            hits, count = count_hits(own_logits, own_labels)
+            totals[k]["loss"] += task_loss(own_logits, own_labels).item() * count
+            totals[k]["correct"] += hits
+            totals[k]["seen"] += count
+    return [
+        {"loss": t["loss"] / max(t["seen"], 1), "accuracy": t["correct"] / max(t["seen"], 1)}
+        for t in totals
+    ]
+
+
+@torch.no_grad()
+def generate_cohort(
+    cohort: CohortModel,
+    adapters: Sequence[ClientAdapter],
+    prompts: Sequence[list[list[int]]],
+    *,
+    batch_size: int,
+    max_new_tokens: int,
+    device: torch.device,
+    bf16: bool = False,
+) -> list[list[str]]:
+    """``fedalora.training.generate_responses`` of every adapter on its own prompts at
+    once: the k-th batch of every client that has one, in one greedy generation of
+    ``cohort`` (each row through its own client's adapter at every step)."""
+    cohort.model.eval()
+    for adapter in adapters:
+        adapter.model.eval()
+    answers: list[list[str]] = [[] for _ in adapters]
+    for start in range(0, max(len(p) for p in prompts), batch_size):
+        members = [k for k, own in enumerate(prompts) if start < len(own)]
+        chunks = [prompts[k][start : start + batch_size] for k in members]
+        cohort.bind([adapters[k] for k in members], [len(c) for c in chunks])
+        texts = greedy_answers(
+            cohort.model,
+            [prompt for chunk in chunks for prompt in chunk],
+            cohort.tokenizer,
+            max_new_tokens,
+            device,
+            bf16,
+        )
+        for k, (first, end) in zip(members, cohort.rows.bounds, strict=True):
+            answers[k] += texts[first:end]
+    return answers
 
 
 def concatenate(batches: Sequence[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:

@@ -157,7 +157,7 @@ def train_steps(
         (output.loss + penalty() if penalty else output.loss).backward()
         total_norm += recipe.step(parameters, optimizer, scheduler)
         total_loss += output.loss.item()
-        hits, count = _hits(output.logits, batch["labels"])
+        hits, count = count_hits(output.logits, batch["labels"])
         correct, seen = correct + hits, seen + count
     return {
         "loss": total_loss / steps,
@@ -185,7 +185,7 @@ def evaluate(
         batch = collate(examples, indices, tokenizer, device)
         with autocast(device, bf16):
             output = model(**batch)
-        hits, count = _hits(output.logits, batch["labels"])
+        hits, count = count_hits(output.logits, batch["labels"])
         total_loss += output.loss.item() * count
         correct, seen = correct + hits, seen + count
     return {"loss": total_loss / max(seen, 1), "accuracy": correct / max(seen, 1)}
@@ -206,26 +206,39 @@ def generate_responses(
     model.eval()
     responses = []
     for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        width = max(len(p) for p in chunk)
-        pad = tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
-        with autocast(device, bf16):
-            output = model.generate(  # type: ignore[operator]
-                input_ids=input_ids,
-                attention_mask=mask,
-                do_sample=False,
-                max_new_tokens=max_new_tokens,
-                pad_token_id=pad,
-            )
-        for row in output[:, width:]:
-            text = str(tokenizer.decode(row, skip_special_tokens=True))
-            responses.append(text.strip().split("\n", 1)[0].strip())
+        responses += greedy_answers(
+            model, prompts[start : start + batch_size], tokenizer, max_new_tokens, device, bf16
+        )
     return responses
 
 
-def _hits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
+def greedy_answers(
+    model: nn.Module,
+    prompts: list[list[int]],
+    tokenizer: PreTrainedTokenizerBase,
+    max_new_tokens: int,
+    device: torch.device,
+    bf16: bool = False,
+) -> list[str]:
+    """One batch of greedy responses: the prompts left-padded to the longest, each answer
+    up to its first newline."""
+    width = max(len(p) for p in prompts)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    with autocast(device, bf16):
+        output = model.generate(  # type: ignore[operator]
+            input_ids=input_ids,
+            attention_mask=mask,
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=pad,
+        )
+    texts = (str(tokenizer.decode(row, skip_special_tokens=True)) for row in output[:, width:])
+    return [text.strip().split("\n", 1)[0].strip() for text in texts]
+
+
+def count_hits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
     """(correct predictions, predictions counted): per example for a classifier, per
     response token (next-token, ignoring ``IGNORE`` labels) for a causal LM."""
     if labels.dim() == 1:

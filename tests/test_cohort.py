@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fedalora.client import FederatedClient, TrainResult, train_cohort
+from fedalora.client import FederatedClient, TrainResult, score_cohort, train_cohort
 from fedalora.cohort import concatenate, task_loss
 from fedalora.data import IGNORE
 from fedalora.methods import Participant
@@ -220,3 +220,41 @@ def test_an_adapter_without_output_delta_says_why():
     assert own.cohort_problem() == "OwnLayers does not define output_delta"
     with pytest.raises(NotImplementedError, match="output_delta"):
         own.output_delta(base.targets[0], torch.zeros(1, 384))
+
+
+@pytest.mark.parametrize(
+    ("strategy", "ranks", "extra"),
+    [
+        ("fedalora-hetero", "8,4,2", {"dataset": "reuters-r8", "global-test-examples": 20}),
+        (
+            "fedit",
+            "4",
+            {
+                "model": "smollm2",
+                "dataset": "instructions",
+                "partitioning": "task",
+                "max-length": 48,
+                "max-new-tokens": 8,
+                "test-fraction": 0.1,
+            },
+        ),
+    ],
+    ids=["classifier", "instructions"],
+)
+def test_a_cohort_is_scored_as_each_client_alone(strategy, ranks, extra):
+    """Both protocols' scores in one batched pass (a classifier's accuracy and loss, on
+    its own split and the official one; a causal LM's, and its greedy answers' ROUGE-1
+    and exact match) equal each client's scored alone (scoring draws no dropout)."""
+    config = tiny_config(strategy=strategy, ranks=ranks, lora_dropout=0.0, **extra)
+    num_partitions = 8 if config.data.dataset == "instructions" else 3
+    clients = [FederatedClient(config, p, num_partitions, config.run.rank_for(p)) for p in range(3)]
+    shared, private = _round_two_inputs(clients)
+    adapters = [
+        c.build_adapter(s, p, 1, 2) for c, s, p in zip(clients, shared, private, strict=True)
+    ]
+    alone = [c.evaluate_adapter(a, final=True) for c, a in zip(clients, adapters, strict=True)]
+    together = score_cohort(clients, adapters, final=True)
+    for own, batched in zip(alone, together, strict=True):
+        assert set(batched) == {*own, "seconds", "num_examples"}
+        for key, value in own.items():
+            assert batched[key] == pytest.approx(value, rel=RTOL, abs=ATOL), key

@@ -19,7 +19,7 @@ from fedalora.data import (
 from fedalora.instructions import TASKS
 from fedalora.metrics import exact_match, generation_scores, rouge1
 from fedalora.models import load_base_model
-from fedalora.training import _hits
+from fedalora.training import count_hits
 
 from .conftest import tiny_config
 
@@ -74,7 +74,7 @@ def test_the_prompt_is_masked_out_of_the_loss():
         assert (batch["labels"][row, length:] == IGNORE).all()
         assert batch["attention_mask"][row].sum() == length
     logits = torch.zeros(*batch["labels"].shape, base.model.config.vocab_size)
-    counted = _hits(logits, batch["labels"])[1]
+    counted = count_hits(logits, batch["labels"])[1]
     assert counted == sum(
         len(data.train["labels"][i]) - len(data.train["prompt_ids"][i]) for i in range(3)
     )
