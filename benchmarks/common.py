@@ -54,10 +54,14 @@ def print_figures(**figures: object) -> None:
 class PeakMemory:
     """Samples the proportional set size (PSS: shared pages split between the processes
     that map them, so the sum counts each page once) of this process and all of its
-    descendants (SuperLink, simulation, Ray and its workers) every ``interval`` s."""
+    descendants (SuperLink, simulation, Ray and its workers) every ``interval`` s; with
+    ``only``, of those among them whose command line contains it (Ray names an actor's
+    process after its class, e.g. ``ray::ClientAppActor``). ``peak_processes`` is the
+    most processes counted at once."""
 
-    def __init__(self, interval: float = 0.25) -> None:
-        self.interval, self.peak_bytes = interval, 0
+    def __init__(self, interval: float = 0.25, only: str = "") -> None:
+        self.interval, self.only = interval, only
+        self.peak_bytes = self.peak_processes = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -69,17 +73,23 @@ class PeakMemory:
         self._stop.set()
         self._thread.join()
 
-    def current_bytes(self) -> int:
+    def current(self) -> tuple[int, int]:
+        """The PSS bytes of the counted processes now, and how many there are."""
         me = psutil.Process()
-        total = 0
+        total = count = 0
         for process in [me, *me.children(recursive=True)]:
             try:
+                if self.only and not any(self.only in part for part in process.cmdline()):
+                    continue
                 total += process.memory_full_info().pss
+                count += 1
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue
-        return total
+        return total, count
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak_bytes = max(self.peak_bytes, self.current_bytes())
+            total, count = self.current()
+            self.peak_bytes = max(self.peak_bytes, total)
+            self.peak_processes = max(self.peak_processes, count)
             self._stop.wait(self.interval)

@@ -28,10 +28,10 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to OUT/NAME
   echo "== $name: exit ${PIPESTATUS[0]}"
 }
 
-step cohort-smollm2 200 python3 benchmarks/cohort.py --random-weights --bf16 --clients 128 \
+step cohort-smollm2 200 python3 benchmarks/cohort.py speed --random-weights --bf16 --clients 128 \
   --alone-clients 16 --cohort-sizes 8,32,128 --run-config "$smollm2 local-steps=5"
 step test-cuda 90 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
-step cohort-minilm 80 python3 benchmarks/cohort.py --bf16 --clients 64 --alone-clients 16 \
+step cohort-minilm 80 python3 benchmarks/cohort.py speed --bf16 --clients 64 --alone-clients 16 \
   --cohort-sizes 8,32,64 --run-config "$minilm"
 if [ "${ALL:-0}" = 1 ]; then
   step naive 70 python3 benchmarks/naive.py --rounds 3 --run-config "$minilm"

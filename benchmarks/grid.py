@@ -259,6 +259,7 @@ class Grid:
     extra: dict[str, object]
     output_dir: Path
     mode: str
+    nodes: int = 1
     walls: dict[str, float] = field(default_factory=dict)
 
     def run_config(self, run: Run) -> dict[str, object]:
@@ -274,11 +275,20 @@ class Grid:
         merged = {
             **self.preset.run_config,
             **row_config,
+            **self.hosting,
             **self.extra,
             "ranks": self.preset.settings[run.setting],
             "seed": run.seed,
         }
         return {k: v for k, v in merged.items() if k not in options or k in own}
+
+    @property
+    def hosting(self) -> dict[str, object]:
+        """How the preset's clients sit on the grid's nodes: cohorts of them when there
+        are fewer nodes than clients."""
+        if self.nodes >= self.preset.num_clients:
+            return {}
+        return {"num-clients": self.preset.num_clients, "min-nodes": min(2, self.nodes)}
 
     @classmethod
     def at(
@@ -288,13 +298,14 @@ class Grid:
         output_dir: Path,
         mode: str,
         resume: bool,
+        nodes: int = 1,
     ) -> Grid:
-        """A grid writing into ``output_dir``; with ``resume``, the wall seconds of the
-        runs it already holds."""
+        """A grid writing into ``output_dir`` with its clients on ``nodes`` nodes; with
+        ``resume``, the wall seconds of the runs it already holds."""
         (output_dir / "logs").mkdir(parents=True, exist_ok=True)
         walls = output_dir / WALLS
         saved = json.loads(walls.read_text()) if resume and walls.exists() else {}
-        return cls(preset, extra, output_dir, mode, saved)
+        return cls(preset, extra, output_dir, mode, min(nodes, preset.num_clients), saved)
 
     def execute_all(self, runs: list[Run], ray_address: str | None, resume: bool) -> None:
         """Every run in turn, its wall seconds saved after each; with ``resume`` the runs
@@ -332,7 +343,7 @@ class Grid:
             run_in_process(
                 ROOT,
                 run.name,
-                num_supernodes=self.preset.num_clients,
+                num_supernodes=self.nodes,
                 run_config=format_run_config({**run_config, "strategy": strategy}),
                 output_dir=self.output_dir,
                 log_path=log,
@@ -342,7 +353,7 @@ class Grid:
             run_simulation(
                 ROOT,
                 run.name,
-                num_supernodes=self.preset.num_clients,
+                num_supernodes=self.nodes,
                 run_config=format_run_config({**run_config, "strategy": strategy}),
                 output_dir=self.output_dir,
                 ray_address=ray_address,
@@ -464,6 +475,13 @@ def main() -> None:
     )
     parser.add_argument("--num-clients", type=int, default=None)
     parser.add_argument(
+        "--nodes",
+        type=int,
+        default=1,
+        help="nodes hosting the clients as cohorts (1: all on one node, trained together); "
+        "the number of clients gives one client per node",
+    )
+    parser.add_argument(
         "--run-config",
         default="",
         help='extra key=value pairs for every run, e.g. "num-server-rounds=3"',
@@ -496,7 +514,7 @@ def main() -> None:
     seeds = list(range(args.first_seed, args.first_seed + (args.seeds or preset.seeds)))
     output_dir = Path(args.output_dir or ROOT / "outputs" / f"grid-{args.track}-{args.preset}")
     output_dir = output_dir.resolve()
-    grid = Grid.at(preset, extra, output_dir, args.mode, args.resume)
+    grid = Grid.at(preset, extra, output_dir, args.mode, args.resume, args.nodes)
     runs = plan(preset, settings, strategies, seeds)
     started = time.perf_counter()
     with ray_cluster() if args.mode == "ray" else contextlib.nullcontext() as ray_address:
@@ -510,7 +528,8 @@ def main() -> None:
         f"Track `{args.track}`, preset `{args.preset}`: {preset.num_clients} clients"
         f"{', ' + preset.note if preset.note else ''}; metric `{preset.metric}` under the "
         f"`{args.protocol}` protocol; run-config {json.dumps({**preset.run_config, **extra})}; "
-        f"mode `{args.mode}`.\nSeeds {seeds[0]}..{seeds[-1]}: every cell is the mean over "
+        f"mode `{args.mode}`, the clients on {grid.nodes} node(s).\n"
+        f"Seeds {seeds[0]}..{seeds[-1]}: every cell is the mean over "
         f"{len(seeds)} seeds ± the half-width of its 95% Student-t interval; differences "
         f"are paired by seed.\nCommand: `{command.strip()}`; machine: {platform.node()} "
         f"({os.cpu_count()} CPUs, {platform.machine()}); date: "

@@ -3,7 +3,8 @@
 A cohort model is a copy of the worker's base model (its frozen weights shared, not
 copied) whose adapted layers compute the frozen product once for the rows of every
 client in the batch and add each client's own adapter contribution
-(``ClientAdapter.output_delta``) to that client's rows; its head modules run each
+(``ClientAdapter.output_delta``, term by term in the order the layer alone adds
+them) to that client's rows; its head modules run each
 client's own head on its rows. One local step of a cohort concatenates one batch of
 every client, runs one forward and one backward, and then steps each client's own
 optimiser with its own gradient clipping and learning-rate schedule. No parameter is
@@ -56,12 +57,16 @@ class CohortLayer(nn.Module):
     def __init__(self, frozen: nn.Module, rows: _Rows) -> None:
         super().__init__()
         self.frozen, self.rows = frozen, rows
-        self.deltas: list[Callable[[torch.Tensor], torch.Tensor]] = []
+        self.deltas: list[Callable[[torch.Tensor], list[torch.Tensor]]] = []
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        shared = self.frozen(x, *args, **kwargs)
-        own = [delta(rows) for delta, rows in zip(self.deltas, self.rows.split(x), strict=True)]
-        return shared + torch.cat(own).to(shared.dtype)
+        shared = self.rows.split(self.frozen(x, *args, **kwargs))
+        outputs = []
+        for terms, rows, out in zip(self.deltas, self.rows.split(x), shared, strict=True):
+            for term in terms(rows):  # in the order the layer alone adds them
+                out = out + term.to(out.dtype)
+            outputs.append(out)
+        return torch.cat(outputs)
 
 
 class CohortHead(nn.Module):
@@ -111,8 +116,8 @@ class CohortModel:
             head.heads = [a.inner_model.get_submodule(name) for a in adapters]
 
 
-def _delta_of(adapter: ClientAdapter, module: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    return lambda x: adapter.output_delta(module, x)
+def _delta_of(adapter: ClientAdapter, module: str) -> Callable[[torch.Tensor], list[torch.Tensor]]:
+    return lambda x: adapter.output_terms(module, x)
 
 
 @dataclass

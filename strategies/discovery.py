@@ -122,16 +122,27 @@ def discover_nodes(grid: Grid, min_nodes: int, timeout: float) -> list[Node]:
             f"client {client} is hosted by nodes {ids} ({len(twice)} client(s) twice); give "
             "each node its own partition-id or partition-ids",
         )
-    for node in nodes:
-        if node.num_test_examples < FEW_TEST_EXAMPLES:
-            log(
-                WARNING,
-                "client %d has %d held-out examples (fewer than %d), so its scores are "
-                "coarse; use fewer clients, more data or a larger test-fraction",
-                node.partition_id,
-                node.num_test_examples,
-                FEW_TEST_EXAMPLES,
-            )
+    few = sorted(
+        (n.partition_id, n.num_test_examples)
+        for n in nodes
+        if n.num_test_examples < FEW_TEST_EXAMPLES
+    )
+    if few:  # one line, however many clients
+        counts = [count for _, count in few]
+        who = (
+            f"client {few[0][0]} has {counts[0]}"
+            if len(few) == 1
+            else f"{len(few)} clients ({_listed([p for p, _ in few])}) have {min(counts)} to "
+            f"{max(counts)}"
+        )
+        log(
+            WARNING,
+            "%s held-out examples (fewer than %d), so %s scores are coarse; use fewer "
+            "clients, more data or a larger test-fraction",
+            who,
+            FEW_TEST_EXAMPLES,
+            "its" if len(few) == 1 else "their",
+        )
     return nodes
 
 

@@ -96,6 +96,12 @@ class ClientAdapter(ABC):
         the layer's output minus the shared frozen layer's (what a cohort needs)."""
         raise NotImplementedError(self.cohort_problem())
 
+    def output_terms(self, module: str, x: torch.Tensor) -> list[torch.Tensor]:
+        """``output_delta`` as the terms the layer alone adds to the frozen output, in its
+        order: a cohort adds them in that order, so that its rows round as they do for
+        the client alone."""
+        return [self.output_delta(module, x)]
+
     def arrays(self, names: Iterable[str]) -> Arrays:
         """The tensors ``<module>.<name>`` of every target, as float32 numpy copies."""
         tensors = self.tensors()

@@ -4,6 +4,8 @@ variants of ``fedalora.variants`` (DoRA adds ``<module>.lora_magnitude``, d_out)
 
 from __future__ import annotations
 
+import functools
+import operator
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -104,11 +106,16 @@ class LoRAAdapter(ClientAdapter):
     def output_delta(self, module: str, x: torch.Tensor) -> torch.Tensor:
         """s B A dropout(x), plus what a method's wrapper of the frozen layer adds (an
         ``output_delta`` of its own, as FLoRA's merged update has)."""
+        return functools.reduce(operator.add, self.output_terms(module, x))
+
+    def output_terms(self, module: str, x: torch.Tensor) -> list[torch.Tensor]:
+        """PEFT's order: the wrapper's term (added to the frozen output inside the base
+        layer), then s B A dropout(x)."""
         lora = self.layer(module)
         a, b = lora.lora_A["default"], lora.lora_B["default"]
         delta = b(a(lora.lora_dropout["default"](x))) * lora.scaling["default"]
         wrapper_delta = getattr(lora.base_layer, "output_delta", None)
-        return delta if wrapper_delta is None else delta + wrapper_delta(x)
+        return [delta] if wrapper_delta is None else [wrapper_delta(x), delta]
 
     def peft_factors(self) -> PeftFactors:
         """(A, s B); on a principal init's residual base also (A_0, -s B_0), so that the

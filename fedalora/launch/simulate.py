@@ -42,19 +42,23 @@ def run_simulation(
     output_dir: str | Path | None = None,
     num_cpus: int | None = None,
     num_gpus: float | None = None,
+    ray_num_cpus: int | None = None,
     flwr_home: str | Path | None = None,
     timeout: float = 3600,
     log_path: str | Path | None = None,
     ray_address: str | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> Path:
-    """Simulate ``num_supernodes`` clients; return the run directory of a completed run.
+    """Simulate ``num_supernodes`` nodes (one client each, or run-config ``num-clients``
+    spread over them); return the run directory of a completed run.
 
     Flower's output goes to ``log_path`` (None: this console); ``progress`` receives a
     line per finished round and each warning of the ServerApp.
 
     ``run_config`` is extra ``--run-config`` text ("key=value key2='text'");
-    ``num_cpus``/``num_gpus`` are the Ray resources of each client. ``ray_address``
+    ``num_cpus``/``num_gpus`` are the Ray resources of each node's ClientApp actor, and
+    ``ray_num_cpus`` the CPUs a fresh Ray instance declares (Flower takes whole CPUs per
+    actor, so 8 actors on 2 cores are ``ray_num_cpus=16, num_cpus=2``). ``ray_address``
     runs the clients on an existing Ray cluster (``ray start --head``; "auto" or
     "host:port") instead of a fresh one-machine Ray instance per run.
     """
@@ -93,6 +97,8 @@ def run_simulation(
             federation.append(f"client-resources-num-cpus={int(num_cpus)}")
         if num_gpus is not None:
             federation.append(f"client-resources-num-gpus={num_gpus}")
+        if ray_num_cpus is not None:
+            federation.append(f"init-args-num-cpus={int(ray_num_cpus)}")
         command = [
             str(BIN / "flwr"),
             "run",
