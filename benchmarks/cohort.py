@@ -16,15 +16,21 @@ does not score the local model (``local-model-scoring=final-round``). Peak GPU m
 reported on CUDA. ``--random-weights`` builds the model from the config and tokenizer in
 the ``model`` folder with random weights (for a machine that cannot carry the weights).
 
-``memory``: the peak memory (PSS) of the Ray actors of a one-round Flower simulation of
-8 clients: 8 one-client nodes, each in its own actor (8 actors on this machine's CPUs,
-as ``--num-cpus 0.25`` packs them: Flower takes whole CPUs per actor, so Ray declares 16
-CPUs and each actor takes 2), against one node hosting all 8 in one actor; for MiniLM
-classification and SmolLM2 instruction clients.
+``memory``: the peak memory of the Ray actors of a one-round Flower simulation of 8
+clients (their summed USS, the memory only they map, so that the libraries every torch
+process shares do not count; their PSS and the whole simulation's PSS are printed
+too): 8 one-client nodes, each in its own actor (8 actors on this machine's CPUs, as
+``--num-cpus 0.25`` packs them: Flower takes whole CPUs per actor, so Ray declares 16
+CPUs and each actor takes 2), against one node hosting all 8 in one actor, at each
+``--cohort-sizes`` (a cohort's activations are those of all of its clients' batches at
+once, so ``cohort-size`` trades memory for batching); for MiniLM classification and
+SmolLM2 instruction clients.
 
-``scale``: a few rounds of a Flower simulation on 2 nodes (one actor each) hosting 20
-and then 1,000 clients, with ``state-store=disk``: each round's time and the run's peak
-memory, with 20 clients sampled per round in both, and 40 of the 1,000.
+``scale``: four rounds of a Flower simulation on 2 nodes (one actor each) hosting 20
+and then 1,000 clients, with ``state-store=disk``: a round's time (the median of the
+middle rounds: neither the first, which loads, nor the last, which scores the local
+models) and the run's peak memory, with 20 clients sampled per round in both, and 40 of
+the 1,000.
 
     python benchmarks/cohort.py speed --clients 16 --cohort-sizes 8,16
     python benchmarks/cohort.py speed --score --clients 16 --cohort-sizes 8 \\
@@ -149,7 +155,7 @@ def speed(args: argparse.Namespace) -> None:
 
 #: One round of 8 clients, scoring only the trained local models (both models' runs).
 MEMORY_RUN = (
-    "strategy='fedalora-hetero' ranks='64,32,16,8' local-steps=5 batch-size=8 max-length=64 "
+    "strategy='fedalora-hetero' ranks='64,32,16,8' local-steps=2 batch-size=8 max-length=64 "
     "num-server-rounds=1 local-model-scoring='final-round' fraction-evaluate=0 "
     "final-evaluation=false lora-dropout=0.0 test-fraction=0.05"
 )
@@ -160,39 +166,53 @@ MEMORY_MODELS = {
 
 
 def memory(args: argparse.Namespace) -> None:
-    figures: dict[str, object] = {}
+    figures: dict[str, float] = {}
+    sizes = [int(size) for size in args.cohort_sizes.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models.split(","):
             run_config = f"{MEMORY_RUN} {MEMORY_MODELS[model]}"
+            layouts = [("8 one-client actors", "alone", 8, 16, "")] + [
+                (
+                    f"one actor hosting 8, cohorts of {size}",
+                    f"cohort_{size}",
+                    1,
+                    None,
+                    f"num-clients=8 min-nodes=1 cohort-size={size}",
+                )
+                for size in sizes
+            ]
             peaks = {}
-            for layout, nodes, cpus, ray_cpus, extra in (
-                ("8 one-client actors", 8, 2, 16, ""),
-                ("one actor hosting 8", 1, 2, None, "num-clients=8 min-nodes=1"),
-            ):
-                name = f"{model}-{nodes}"
-                with PeakMemory(only="ClientAppActor") as actors, PeakMemory() as everything:
+            for layout, key, nodes, ray_cpus, extra in layouts:
+                name = f"{model}-{key}"
+                with (
+                    PeakMemory(1.0, only="ClientAppActor") as actors,
+                    PeakMemory(1.0) as everything,
+                ):
                     started = time.perf_counter()
                     run_simulation(
                         ROOT,
                         name,
                         num_supernodes=nodes,
-                        num_cpus=cpus,
+                        num_cpus=2,
                         ray_num_cpus=ray_cpus,
                         run_config=f"{run_config} {extra}",
                         output_dir=tmp,
                         log_path=Path(tmp) / f"{name}.log",
                     )
                     seconds = time.perf_counter() - started
-                peaks[nodes] = actors.peak_bytes
+                peaks[key] = actors.peak_unique_bytes
                 print(
-                    f"{model}, {layout}: actors' peak {actors.peak_bytes / 2**30:.2f} GiB "
-                    f"({actors.peak_processes} actor processes), whole simulation "
+                    f"{model}, {layout}: actors' peak USS {actors.peak_unique_bytes / 2**30:.2f} "
+                    f"GiB (PSS {actors.peak_bytes / 2**30:.2f} GiB, {actors.peak_processes} "
+                    f"actor processes), whole simulation's PSS "
                     f"{everything.peak_bytes / 2**30:.2f} GiB, {seconds:.0f} s",
                     flush=True,
                 )
-            figures[f"{model}_actors_gib_8_nodes"] = peaks[8] / 2**30
-            figures[f"{model}_actors_gib_cohort"] = peaks[1] / 2**30
-            figures[f"{model}_memory_ratio"] = peaks[1] / peaks[8]
+            figures[f"{model}_actors_uss_gib_alone"] = peaks["alone"] / 2**30
+            for size in sizes:
+                figures[f"{model}_memory_ratio_cohort_{size}"] = (
+                    peaks[f"cohort_{size}"] / peaks["alone"]
+                )
     print_figures(**figures)
 
 
@@ -200,7 +220,7 @@ def memory(args: argparse.Namespace) -> None:
 #: 1,000 clients), private state on disk, only the trained local models scored.
 SCALE_RUN = (
     "strategy='fedalora-hetero' ranks='64,32,16,8' model='minilm' dataset='20newsgroups' "
-    "partitioning='iid' local-steps=2 batch-size=8 max-length=64 num-server-rounds=3 "
+    "partitioning='iid' local-steps=2 batch-size=8 max-length=64 num-server-rounds=4 "
     "local-model-scoring='final-round' fraction-evaluate=0 final-evaluation=false "
     "state-store='disk' test-fraction=0.2 export-adapters=false"
 )
@@ -215,7 +235,7 @@ def scale(args: argparse.Namespace) -> None:
                 f"{SCALE_RUN} num-clients={hosted} fraction-train={sampled / hosted:.6g} "
                 f"state-dir='{Path(tmp) / name / 'state'}'"
             )
-            with PeakMemory() as everything:
+            with PeakMemory(1.0) as everything:
                 started = time.perf_counter()
                 run_dir = run_simulation(
                     ROOT,
@@ -229,12 +249,12 @@ def scale(args: argparse.Namespace) -> None:
                 )
                 seconds = time.perf_counter() - started
             rounds = read_jsonl(run_dir / "rounds.jsonl")
-            round_seconds = statistics.median(r["seconds"] for r in rounds[1:])
+            round_seconds = statistics.median(r["seconds"] for r in rounds[1:-1])
             before = seconds - sum(r["seconds"] for r in rounds)
             each = ", ".join(f"{r['seconds']:.1f}" for r in rounds)
             print(
                 f"{hosted} clients, {sampled} sampled per round: a round "
-                f"{round_seconds:.1f} s (median of rounds 2-{len(rounds)}; rounds "
+                f"{round_seconds:.1f} s (median of rounds 2-{len(rounds) - 1}; rounds "
                 f"{each} s), start and "
                 f"discovery {before:.0f} s, peak memory "
                 f"{everything.peak_bytes / 2**30:.2f} GiB",
@@ -277,6 +297,9 @@ def main() -> None:
     peaks = commands.add_parser("memory", help="8 one-client actors against one cohort actor")
     peaks.set_defaults(handler=memory)
     peaks.add_argument("--models", default="minilm,smollm2")
+    peaks.add_argument(
+        "--cohort-sizes", default="8,2", help="cohort-size of the node hosting the 8 clients"
+    )
     hosting = commands.add_parser("scale", help="20 and 1,000 clients on 2 nodes")
     hosting.set_defaults(handler=scale)
     hosting.add_argument("--clients", type=int, default=1000)

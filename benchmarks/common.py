@@ -57,11 +57,13 @@ class PeakMemory:
     descendants (SuperLink, simulation, Ray and its workers) every ``interval`` s; with
     ``only``, of those among them whose command line contains it (Ray names an actor's
     process after its class, e.g. ``ray::ClientAppActor``). ``peak_processes`` is the
-    most processes counted at once."""
+    most processes counted at once, ``peak_unique_bytes`` the peak of their summed USS
+    (pages that only one process maps: what each process adds, without the libraries
+    that every Python process with torch shares)."""
 
     def __init__(self, interval: float = 0.25, only: str = "") -> None:
         self.interval, self.only = interval, only
-        self.peak_bytes = self.peak_processes = 0
+        self.peak_bytes = self.peak_unique_bytes = self.peak_processes = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -73,23 +75,24 @@ class PeakMemory:
         self._stop.set()
         self._thread.join()
 
-    def current(self) -> tuple[int, int]:
-        """The PSS bytes of the counted processes now, and how many there are."""
+    def current(self) -> tuple[int, int, int]:
+        """The PSS and USS bytes of the counted processes now, and how many there are."""
         me = psutil.Process()
-        total = count = 0
+        pss = uss = count = 0
         for process in [me, *me.children(recursive=True)]:
             try:
                 if self.only and not any(self.only in part for part in process.cmdline()):
                     continue
-                total += process.memory_full_info().pss
-                count += 1
+                info = process.memory_full_info()
+                pss, uss, count = pss + info.pss, uss + info.uss, count + 1
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue
-        return total, count
+        return pss, uss, count
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            total, count = self.current()
-            self.peak_bytes = max(self.peak_bytes, total)
+            pss, uss, count = self.current()
+            self.peak_bytes = max(self.peak_bytes, pss)
+            self.peak_unique_bytes = max(self.peak_unique_bytes, uss)
             self.peak_processes = max(self.peak_processes, count)
             self._stop.wait(self.interval)

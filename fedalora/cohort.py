@@ -299,8 +299,9 @@ def task_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     logits = logits.float()
     if labels.dim() == 1:
         return F.cross_entropy(logits, labels)
+    # transformers' shift: the labels move left, so the logits are read in place (a
+    # sliced copy of a causal LM's logits is the largest tensor of a step)
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
     return F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]),
-        labels[:, 1:].reshape(-1),
-        ignore_index=IGNORE,
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE
     )

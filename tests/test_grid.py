@@ -1,6 +1,7 @@
 """The benchmark grid: what it plans, and smoke runs that produce its tables (several
 seeds with intervals in one process; the instruction track on Ray)."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -92,6 +93,9 @@ def test_classification_smoke_grid_reports_intervals_over_seeds_in_process(tmp_p
     assert "mean over 2 seeds ± the half-width of its 95% Student-t interval" in text
     assert "under the `local-model` protocol" in text
     assert "heterogeneous: zeropad vs fedalora-hetero, mean:" in text
+    assert "the clients on 1 node(s)" in text  # cohorts by default
+    config = json.loads((out / "heterogeneous-zeropad-s42" / "config.json").read_text())
+    assert config["num-clients"] == len(config["clients"]) > 1
 
 
 @pytest.mark.slow
