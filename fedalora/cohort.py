@@ -205,19 +205,22 @@ def evaluate_cohort(
     device: torch.device,
     bf16: bool = False,
 ) -> list[dict[str, float]]:
-    """``fedalora.training.evaluate`` of every adapter on its own examples at once: the
-    k-th batch of every client that has one, through one forward of ``cohort``."""
+    """``fedalora.training.evaluate`` of every adapter on its own examples at once: each
+    forward of ``cohort`` takes the next rows of every client that has any left, about
+    ``batch_size`` rows in all (``rows_per_client``), so that it holds what one client's
+    evaluation batch holds."""
     cohort.model.eval()
     for adapter in adapters:
         adapter.model.eval()
     totals = [{"loss": 0.0, "correct": 0, "seen": 0} for _ in adapters]
     sizes = [len(e["labels"]) for e in examples]
-    for start in range(0, max(sizes), batch_size):
+    share = rows_per_client(batch_size, len(adapters))
+    for start in range(0, max(sizes), share):
         members = [k for k, size in enumerate(sizes) if start < size]
         batches = [
             collate(
                 examples[k],
-                list(range(start, min(start + batch_size, sizes[k]))),
+                list(range(start, min(start + share, sizes[k]))),
                 cohort.tokenizer,
                 device,
             )
@@ -254,15 +257,17 @@ def generate_cohort(
     bf16: bool = False,
 ) -> list[list[str]]:
     """``fedalora.training.generate_responses`` of every adapter on its own prompts at
-    once: the k-th batch of every client that has one, in one greedy generation of
-    ``cohort`` (each row through its own client's adapter at every step)."""
+    once: each greedy generation of ``cohort`` takes the next prompts of every client
+    that has any left, about ``batch_size`` in all (each row through its own client's
+    adapter at every step)."""
     cohort.model.eval()
     for adapter in adapters:
         adapter.model.eval()
     answers: list[list[str]] = [[] for _ in adapters]
-    for start in range(0, max(len(p) for p in prompts), batch_size):
+    share = rows_per_client(batch_size, len(adapters))
+    for start in range(0, max(len(p) for p in prompts), share):
         members = [k for k, own in enumerate(prompts) if start < len(own)]
-        chunks = [prompts[k][start : start + batch_size] for k in members]
+        chunks = [prompts[k][start : start + share] for k in members]
         cohort.bind([adapters[k] for k in members], [len(c) for c in chunks])
         texts = greedy_answers(
             cohort.model,
@@ -275,6 +280,12 @@ def generate_cohort(
         for k, (first, end) in zip(members, cohort.rows.bounds, strict=True):
             answers[k] += texts[first:end]
     return answers
+
+
+def rows_per_client(batch_size: int, clients: int) -> int:
+    """Each client's rows in one scoring pass of ``clients``: ``batch_size`` shared among
+    them (at least one each), so that a cohort's scoring holds one evaluation batch."""
+    return max(1, batch_size // clients)
 
 
 def concatenate(batches: Sequence[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:

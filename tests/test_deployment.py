@@ -48,7 +48,8 @@ def test_insecure_mode_warns(tmp_path):
 
 def test_simulation_runs_across_a_two_node_ray_cluster(tmp_path):
     """A method of one's own (``tests.ema_method``, imported by its path in Ray's workers)
-    on a Ray cluster of two nodes, one client actor on each at a time."""
+    on a Ray cluster of two nodes, one client actor on each at a time; its four clients
+    hosted as cohorts by two Flower nodes."""
     import ray
     from ray._common.utils import get_ray_address_file
     from ray._private import state
@@ -60,10 +61,11 @@ def test_simulation_runs_across_a_two_node_ray_cluster(tmp_path):
         run_dir = run_simulation(
             APP,
             "two-nodes",
-            num_supernodes=4,
+            num_supernodes=2,
             num_cpus=1,
             run_config=(
                 "strategy='tests.ema_method:EmaBLoRA' ranks='8,4,2,2' num-server-rounds=2 "
+                "num-clients=4 "
                 "num-hidden-layers=2 local-steps=3 batch-size=8 max-length=32 "
                 "test-fraction=0.05 export-adapters=false"
             ),
@@ -94,6 +96,7 @@ def test_simulation_runs_across_a_two_node_ray_cluster(tmp_path):
     rows = read_jsonl(run_dir / "metrics.jsonl")
     assert {r["client"] for r in rows} == {0, 1, 2, 3} and max(r["round"] for r in rows) == 2
     config = json.loads((run_dir / "config.json").read_text())
+    assert config["num-clients"] == 4 and len(config["clients"]) == 4
     assert config["strategy"] == "tests.ema_method:EmaBLoRA"
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
 
