@@ -63,8 +63,9 @@ class RunSettings(Section):
     )
     cohort_size: int = setting(
         "cohort-size",
-        0,
-        "most clients of a node in one batched pass (bounds memory; more run in chunks); "
+        8,
+        "most clients of a node in one batched pass: a pass holds the activations of all "
+        "of its clients' batches, so this bounds a node's memory (more run in chunks); "
         "0 = all of the node's sampled clients",
     )
     fraction_train: float = setting(
