@@ -29,8 +29,13 @@ TINY = {
     "num-server-rounds": 2,
 }
 #: Method options of the suites' tiny runs, for the methods that take them: a small d_m,
-#: and LoRI-D (dense B; LoRI-S has tests of its own).
-TINY_OPTIONS = {"intermediate-rank": 4, "lori-sparsity": 0.0, "global-rank": 1}
+#: LoRI-D (dense B; LoRI-S has tests of its own), and a short LoRA-FAIR refinement.
+TINY_OPTIONS = {
+    "intermediate-rank": 4,
+    "lori-sparsity": 0.0,
+    "global-rank": 1,
+    "lora-fair-steps": 50,
+}
 
 
 def tiny_config(**overrides: object) -> FedConfig:
