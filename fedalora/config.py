@@ -88,7 +88,7 @@ class RunSettings(Section):
     final_evaluation: bool = setting(
         "final-evaluation",
         True,
-        "whether the last round evaluates every node after aggregation (the "
+        "whether the last round evaluates every client after aggregation (the "
         "post-aggregation protocol, and the export of `clients/<id>/adapter/`); `false` with "
         "`fraction-evaluate=0` scores the paper's protocol only",
     )
@@ -118,7 +118,7 @@ class RunSettings(Section):
         require(
             0.0 <= self.fraction_evaluate <= 1.0,
             "fraction-evaluate",
-            "must be in [0, 1]; the last round always evaluates every node (0: only it)",
+            "must be in [0, 1]; the last round always evaluates every client (0: only it)",
         )
         require(
             self.local_model_scoring in LOCAL_MODEL_SCORINGS,
