@@ -198,14 +198,10 @@ class FederatedClient:
         the upload is the clipped update (``fedalora.privacy``); without it, a method
         that DP could protect reports the update's L2 norm as ``update_norm``.
         """
-        start = self.start_training(shared, private, server_round, shared_round)
-        result = self.finish_training(start, self.local_steps(start), export_to)
-        if not self.scores_local_model(final):
-            return result
-        started = time.perf_counter()
-        local_model = self.evaluate_adapter(start.adapter, final)
-        local_model.update(num_examples=self.data.num_test, seconds=time.perf_counter() - started)
-        return result._replace(local_model=local_model)
+        exports = [export_to]
+        return train_cohort(
+            [self], [shared], [private], server_round, shared_round, final, exports
+        )[0]
 
     def scores_local_model(self, final: bool) -> bool:
         """Whether the local model is scored right after training in this round."""
@@ -292,11 +288,9 @@ class FederatedClient:
         """Score the personalised model (shared state + own private state) in
         ``server_round``; returns the metrics and the private state (a method may update
         it on receipt, as FLoRA merges)."""
-        started = time.perf_counter()
-        adapter = self.build_adapter(shared, private, shared_round, server_round)
-        metrics = self.evaluate_adapter(adapter, final)
-        metrics.update(num_examples=self.data.num_test, seconds=time.perf_counter() - started)
-        return metrics, adapter.private_state(self.method.keeps)
+        return evaluate_cohort_clients(
+            [self], [shared], [private], shared_round, final, server_round
+        )[0]
 
     def evaluate_adapter(self, adapter: ClientAdapter, final: bool = False) -> dict[str, float]:
         """Metrics on the own test split (instruction data: also ``rouge1`` and

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 
@@ -85,7 +86,7 @@ def discover_nodes(grid: Grid, min_nodes: int, timeout: float) -> list[Node]:
             who = f"node {node_id}"
             if CLIENTS in info:
                 hosted = client_ids(info)
-                who = f"client{'s' if len(hosted) > 1 else ''} {_listed(hosted)} ({who})"
+                who = f"client{'s' if len(hosted) > 1 else ''} {listed(hosted)} ({who})"
             failures[str(info[ERROR])].append(who)
         else:
             nodes += _hosted(info, node_id)
@@ -132,7 +133,7 @@ def discover_nodes(grid: Grid, min_nodes: int, timeout: float) -> list[Node]:
         who = (
             f"client {few[0][0]} has {counts[0]}"
             if len(few) == 1
-            else f"{len(few)} clients ({_listed([p for p, _ in few])}) have {min(counts)} to "
+            else f"{len(few)} clients ({listed([p for p, _ in few])}) have {min(counts)} to "
             f"{max(counts)}"
         )
         log(
@@ -167,8 +168,10 @@ def _hosted(info: ConfigRecord, node_id: int) -> list[Node]:
     ]
 
 
-def _listed(ids: list[int], shown: int = 5) -> str:
-    return ", ".join(map(str, ids[:shown])) + (", ..." if len(ids) > shown else "")
+def listed(ids: Sequence[int], shown: int = 8) -> str:
+    """Partition ids for a log line or an error, the first ``shown`` of them."""
+    more = f", ... ({len(ids)} in all)" if len(ids) > shown else ""
+    return ", ".join(map(str, ids[:shown])) + more
 
 
 def _wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:

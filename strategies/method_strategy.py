@@ -37,7 +37,7 @@ from fedalora.robust import MEDIAN, TRIMMED_MEAN, claim_weights, outlying_claims
 from fedalora.types import Arrays, LayerShapes, module_of
 
 from .accounting import RoundTally
-from .discovery import Node
+from .discovery import Node, listed
 from .protocol import (
     ACCURACY,
     ARRAYS,
@@ -438,7 +438,7 @@ class MethodStrategy(Strategy):
                     server_round,
                     len(clients) - len(offline),
                     len(clients),
-                    _listed(offline),
+                    listed(offline),
                 )
                 clients = [n for n in clients if n.node_id in online]
         count = min(len(clients), self.sample_size(fraction))
@@ -546,7 +546,7 @@ class MethodStrategy(Strategy):
             server_round,
             node_id,
             "s" if len(clients) > 1 else "",
-            _listed(list(clients)),
+            listed(list(clients)),
             problem,
         )
 
@@ -600,12 +600,6 @@ def _malformed(reply: Message, phase: str, partition_id: int) -> str | None:
     if phase == TRAIN and arrays not in reply.content:
         return f"malformed train reply: no '{arrays}' record"
     return None
-
-
-def _listed(ids: Sequence[int], shown: int = 8) -> str:
-    """Partition ids for a log line, the first ``shown`` of them."""
-    more = f", ... ({len(ids)} in all)" if len(ids) > shown else ""
-    return ", ".join(map(str, ids[:shown])) + more
 
 
 def _ranks_line(ranks: Sequence[int]) -> str:
