@@ -24,7 +24,8 @@ too): 8 one-client nodes, each in its own actor (8 actors on this machine's CPUs
 CPUs and each actor takes 2), against one node hosting all 8 in one actor, at each
 ``--cohort-sizes`` (a cohort's activations are those of all of its clients' batches at
 once, so ``cohort-size`` trades memory for batching); for MiniLM classification and
-SmolLM2 instruction clients.
+SmolLM2 instruction clients. ``--run-config`` applies to every layout (for example
+``activation-checkpointing=true``).
 
 ``scale``: five rounds of a Flower simulation on 2 nodes (one actor each) hosting 20
 and then 1,000 clients, with ``state-store=disk`` and cohorts of at most 8: a round's
@@ -39,6 +40,7 @@ round in both, and 40 of the 1,000.
         --cohort-sizes 8,32,128 \\
         --run-config "model='.gpu/smollm2' dataset='.gpu/instructions.jsonl' partitioning='iid'"
     python benchmarks/cohort.py memory
+    python benchmarks/cohort.py memory --models smollm2 --run-config "activation-checkpointing=true"
     python benchmarks/cohort.py scale
 """
 
@@ -170,7 +172,7 @@ def memory(args: argparse.Namespace) -> None:
     sizes = [int(size) for size in args.cohort_sizes.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models.split(","):
-            run_config = f"{MEMORY_RUN} {MEMORY_MODELS[model]}"
+            run_config = f"{MEMORY_RUN} {MEMORY_MODELS[model]} {args.run_config}"
             layouts = [("8 one-client actors", "alone", 8, 16, "")] + [
                 (
                     f"one actor hosting 8, cohorts of {size}",
@@ -299,6 +301,9 @@ def main() -> None:
     peaks.add_argument("--models", default="minilm,smollm2")
     peaks.add_argument(
         "--cohort-sizes", default="8,2", help="cohort-size of the node hosting the 8 clients"
+    )
+    peaks.add_argument(
+        "--run-config", default="", help="overrides for every layout, the 8 actors' too"
     )
     hosting = commands.add_parser("scale", help="20 and 1,000 clients on 2 nodes")
     hosting.set_defaults(handler=scale)

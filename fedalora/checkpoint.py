@@ -37,6 +37,7 @@ RESUMABLE_CHANGES = frozenset(
         "min-nodes",
         "device",
         "bf16",
+        "activation-checkpointing",
         "export-adapters",
         "tracker",
         "output-dir",

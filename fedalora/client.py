@@ -95,6 +95,7 @@ class FederatedClient:
             self.device,  # loaded there once per worker: every adapter shares these weights
             config.model.reinit_head,
             config.model.tokenizer,
+            config.model.activation_checkpointing,
         )
         validate_rank("lora-rank", rank, self.base.layer_shapes())
         positions = getattr(self.base.model.config, "max_position_embeddings", None)
@@ -360,44 +361,56 @@ def train_cohort(
     cohort_size: int = 0,
 ) -> list[TrainResult]:
     """``FederatedClient.train`` for clients of one worker (one base model, one run
-    configuration; ``shared[k]`` and ``private[k]`` are client k's), their local steps
-    taken together, ``cohort_size`` clients at a time (0: all) in one batched pass per
-    step (``fedalora.cohort``), and their local models scored together
-    (``score_cohort``). Each client's result is the one it gets alone, to float rounding
-    with dropout off. Clients whose adapter cannot be batched
-    (``ClientAdapter.cohort_problem``), and a chunk of one, train one after another
-    exactly as ``FederatedClient.train`` trains them."""
+    configuration; ``shared[k]`` and ``private[k]`` are client k's), ``cohort_size`` at a
+    time (0: all): a chunk's adapters are built, their local steps taken together in one
+    batched pass per step (``fedalora.cohort``), their local models scored together
+    (``score_cohort``), and they are dropped before the next chunk's are built, so that a
+    worker holds one chunk's adapters and optimisers at a time. Each client's result is
+    the one it gets alone, to float rounding with dropout off (with dropout on, a
+    chunk's masks come from one stream seeded by its first client and the round).
+    Clients whose adapter cannot be batched (``ClientAdapter.cohort_problem``), and a
+    chunk of one, train one after another exactly as ``FederatedClient.train`` trains
+    them."""
     if not clients:
         return []
     config, base = _one_worker(clients)
     exports = list(export_to or [None] * len(clients))
-    results: dict[int, TrainResult] = {}
-    starts = [
-        client.start_training(shared[k], private[k], server_round, shared_round)
-        for k, client in enumerate(clients)
-    ]
-    alone, chunks = _chunks([s.adapter for s in starts], cohort_size)
-    for k in alone:  # exactly as FederatedClient.train
-        steps = clients[k].local_steps(starts[k])
-        results[k] = clients[k].finish_training(starts[k], steps, exports[k])
-    # one dropout stream for the cohort, seeded by its first client and the round
-    torch.manual_seed(round_seed(config.run.seed, server_round, clients[0].partition_id))
-    for chunk in chunks:
-        metrics = train_cohort_steps(
-            cohort_model(base),
-            [starts[k].member for k in chunk],
-            steps=config.recipe.local_steps,
-            batch_size=config.recipe.batch_size,
-            recipe=config.recipe,
-            device=clients[0].device,
-            bf16=config.model.bf16,
-        )
-        for k, own in zip(chunk, metrics, strict=True):
-            results[k] = clients[k].finish_training(starts[k], own, exports[k])
-    if not clients[0].scores_local_model(final):
-        return [results[k] for k in range(len(clients))]
-    local_models = score_cohort(clients, [s.adapter for s in starts], final, cohort_size)
-    return [results[k]._replace(local_model=local_models[k]) for k in range(len(clients))]
+    scored = clients[0].scores_local_model(final)
+    size = cohort_size or len(clients)
+    results: list[TrainResult] = []
+    for first in range(0, len(clients), size):
+        group = range(first, min(first + size, len(clients)))
+        starts = [
+            clients[k].start_training(shared[k], private[k], server_round, shared_round)
+            for k in group
+        ]
+        alone, batched = _chunks([s.adapter for s in starts], 0)
+        own: dict[int, TrainResult] = {}
+        for j in alone:  # exactly as FederatedClient.train
+            client = clients[group[j]]
+            own[j] = client.finish_training(
+                starts[j], client.local_steps(starts[j]), exports[group[j]]
+            )
+        for chunk in batched:
+            lead = clients[group[chunk[0]]]
+            torch.manual_seed(round_seed(config.run.seed, server_round, lead.partition_id))
+            metrics = train_cohort_steps(
+                cohort_model(base),
+                [starts[j].member for j in chunk],
+                steps=config.recipe.local_steps,
+                batch_size=config.recipe.batch_size,
+                recipe=config.recipe,
+                device=lead.device,
+                bf16=config.model.bf16,
+            )
+            for j, metric in zip(chunk, metrics, strict=True):
+                own[j] = clients[group[j]].finish_training(starts[j], metric, exports[group[j]])
+        if scored:
+            members = [clients[k] for k in group]
+            local = score_cohort(members, [s.adapter for s in starts], final, size)
+            own = {j: own[j]._replace(local_model=local[j]) for j in own}
+        results += [own[j] for j in range(len(group))]
+    return results
 
 
 def evaluate_cohort_clients(
@@ -409,23 +422,29 @@ def evaluate_cohort_clients(
     server_round: int = 0,
     cohort_size: int = 0,
 ) -> list[tuple[dict[str, float], Tensors]]:
-    """``FederatedClient.evaluate`` for clients of one worker, scored together
-    (``score_cohort``)."""
+    """``FederatedClient.evaluate`` for clients of one worker, ``cohort_size`` at a time
+    (0: all): a chunk's adapters are built, scored together (``score_cohort``) and
+    dropped before the next chunk's are built."""
     if not clients:
         return []
-    started = time.perf_counter()
-    adapters = [
-        client.build_adapter(shared[k], private[k], shared_round, server_round)
-        for k, client in enumerate(clients)
-    ]
-    built = (time.perf_counter() - started) / len(clients)
-    scores = score_cohort(clients, adapters, final, cohort_size)
-    for score in scores:
-        score["seconds"] += built
-    return [
-        (score, adapter.private_state(client.method.keeps))
-        for client, adapter, score in zip(clients, adapters, scores, strict=True)
-    ]
+    size = cohort_size or len(clients)
+    results: list[tuple[dict[str, float], Tensors]] = []
+    for first in range(0, len(clients), size):
+        group = clients[first : first + size]
+        started = time.perf_counter()
+        adapters = [
+            client.build_adapter(shared[first + j], private[first + j], shared_round, server_round)
+            for j, client in enumerate(group)
+        ]
+        built = (time.perf_counter() - started) / len(group)
+        scores = score_cohort(group, adapters, final, size)
+        for score in scores:
+            score["seconds"] += built
+        results += [
+            (score, adapter.private_state(client.method.keeps))
+            for client, adapter, score in zip(group, adapters, scores, strict=True)
+        ]
+    return results
 
 
 def score_cohort(

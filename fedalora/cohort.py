@@ -15,7 +15,9 @@ arXiv:2312.02515) and the segmented adapter products of Punica (Chen et al., MLS
 arXiv:2310.18547), here with every client's own optimiser.
 
 The evaluation of a cohort (``evaluate_cohort``) and its greedy generation
-(``generate_cohort``) batch the clients' rows the same way, without gradients.
+(``generate_cohort``) batch the clients' rows the same way, without gradients. A causal
+LM's output layer runs only on the positions whose next token is scored
+(``CohortLogits``), not on prompts and padding.
 
 Rows of different clients meet only in the frozen layers' matrix products: attention
 and normalisation act per example, and padding to the cohort's longest sequence is
@@ -32,19 +34,23 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import PreTrainedModel
 
 from .adapters import ClientAdapter
 from .adapters.adapter import share_frozen_weights
 from .data import IGNORE, collate
 from .models import BaseModel
-from .training import LocalRecipe, autocast, batch_indices, count_hits, greedy_answers
+from .training import LocalRecipe, autocast, batch_indices, greedy_answers
 
 
 @dataclass
 class _Rows:
-    """The batch's row ranges, one per client, in cohort order (set before a forward)."""
+    """The batch's row ranges, one per client, in cohort order, and a causal LM's scored
+    token positions (set before a forward)."""
 
     bounds: list[tuple[int, int]] = field(default_factory=list)
+    #: (rows, tokens): the positions whose logits the output layer computes (None: all).
+    scored: torch.Tensor | None = None
 
     def split(self, x: torch.Tensor) -> list[torch.Tensor]:
         return [x[start:end] for start, end in self.bounds]
@@ -85,6 +91,22 @@ class CohortHead(nn.Module):
         return torch.cat(outputs)
 
 
+class CohortLogits(nn.Module):
+    """A causal LM's output layer on the scored positions only (``_Rows.scored``), as
+    one (positions, vocabulary) tensor: a vocabulary-wide row of logits for every
+    token, prompts and padding included, is otherwise the largest tensor of a cohort's
+    step."""
+
+    def __init__(self, output: nn.Module, rows: _Rows) -> None:
+        super().__init__()
+        self.output, self.rows = output, rows
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.rows.scored is not None:
+            hidden = hidden[self.rows.scored]
+        return self.output(hidden)
+
+
 class CohortModel:
     """The worker's base model once more, its frozen weights shared, with cohort layers
     on the adapted modules and cohort heads on the head modules."""
@@ -101,6 +123,36 @@ class CohortModel:
         for name in base.head_modules:
             self.heads[name] = CohortHead(self.rows)
             self.model.set_submodule(name, self.heads[name])
+        output = (
+            self.model.get_output_embeddings() if isinstance(self.model, PreTrainedModel) else None
+        )
+        if output is not None and not base.head_modules:  # a causal LM's frozen output layer
+            name = next(n for n, m in self.model.named_modules() if m is output)
+            self.model.set_submodule(name, CohortLogits(output, self.rows))
+
+    def scored_logits(
+        self, batch: dict[str, torch.Tensor], device: torch.device, bf16: bool
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Each client's logits and targets, one row per prediction: a classifier's per
+        example; a causal LM's per token whose next token is labelled (transformers'
+        shifted labels), its output layer run on those positions only."""
+        labels = batch["labels"]
+        causal = labels.dim() == 2
+        targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE) if causal else labels
+        scored = self.rows.scored = targets != IGNORE if causal else None
+        try:
+            with autocast(device, bf16):
+                logits = self.model(
+                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                ).logits
+        finally:
+            self.rows.scored = None
+        if scored is None:
+            return self.rows.split(logits), self.rows.split(targets)
+        if logits.dim() == 3:  # no output layer of its own to narrow (get_output_embeddings)
+            logits = logits[scored]
+        counts = [int(rows.sum()) for rows in self.rows.split(scored)]
+        return list(logits.split(counts)), list(targets[scored].split(counts))
 
     def bind(self, adapters: Sequence[ClientAdapter], rows_per_client: Sequence[int]) -> None:
         """Route ``rows_per_client[k]`` consecutive rows of the next batches through
@@ -163,13 +215,11 @@ def train_cohort_steps(
         ]
         cohort.bind([m.adapter for m in members], [len(b["labels"]) for b in batches])
         batch = concatenate(batches, tokenizer.pad_token_id)
-        with autocast(device, bf16):
-            logits = cohort.model(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-            ).logits
-        own_labels = cohort.rows.split(batch["labels"])
-        own_logits = cohort.rows.split(logits)
-        losses = [task_loss(*own) for own in zip(own_logits, own_labels, strict=True)]
+        own_logits, own_targets = cohort.scored_logits(batch, device, bf16)
+        losses = [
+            F.cross_entropy(logits.float(), targets)
+            for logits, targets in zip(own_logits, own_targets, strict=True)
+        ]
         objective = sum(
             loss + member.penalty() if member.penalty else loss
             for loss, member in zip(losses, members, strict=True)
@@ -182,9 +232,8 @@ def train_cohort_steps(
             total = totals[k]
             total["grad_norm"] += recipe.step(parameters[k], *member.optimiser)
             total["loss"] += losses[k].item()
-            hits, count = count_hits(own_logits[k].detach(), own_labels[k])
-            total["correct"] += hits
-            total["seen"] += count
+            total["correct"] += int((own_logits[k].detach().argmax(-1) == own_targets[k]).sum())
+            total["seen"] += len(own_targets[k])
     return [
         {
             "loss": t["loss"] / steps,
@@ -228,17 +277,13 @@ def evaluate_cohort(
         ]
         cohort.bind([adapters[k] for k in members], [len(b["labels"]) for b in batches])
         batch = concatenate(batches, cohort.tokenizer.pad_token_id)
-        with autocast(device, bf16):
-            logits = cohort.model(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-            ).logits
-        for k, own_logits, own_labels in zip(
-            members, cohort.rows.split(logits), cohort.rows.split(batch["labels"]), strict=True
+        for k, logits, targets in zip(
+            members, *cohort.scored_logits(batch, device, bf16), strict=True
         ):
-            hits, count = count_hits(own_logits, own_labels)
-            totals[k]["loss"] += task_loss(own_logits, own_labels).item() * count
-            totals[k]["correct"] += hits
-            totals[k]["seen"] += count
+            loss = F.cross_entropy(logits.float(), targets, reduction="sum")
+            totals[k]["loss"] += loss.item()
+            totals[k]["correct"] += int((logits.argmax(-1) == targets).sum())
+            totals[k]["seen"] += len(targets)
     return [
         {"loss": t["loss"] / max(t["seen"], 1), "accuracy": t["correct"] / max(t["seen"], 1)}
         for t in totals
@@ -257,17 +302,18 @@ def generate_cohort(
     bf16: bool = False,
 ) -> list[list[str]]:
     """``fedalora.training.generate_responses`` of every adapter on its own prompts at
-    once: each greedy generation of ``cohort`` takes the next prompts of every client
-    that has any left, about ``batch_size`` in all (each row through its own client's
-    adapter at every step)."""
+    once: each greedy generation of ``cohort`` takes the next ``batch_size`` prompts of
+    every client that has any left, as each would generate them alone (each row through
+    its own client's adapter at every step). A generated token's logits are one row's,
+    so a pass holds mostly the key-value caches of the clients' generation batches
+    (``cohort-size`` bounds them)."""
     cohort.model.eval()
     for adapter in adapters:
         adapter.model.eval()
     answers: list[list[str]] = [[] for _ in adapters]
-    share = rows_per_client(batch_size, len(adapters))
-    for start in range(0, max(len(p) for p in prompts), share):
+    for start in range(0, max(len(p) for p in prompts), batch_size):
         members = [k for k, own in enumerate(prompts) if start < len(own)]
-        chunks = [prompts[k][start : start + share] for k in members]
+        chunks = [prompts[k][start : start + batch_size] for k in members]
         cohort.bind([adapters[k] for k in members], [len(c) for c in chunks])
         texts = greedy_answers(
             cohort.model,
@@ -283,8 +329,8 @@ def generate_cohort(
 
 
 def rows_per_client(batch_size: int, clients: int) -> int:
-    """Each client's rows in one scoring pass of ``clients``: ``batch_size`` shared among
-    them (at least one each), so that a cohort's scoring holds one evaluation batch."""
+    """Each client's rows in one evaluation pass of ``clients``: ``batch_size`` shared
+    among them (at least one each), so that the pass holds one evaluation batch's logits."""
     return max(1, batch_size // clients)
 
 
@@ -301,18 +347,3 @@ def concatenate(batches: Sequence[dict[str, torch.Tensor]], pad_id: int) -> dict
             parts = [F.pad(p, (0, width - p.shape[1]), value=fills[key]) for p in parts]
         joined[key] = torch.cat(parts)
     return joined
-
-
-def task_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The loss transformers computes for one client's batch alone: cross-entropy over
-    its examples (a classifier), or over its next-token targets that are not ``IGNORE``
-    (a causal LM)."""
-    logits = logits.float()
-    if labels.dim() == 1:
-        return F.cross_entropy(logits, labels)
-    # transformers' shift: the labels move left, so the logits are read in place (a
-    # sliced copy of a causal LM's logits is the largest tensor of a step)
-    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
-    return F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE
-    )

@@ -64,9 +64,10 @@ class RunSettings(Section):
     cohort_size: int = setting(
         "cohort-size",
         8,
-        "most clients of a node in one batched pass: a pass holds the activations of all "
-        "of its clients' batches, so this bounds a node's memory (more run in chunks); "
-        "0 = all of the node's sampled clients",
+        "most clients of a node in one batched pass: a node builds one chunk of this many "
+        "clients' adapters and optimisers at a time, and a pass holds the activations of "
+        "all of its clients' batches, so this bounds a node's memory (see also "
+        "activation-checkpointing); 0 = all of the node's sampled clients",
     )
     fraction_train: float = setting(
         "fraction-train", 1.0, "fraction of clients sampled per round (seeded)"

@@ -120,6 +120,15 @@ class ModelSettings(Section):
         False,
         "forward passes under bfloat16 autocast (meant for CUDA; trained factors stay float32)",
     )
+    activation_checkpointing: bool = setting(
+        "activation-checkpointing",
+        False,
+        "keep only each transformer layer's input during a training step and recompute the "
+        "layer in the backward pass (transformers' activation checkpointing): a step holds "
+        "about one layer's activations instead of every layer's, for about a third more "
+        "compute; the results are unchanged. For large cohorts (`cohort-size`) and long "
+        "sequences",
+    )
 
     def validate(self) -> None:
         require(
@@ -206,6 +215,7 @@ def load_base_model(
     device: torch.device | str = "cpu",
     reinit_head: bool = False,
     tokenizer_name: str = "",
+    activation_checkpointing: bool = False,
 ) -> BaseModel:
     """Load a frozen sequence classifier, or with ``num_labels=0`` a frozen causal LM
     (instruction data), on ``device``, with its tokenizer (``tokenizer_name``: another
@@ -216,7 +226,9 @@ def load_base_model(
     sequence classification: a head saved with the checkpoint may be a fresh one.
     ``quantization`` ('8bit', '4bit') loads the base quantised (``quantization_config``);
     ``reinit_head`` replaces a checkpoint's classifier whose label count is not
-    ``num_labels`` with a new head (without it, that is a ConfigError). A tokenizer
+    ``num_labels`` with a new head (without it, that is a ConfigError);
+    ``activation_checkpointing`` recomputes each layer in the backward pass (a model
+    without transformers' support for it is a ConfigError). A tokenizer
     that cannot be this model's, or a kind of model fedalora cannot train (an
     encoder-decoder), is a ConfigError before any weight is loaded.
     """
@@ -263,6 +275,14 @@ def load_base_model(
     model.config.pad_token_id = tokenizer.pad_token_id
     model.requires_grad_(False)
     model.eval()
+    if activation_checkpointing:
+        if not model.supports_gradient_checkpointing:
+            raise ConfigError(
+                "activation-checkpointing",
+                f"transformers cannot checkpoint the layers of '{name}' "
+                f"({type(model).__name__}); set activation-checkpointing=false",
+            )
+        model.activation_checkpointing_enable()  # its copies (adapters, cohorts) inherit it
     if quantization == NO_QUANTIZATION:
         model.to(device)  # a quantised model was loaded there (device_map)
     else:
@@ -294,6 +314,7 @@ def cached_base_model(
     device: torch.device,
     reinit_head: bool,
     tokenizer_name: str = "",
+    activation_checkpointing: bool = False,
 ) -> BaseModel:
     """One base model per worker process, shared by every client it serves."""
     return load_base_model(
@@ -306,6 +327,7 @@ def cached_base_model(
         device,
         reinit_head,
         tokenizer_name,
+        activation_checkpointing,
     )
 
 

@@ -12,9 +12,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fedalora.client import FederatedClient, TrainResult, score_cohort, train_cohort
-from fedalora.cohort import concatenate, task_loss
-from fedalora.data import IGNORE
+from fedalora.client import (
+    FederatedClient,
+    TrainResult,
+    cohort_model,
+    score_cohort,
+    train_cohort,
+)
+from fedalora.cohort import concatenate
+from fedalora.data import IGNORE, collate
 from fedalora.methods import Participant
 
 from .conftest import dropout_off, tiny_config
@@ -153,7 +159,7 @@ def test_with_dropout_a_cohort_is_deterministic():
             np.testing.assert_array_equal(b.upload[key], value)
 
 
-def test_batches_are_padded_to_the_longest_and_losses_are_per_client():
+def test_batches_are_padded_to_the_longest():
     short = {
         "input_ids": torch.tensor([[5, 6]]),
         "attention_mask": torch.tensor([[1, 1]]),
@@ -168,13 +174,44 @@ def test_batches_are_padded_to_the_longest_and_losses_are_per_client():
     assert joined["input_ids"].tolist() == [[5, 6, 0], [7, 8, 9]]
     assert joined["attention_mask"].tolist() == [[1, 1, 0], [1, 1, 1]]
     assert joined["labels"].tolist() == [[IGNORE, 6, IGNORE], [IGNORE, 8, 9]]
-    logits = torch.randn(1, 3, 11)
-    labels = torch.tensor([[IGNORE, 4, 2]])
-    expected = (
-        torch.nn.functional.cross_entropy(logits[0, 0:1], labels[0, 1:2])
-        + torch.nn.functional.cross_entropy(logits[0, 1:2], labels[0, 2:3])
-    ) / 2
-    assert float(task_loss(logits, labels)) == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_a_causal_lm_cohort_computes_logits_only_where_a_next_token_is_labelled():
+    """The output layer runs on the positions whose next token is an answer token (not
+    on prompts or padding), and each client gets its own predictions and targets."""
+    config = tiny_config(
+        strategy="fedit",
+        ranks="4",
+        model="smollm2",
+        dataset="instructions",
+        partitioning="task",
+        max_length=48,
+    )
+    clients = [FederatedClient(config, p, 8, 4) for p in range(2)]
+    method, layers = clients[0].method, clients[0].base.layer_shapes()
+    shared = method.initial_shared(layers, [4, 4])
+    adapters = [c.build_adapter(shared, None) for c in clients]
+    cohort = cohort_model(clients[0].base)
+    batches = [collate(c.data.train, [0, 1, 2], cohort.tokenizer, c.device) for c in clients]
+    cohort.bind(adapters, [3, 3])
+    batch = concatenate(batches, cohort.tokenizer.pad_token_id)
+    vocabulary = clients[0].base.model.config.vocab_size
+    shapes = []
+    output = clients[0].base.model.get_output_embeddings()
+    hook = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, inputs, _: (
+            shapes.append(tuple(inputs[0].shape)) if type(module) is type(output) else None
+        )
+    )
+    try:
+        logits, targets = cohort.scored_logits(batch, torch.device("cpu"), bf16=False)
+    finally:
+        hook.remove()
+    for own, own_logits, own_targets in zip(batches, logits, targets, strict=True):
+        expected = [t for row in own["labels"][:, 1:].tolist() for t in row if t != IGNORE]
+        assert own_targets.tolist() == expected
+        assert own_logits.shape == (len(expected), vocabulary)
+    assert shapes[-1][0] == sum(len(t) for t in targets) < batch["input_ids"].numel()
 
 
 @pytest.mark.parametrize(("strategy", "ranks"), [("fedalora-hetero", "8,4,2"), ("fedit", "4")])
@@ -253,3 +290,48 @@ def test_a_cohort_is_scored_as_each_client_alone(strategy, ranks, extra):
         assert set(batched) == {*own, "seconds", "num_examples"}
         for key, value in own.items():
             assert batched[key] == pytest.approx(value, rel=RTOL, abs=ATOL), key
+
+
+def test_activation_checkpointing_recomputes_each_layer_and_changes_no_result(monkeypatch):
+    """With activation-checkpointing a training step runs every decoder layer's MLP twice
+    (forward, and again in the backward pass) in the adapters' and the cohort's copies
+    of the base, and a round's results are those without it, alone and in a cohort."""
+    settings = {
+        "model": "smollm2",
+        "dataset": "instructions",
+        "partitioning": "task",
+        "max_length": 48,
+        "batch_size": 4,
+        "local_steps": 2,
+        "lora_dropout": 0.0,
+        "local_model_scoring": "final-round",
+    }
+    plain = tiny_config(strategy="fedalora-hetero", ranks="8,4,2", **settings)
+    config = tiny_config(
+        strategy="fedalora-hetero", ranks="8,4,2", activation_checkpointing=True, **settings
+    )
+    reference = [FederatedClient(plain, p, 8, plain.run.rank_for(p)) for p in range(3)]
+    clients = [FederatedClient(config, p, 8, config.run.rank_for(p)) for p in range(3)]
+    assert clients[0].base is not reference[0].base
+    shared, private = _round_two_inputs(reference)
+    calls = []
+    mlp = type(clients[0].base.model.model.layers[0].mlp)
+    forward = mlp.forward
+
+    def counted(module: torch.nn.Module, *args: object, **kwargs: object) -> object:
+        calls.append(module)  # a recompute calls forward, not the module (no hooks)
+        return forward(module, *args, **kwargs)
+
+    monkeypatch.setattr(mlp, "forward", counted)
+    alone = clients[0].train(shared[0], private[0], 2, 1)
+    forwards_alone = len(calls)
+    together = train_cohort(clients, shared, private, 2, 1)
+    forwards_together = len(calls) - forwards_alone
+    monkeypatch.undo()
+    depth = clients[0].base.model.config.num_hidden_layers
+    assert forwards_alone == 2 * 2 * depth  # 2 steps, each layer run twice
+    assert forwards_together == 2 * 2 * depth  # the cohort's one pass per step
+    expected = [c.train(s, p, 2, 1) for c, s, p in zip(reference, shared, private, strict=True)]
+    _assert_same(expected[0], alone)
+    for e, t in zip(expected, together, strict=True):
+        _assert_same(e, t, private_rtol=1e-4)  # as for causal LM cohorts above

@@ -56,7 +56,8 @@ def _ranks(name: str) -> str:
 #: case id -> extra run-config: every method (different ranks where it takes them) over
 #: two rounds, every batched variant on every method that accepts it over one (a
 #: variant acts in the local steps), the unbatched ones on FedIT, and client-level DP
-#: (per-client clipping and noise, the ledger).
+#: (per-client clipping and noise, the ledger) with cohorts of 2 (the node's 3 clients
+#: in a chunk of 2 and one alone, training and scoring).
 CASES = {
     **{
         name: f"strategy='{name}' ranks='{_ranks(name)}' {_options(name)} num-server-rounds=2"
@@ -74,7 +75,7 @@ CASES = {
         for variant, extra in UNBATCHED.items()
     },
     "fedalora-hetero+dp": "strategy='fedalora-hetero' ranks='8,4,2' intermediate-rank=4 "
-    "dp-clip=0.5 dp-noise-multiplier=0.5 num-server-rounds=2",
+    "dp-clip=0.5 dp-noise-multiplier=0.5 num-server-rounds=2 cohort-size=2",
 }
 
 
