@@ -266,3 +266,10 @@ def test_a_tokenizer_key_names_the_tokenizer_and_must_fit_the_model(
         load_base_model(str(bare), CLASSES)
     base = load_base_model(str(bare), CLASSES, tokenizer_name=gpt2)
     assert len(base.tokenizer) == base.model.config.vocab_size
+
+
+def test_activation_checkpointing_on_a_model_without_it_is_refused_before_training(monkeypatch):
+    monkeypatch.setattr(BertForSequenceClassification, "supports_gradient_checkpointing", False)
+    with pytest.raises(ConfigError, match="activation-checkpointing=false") as caught:
+        load_base_model("minilm", CLASSES, num_hidden_layers=1, activation_checkpointing=True)
+    assert caught.value.key == "activation-checkpointing"
