@@ -379,20 +379,18 @@ def train_cohort(
     size = cohort_size or len(clients)
     results: list[TrainResult] = []
     for first in range(0, len(clients), size):
-        group = range(first, min(first + size, len(clients)))
+        members, outs = clients[first : first + size], exports[first : first + size]
         starts = [
-            clients[k].start_training(shared[k], private[k], server_round, shared_round)
-            for k in group
+            client.start_training(shared[first + j], private[first + j], server_round, shared_round)
+            for j, client in enumerate(members)
         ]
         alone, batched = _chunks([s.adapter for s in starts], 0)
         own: dict[int, TrainResult] = {}
         for j in alone:  # exactly as FederatedClient.train
-            client = clients[group[j]]
-            own[j] = client.finish_training(
-                starts[j], client.local_steps(starts[j]), exports[group[j]]
-            )
+            steps = members[j].local_steps(starts[j])
+            own[j] = members[j].finish_training(starts[j], steps, outs[j])
         for chunk in batched:
-            lead = clients[group[chunk[0]]]
+            lead = members[chunk[0]]
             torch.manual_seed(round_seed(config.run.seed, server_round, lead.partition_id))
             metrics = train_cohort_steps(
                 cohort_model(base),
@@ -404,12 +402,11 @@ def train_cohort(
                 bf16=config.model.bf16,
             )
             for j, metric in zip(chunk, metrics, strict=True):
-                own[j] = clients[group[j]].finish_training(starts[j], metric, exports[group[j]])
+                own[j] = members[j].finish_training(starts[j], metric, outs[j])
         if scored:
-            members = [clients[k] for k in group]
             local = score_cohort(members, [s.adapter for s in starts], final, size)
             own = {j: own[j]._replace(local_model=local[j]) for j in own}
-        results += [own[j] for j in range(len(group))]
+        results += [own[j] for j in range(len(members))]
     return results
 
 

@@ -40,7 +40,7 @@ from .adapters import ClientAdapter
 from .adapters.adapter import share_frozen_weights
 from .data import IGNORE, collate
 from .models import BaseModel
-from .training import LocalRecipe, autocast, batch_indices, greedy_answers
+from .training import LocalRecipe, autocast, batch_indices, count_hits, greedy_answers
 
 
 @dataclass
@@ -151,7 +151,8 @@ class CohortModel:
             return self.rows.split(logits), self.rows.split(targets)
         if logits.dim() == 3:  # no output layer of its own to narrow (get_output_embeddings)
             logits = logits[scored]
-        counts = [int(rows.sum()) for rows in self.rows.split(scored)]
+        per_row = scored.sum(1).tolist()  # one device sync, not one per client
+        counts = [sum(per_row[start:end]) for start, end in self.rows.bounds]
         return list(logits.split(counts)), list(targets[scored].split(counts))
 
     def bind(self, adapters: Sequence[ClientAdapter], rows_per_client: Sequence[int]) -> None:
@@ -232,8 +233,9 @@ def train_cohort_steps(
             total = totals[k]
             total["grad_norm"] += recipe.step(parameters[k], *member.optimiser)
             total["loss"] += losses[k].item()
-            total["correct"] += int((own_logits[k].detach().argmax(-1) == own_targets[k]).sum())
-            total["seen"] += len(own_targets[k])
+            hits, count = count_hits(own_logits[k].detach(), own_targets[k])
+            total["correct"] += hits
+            total["seen"] += count
     return [
         {
             "loss": t["loss"] / steps,
@@ -280,10 +282,10 @@ def evaluate_cohort(
         for k, logits, targets in zip(
             members, *cohort.scored_logits(batch, device, bf16), strict=True
         ):
-            loss = F.cross_entropy(logits.float(), targets, reduction="sum")
-            totals[k]["loss"] += loss.item()
-            totals[k]["correct"] += int((logits.argmax(-1) == targets).sum())
-            totals[k]["seen"] += len(targets)
+            hits, count = count_hits(logits, targets)
+            totals[k]["loss"] += F.cross_entropy(logits.float(), targets, reduction="sum").item()
+            totals[k]["correct"] += hits
+            totals[k]["seen"] += count
     return [
         {"loss": t["loss"] / max(t["seen"], 1), "accuracy": t["correct"] / max(t["seen"], 1)}
         for t in totals
