@@ -25,7 +25,9 @@ CPUs and each actor takes 2), against one node hosting all 8 in one actor, at ea
 ``--cohort-sizes`` (a cohort's activations are those of all of its clients' batches at
 once, so ``cohort-size`` trades memory for batching); for MiniLM classification and
 SmolLM2 instruction clients. ``--run-config`` applies to every layout (for example
-``activation-checkpointing=true``).
+``activation-checkpointing=true``); ``--allocator jemalloc`` runs every layout's
+processes and Ray workers on jemalloc (``fedalora.launch.processes.allocator_env``)
+instead of the system's allocator.
 
 ``scale``: five rounds of a Flower simulation on 2 nodes (one actor each) hosting 20
 and then 1,000 clients, with ``state-store=disk`` and cohorts of at most 8: a round's
@@ -41,6 +43,7 @@ round in both, and 40 of the 1,000.
         --run-config "model='.gpu/smollm2' dataset='.gpu/instructions.jsonl' partitioning='iid'"
     python benchmarks/cohort.py memory
     python benchmarks/cohort.py memory --models smollm2 --run-config "activation-checkpointing=true"
+    python benchmarks/cohort.py memory --models smollm2 --allocator jemalloc
     python benchmarks/cohort.py scale
 """
 
@@ -59,6 +62,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from fedalora.client import FederatedClient, score_cohort, train_cohort
 from fedalora.config import FedConfig
+from fedalora.launch.processes import ALLOCATORS
 from fedalora.launch.simulate import run_simulation
 from fedalora.outputs import read_jsonl
 from fedalora.run_config import parse_run_config
@@ -200,6 +204,7 @@ def memory(args: argparse.Namespace) -> None:
                         run_config=f"{run_config} {extra}",
                         output_dir=tmp,
                         log_path=Path(tmp) / f"{name}.log",
+                        allocator=args.allocator,
                     )
                     seconds = time.perf_counter() - started
                 peaks[key] = actors.peak_unique_bytes
@@ -207,7 +212,8 @@ def memory(args: argparse.Namespace) -> None:
                     f"{model}, {layout}: actors' peak USS {actors.peak_unique_bytes / 2**30:.2f} "
                     f"GiB (PSS {actors.peak_bytes / 2**30:.2f} GiB, {actors.peak_processes} "
                     f"actor processes), whole simulation's PSS "
-                    f"{everything.peak_bytes / 2**30:.2f} GiB, {seconds:.0f} s",
+                    f"{everything.peak_bytes / 2**30:.2f} GiB, {seconds:.0f} s, actors on "
+                    f"{'/'.join(sorted(actors.allocators))}",
                     flush=True,
                 )
             figures[f"{model}_actors_uss_gib_alone"] = peaks["alone"] / 2**30
@@ -304,6 +310,12 @@ def main() -> None:
     )
     peaks.add_argument(
         "--run-config", default="", help="overrides for every layout, the 8 actors' too"
+    )
+    peaks.add_argument(
+        "--allocator",
+        choices=ALLOCATORS,
+        default="system",
+        help="the memory allocator of every layout's processes and Ray workers",
     )
     hosting = commands.add_parser("scale", help="20 and 1,000 clients on 2 nodes")
     hosting.set_defaults(handler=scale)

@@ -1,10 +1,13 @@
-"""Beyond one simulated machine: certificates and node keys as Flower reads them, and a
-simulation over a two-node Ray cluster (the deployment with TLS and node authentication
-runs in ``test_rejoin.py``, with a SuperNode killed and rejoining)."""
+"""Beyond one simulated machine: certificates and node keys as Flower reads them, the
+allocator of the processes a launch starts, and a simulation over a two-node Ray cluster
+(the deployment with TLS and node authentication runs in ``test_rejoin.py``, with a
+SuperNode killed and rejoining)."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import psutil
@@ -12,6 +15,7 @@ import pytest
 
 from fedalora.launch import make_certificates, make_node_key, ray_cluster
 from fedalora.launch.deploy import LocalDeployment
+from fedalora.launch.processes import allocator_env, runtime_env
 from fedalora.launch.simulate import run_simulation
 from fedalora.outputs import read_jsonl
 
@@ -41,6 +45,25 @@ def test_certificates_and_node_keys_load_as_flower_reads_them(tmp_path):
     assert oct(private.stat().st_mode)[-3:] == "600" and oct(certs.key.stat().st_mode)[-3:] == "600"
 
 
+def _runs_on_jemalloc(allocator: str) -> bool:
+    """Whether a process started in a launch's environment for ``allocator`` maps jemalloc."""
+    check = "import sys; sys.exit(0 if 'libjemalloc' in open('/proc/self/maps').read() else 3)"
+    env = runtime_env(allocator)
+    code = subprocess.run([sys.executable, "-c", check], env=env, check=False)
+    assert code.returncode in (0, 3)
+    return code.returncode == 0
+
+
+def test_a_launch_runs_its_processes_on_the_allocator_chosen(monkeypatch):
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    jemalloc = allocator_env("jemalloc")
+    assert Path(jemalloc["LD_PRELOAD"]).is_file() and jemalloc["RAY_LD_PRELOAD_ON_WORKERS"] == "1"
+    assert _runs_on_jemalloc("jemalloc") and not _runs_on_jemalloc("system")
+    assert allocator_env("system") == {}
+    with pytest.raises(ValueError, match="allocator 'tcmalloc': choose one of system, jemalloc"):
+        allocator_env("tcmalloc")
+
+
 def test_insecure_mode_warns(tmp_path):
     with pytest.warns(UserWarning, match="insecure mode: no TLS"):
         LocalDeployment(tmp_path, [{"partition-id": 0, "num-partitions": 1}], secure=False)
@@ -49,7 +72,7 @@ def test_insecure_mode_warns(tmp_path):
 def test_simulation_runs_across_a_two_node_ray_cluster(tmp_path):
     """A method of one's own (``tests.ema_method``, imported by its path in Ray's workers)
     on a Ray cluster of two nodes, one client actor on each at a time; its four clients
-    hosted as cohorts by two Flower nodes."""
+    hosted as cohorts by two Flower nodes; the cluster's workers on jemalloc."""
     import ray
     from ray._common.utils import get_ray_address_file
     from ray._private import state
@@ -57,7 +80,11 @@ def test_simulation_runs_across_a_two_node_ray_cluster(tmp_path):
     address_file = Path(get_ray_address_file(None))  # what a plain ray.init() would join
     before = address_file.read_text() if address_file.exists() else None
     ours = set()
-    with ray_cluster(num_cpus=1, worker_nodes=1) as address:
+
+    def maps_jemalloc() -> bool:  # in a Ray worker (a nested function travels by value)
+        return "libjemalloc" in Path("/proc/self/maps").read_text()
+
+    with ray_cluster(num_cpus=1, worker_nodes=1, allocator="jemalloc") as address:
         run_dir = run_simulation(
             APP,
             "two-nodes",
@@ -79,6 +106,7 @@ def test_simulation_runs_across_a_two_node_ray_cluster(tmp_path):
         try:
             nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
             actors = [a for a in state.actors().values() if a["ActorClassName"] == "ClientAppActor"]
+            worker_on_jemalloc = ray.get(ray.remote(maps_jemalloc).remote())
         finally:
             ray.shutdown()
         port = address.rsplit(":", 1)[1]
@@ -91,6 +119,7 @@ def test_simulation_runs_across_a_two_node_ray_cluster(tmp_path):
     assert ours and not [pid for pid in ours if _running(pid)]  # its own, stopped
     assert (address_file.read_text() if address_file.exists() else None) == before
     assert len(nodes) == 2
+    assert worker_on_jemalloc  # the cluster's workers run on the allocator it was given
     # one client actor per 1-CPU Ray node: the clients ran on both nodes
     assert {a["Address"]["NodeID"] for a in actors} == nodes
     rows = read_jsonl(run_dir / "metrics.jsonl")

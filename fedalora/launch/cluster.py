@@ -9,17 +9,21 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from .processes import BIN, free_port, stop_process_tree
+from .processes import BIN, free_port, runtime_env, stop_process_tree
 from .runs import SimulationFailed
 
 
 @contextlib.contextmanager
 def ray_cluster(
-    num_cpus: int | None = None, worker_nodes: int = 0, timeout: float = 120
+    num_cpus: int | None = None,
+    worker_nodes: int = 0,
+    timeout: float = 120,
+    allocator: str = "system",
 ) -> Iterator[str]:
     """A Ray cluster on this machine for runs to join: a head on a free loopback port
     and ``worker_nodes`` more Ray nodes joining it (each with ``num_cpus``), the same
-    ``ray start`` commands as on several machines; yields the head's address.
+    ``ray start`` commands as on several machines; yields the head's address. Its workers
+    run on ``allocator`` (``processes.allocator_env``).
 
     Each node is a ``ray start --block`` process of ours with its Ray daemons under it;
     on exit those processes and everything under them are stopped by pid, and no other
@@ -51,6 +55,7 @@ def ray_cluster(
                                 temp_dir,
                                 *cpus,
                             ],
+                            env=runtime_env(allocator),
                             stdout=handle,
                             stderr=subprocess.STDOUT,
                             start_new_session=True,

@@ -43,7 +43,15 @@ from ..errors import ConfigError
 from ..run_config import format_run_config
 from .certificates import Certificates, make_certificates, make_node_key
 from .connection import connection_toml, write_connection
-from .processes import BIN, free_port, run_logged, runtime_env, stop_process_tree, wait_healthy
+from .processes import (
+    ALLOCATORS,
+    BIN,
+    free_port,
+    run_logged,
+    runtime_env,
+    stop_process_tree,
+    wait_healthy,
+)
 from .runs import SimulationFailed, check_run_config, completed_run, refuse_run
 
 CONNECTION = "fedalora-deployment"
@@ -419,6 +427,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     node.add_argument("--port", type=int, default=9094, help="the node's local runtime port")
     node.add_argument(
+        "--allocator",
+        choices=ALLOCATORS,
+        default="system",
+        help="the node's memory allocator: jemalloc for a node hosting a cohort on CPU",
+    )
+    node.add_argument(
         "--rejoin-timeout",
         type=float,
         default=None,
@@ -488,7 +502,8 @@ def _supernode(args: argparse.Namespace) -> None:
         args.port,
     )
     print(shlex.join(command), file=sys.stderr, flush=True)
-    raise SystemExit(supervise_supernode(command, runtime_env(), args.rejoin_timeout))
+    env = runtime_env(args.allocator)
+    raise SystemExit(supervise_supernode(command, env, args.rejoin_timeout))
 
 
 def _local(args: argparse.Namespace) -> None:

@@ -1,10 +1,11 @@
-"""The processes a launch starts: the environment they run in, free ports, waiting for
-a SuperLink to answer, following a command's output, and stopping a process tree by
-pid."""
+"""The processes a launch starts: the environment they run in (their memory allocator
+included), free ports, waiting for a SuperLink to answer, following a command's output,
+and stopping a process tree by pid."""
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import socket
 import ssl
@@ -54,13 +55,50 @@ def run_logged(
         follower.poll()
 
 
-def runtime_env() -> dict[str, str]:
+def runtime_env(allocator: str = "system") -> dict[str, str]:
     """This environment with the venv's bin first on PATH (Flower starts its runtime
-    processes by name) and no runtime dependency installs (offline)."""
+    processes by name), no runtime dependency installs (offline) and ``allocator``'s
+    settings (``allocator_env``)."""
     return {
         **os.environ,
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        **allocator_env(allocator),
+    }
+
+
+#: The memory allocators a launch can run its processes on.
+ALLOCATORS = ("system", "jemalloc")
+#: jemalloc keeps the pages a process frees for reuse (no decay): a node's peak recurs
+#: every round, and returning pages to fault them in again costs time.
+JEMALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
+
+
+def allocator_env(allocator: str) -> dict[str, str]:
+    """The environment that runs the processes a launch starts, and the Ray workers under
+    them (``RAY_LD_PRELOAD_ON_WORKERS``), on ``allocator``: "system" (the C library's:
+    nothing to set) or "jemalloc", which Ray ships and preloads into its own daemons.
+
+    On CPU, glibc's allocator holds on to much of what a batched pass over many rows
+    frees; jemalloc lowers the peak of a node hosting a cohort at the same speed, but
+    raises that of a node training one client (``benchmarks/RESULTS.md``, "Cohorts and
+    the allocator"), so it is a choice for nodes that host cohorts."""
+    if allocator not in ALLOCATORS:
+        raise ValueError(f"allocator {allocator!r}: choose one of {', '.join(ALLOCATORS)}")
+    if allocator == "system":
+        return {}
+    ray = importlib.util.find_spec("ray")
+    folders = (ray.submodule_search_locations if ray else None) or []
+    library = Path(folders[0] if folders else ".") / "core" / "libjemalloc.so"
+    if not folders or not library.is_file():
+        raise SimulationFailed(
+            "allocator 'jemalloc': this Ray installation ships no libjemalloc.so "
+            "(Ray's Linux wheels do); use the system allocator"
+        )
+    return {
+        "LD_PRELOAD": str(library),
+        "MALLOC_CONF": JEMALLOC_CONF,
+        "RAY_LD_PRELOAD_ON_WORKERS": "1",
     }
 
 

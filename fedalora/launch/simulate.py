@@ -23,7 +23,16 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from .connection import write_connection
-from .processes import BIN, free_port, run_logged, runtime_env, stop_process_tree, wait_healthy
+from .processes import (
+    ALLOCATORS,
+    BIN,
+    allocator_env,
+    free_port,
+    run_logged,
+    runtime_env,
+    stop_process_tree,
+    wait_healthy,
+)
 from .runs import SimulationFailed, check_run_config, completed_run, refuse_run
 
 CONNECTION = "fedalora-sim"
@@ -48,6 +57,7 @@ def run_simulation(
     log_path: str | Path | None = None,
     ray_address: str | None = None,
     progress: Callable[[str], None] | None = None,
+    allocator: str = "system",
 ) -> Path:
     """Simulate ``num_supernodes`` nodes (one client each, or run-config ``num-clients``
     spread over them); return the run directory of a completed run.
@@ -60,7 +70,10 @@ def run_simulation(
     ``ray_num_cpus`` the CPUs a fresh Ray instance declares (Flower takes whole CPUs per
     actor, so 8 actors on 2 cores are ``ray_num_cpus=16, num_cpus=2``). ``ray_address``
     runs the clients on an existing Ray cluster (``ray start --head``; "auto" or
-    "host:port") instead of a fresh one-machine Ray instance per run.
+    "host:port") instead of a fresh one-machine Ray instance per run. ``allocator``
+    ("system" or "jemalloc", ``processes.allocator_env``) is the memory allocator of the
+    SuperLink, the simulation and a fresh Ray instance's workers (an existing cluster's
+    workers keep the one it was started with).
     """
     app_dir = Path(app_dir).resolve()
     output_dir = Path(output_dir or app_dir / "outputs").resolve()
@@ -68,7 +81,7 @@ def run_simulation(
     check_run_config(app_dir, run_config)
     port = free_port()
     write_connection(flwr_home, CONNECTION, f"127.0.0.1:{port}", ca=None)
-    env = {**runtime_env(), "FLWR_HOME": str(flwr_home)}
+    env = {**runtime_env(allocator), "FLWR_HOME": str(flwr_home)}
     if ray_address:
         env["RAY_ADDRESS"] = ray_address  # read by ray.init() in the simulation process
     superlink = subprocess.Popen(
@@ -137,6 +150,13 @@ def main() -> None:
         help="an existing Ray cluster ('auto' or host:port); default: a new one",
     )
     parser.add_argument(
+        "--allocator",
+        choices=ALLOCATORS,
+        default="system",
+        help="the memory allocator of the run's processes and Ray workers: jemalloc for nodes "
+        "hosting cohorts on CPU (lower peak memory; higher for one client per node)",
+    )
+    parser.add_argument(
         "--verbose",
         action="store_true",
         help=f"show Flower's, Ray's and the clients' output here instead of in <run>/{FLOWER_LOG}",
@@ -179,7 +199,8 @@ def main() -> None:
                 str(output_dir),
             ]
             app_dir = Path(args.app).resolve()
-            run_logged(command, app_dir, dict(os.environ), 24 * 3600, log_path, run_dir, progress)
+            env = {**os.environ, **allocator_env(args.allocator)}
+            run_logged(command, app_dir, env, 24 * 3600, log_path, run_dir, progress)
             completed_run(run_dir, log_path)
         else:
             run_simulation(
@@ -191,6 +212,7 @@ def main() -> None:
                 num_cpus=args.num_cpus,
                 num_gpus=args.num_gpus,
                 ray_address=args.ray_address,
+                allocator=args.allocator,
                 timeout=24 * 3600,
                 log_path=log_path,
                 progress=progress,
