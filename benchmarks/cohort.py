@@ -27,7 +27,9 @@ once, so ``cohort-size`` trades memory for batching); for MiniLM classification 
 SmolLM2 instruction clients. ``--run-config`` applies to every layout (for example
 ``activation-checkpointing=true``); ``--allocator jemalloc`` runs every layout's
 processes and Ray workers on jemalloc (``fedalora.launch.processes.allocator_env``)
-instead of the system's allocator.
+instead of the system's allocator, ``--cohort-allocator`` only the layouts hosting 8
+(the README's advice: jemalloc for nodes hosting cohorts, the system's for one client
+per node).
 
 ``scale``: five rounds of a Flower simulation on 2 nodes (one actor each) hosting 20
 and then 1,000 clients, with ``state-store=disk`` and cohorts of at most 8: a round's
@@ -44,6 +46,7 @@ round in both, and 40 of the 1,000.
     python benchmarks/cohort.py memory
     python benchmarks/cohort.py memory --models smollm2 --run-config "activation-checkpointing=true"
     python benchmarks/cohort.py memory --models smollm2 --allocator jemalloc
+    python benchmarks/cohort.py memory --models smollm2 --cohort-allocator jemalloc
     python benchmarks/cohort.py scale
 """
 
@@ -174,6 +177,7 @@ MEMORY_MODELS = {
 def memory(args: argparse.Namespace) -> None:
     figures: dict[str, float] = {}
     sizes = [int(size) for size in args.cohort_sizes.split(",")]
+    cohorts_on = args.cohort_allocator or args.allocator
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models.split(","):
             run_config = f"{MEMORY_RUN} {MEMORY_MODELS[model]} {args.run_config}"
@@ -204,7 +208,7 @@ def memory(args: argparse.Namespace) -> None:
                         run_config=f"{run_config} {extra}",
                         output_dir=tmp,
                         log_path=Path(tmp) / f"{name}.log",
-                        allocator=args.allocator,
+                        allocator=args.allocator if key == "alone" else cohorts_on,
                     )
                     seconds = time.perf_counter() - started
                 peaks[key] = actors.peak_unique_bytes
@@ -316,6 +320,12 @@ def main() -> None:
         choices=ALLOCATORS,
         default="system",
         help="the memory allocator of every layout's processes and Ray workers",
+    )
+    peaks.add_argument(
+        "--cohort-allocator",
+        choices=ALLOCATORS,
+        default=None,
+        help="the allocator of the layouts hosting 8 (default: --allocator)",
     )
     hosting = commands.add_parser("scale", help="20 and 1,000 clients on 2 nodes")
     hosting.set_defaults(handler=scale)

@@ -62,6 +62,9 @@ def test_a_launch_runs_its_processes_on_the_allocator_chosen(monkeypatch):
     assert allocator_env("system") == {}
     with pytest.raises(ValueError, match="allocator 'tcmalloc': choose one of system, jemalloc"):
         allocator_env("tcmalloc")
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)  # no Ray here
+    with pytest.raises(ValueError, match=r"ships no libjemalloc\.so"):
+        allocator_env("jemalloc")
 
 
 def test_insecure_mode_warns(tmp_path):

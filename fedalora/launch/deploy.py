@@ -501,8 +501,11 @@ def _supernode(args: argparse.Namespace) -> None:
         config,
         args.port,
     )
+    try:
+        env = runtime_env(args.allocator)
+    except ValueError as exc:
+        raise SystemExit(f"--allocator: {exc}") from None
     print(shlex.join(command), file=sys.stderr, flush=True)
-    env = runtime_env(args.allocator)
     raise SystemExit(supervise_supernode(command, env, args.rejoin_timeout))
 
 

@@ -82,7 +82,8 @@ def allocator_env(allocator: str) -> dict[str, str]:
     On CPU, glibc's allocator holds on to much of what a batched pass over many rows
     frees; jemalloc lowers the peak of a node hosting a cohort at the same speed, but
     raises that of a node training one client (``benchmarks/RESULTS.md``, "Cohorts and
-    the allocator"), so it is a choice for nodes that host cohorts."""
+    the allocator"), so it is a choice for nodes that host cohorts. ValueError for an
+    unknown allocator or one this machine lacks."""
     if allocator not in ALLOCATORS:
         raise ValueError(f"allocator {allocator!r}: choose one of {', '.join(ALLOCATORS)}")
     if allocator == "system":
@@ -91,7 +92,7 @@ def allocator_env(allocator: str) -> dict[str, str]:
     folders = (ray.submodule_search_locations if ray else None) or []
     library = Path(folders[0] if folders else ".") / "core" / "libjemalloc.so"
     if not folders or not library.is_file():
-        raise SimulationFailed(
+        raise ValueError(
             "allocator 'jemalloc': this Ray installation ships no libjemalloc.so "
             "(Ray's Linux wheels do); use the system allocator"
         )

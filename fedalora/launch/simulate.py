@@ -177,6 +177,10 @@ def main() -> None:
         check_run_config(args.app, args.run_config)
     except ConfigError as exc:
         raise refuse_run(run_dir, exc) from None
+    try:
+        allocator = allocator_env(args.allocator)
+    except ValueError as exc:
+        raise SystemExit(f"--allocator: {exc}") from None
     log_path = None if args.verbose else run_dir / FLOWER_LOG
     progress = None if args.verbose else _echo
     if not args.verbose:
@@ -199,7 +203,7 @@ def main() -> None:
                 str(output_dir),
             ]
             app_dir = Path(args.app).resolve()
-            env = {**os.environ, **allocator_env(args.allocator)}
+            env = {**os.environ, **allocator}
             run_logged(command, app_dir, env, 24 * 3600, log_path, run_dir, progress)
             completed_run(run_dir, log_path)
         else:
