@@ -59,13 +59,14 @@ class PeakMemory:
     process after its class, e.g. ``ray::ClientAppActor``). ``peak_processes`` is the
     most processes counted at once, ``peak_unique_bytes`` the peak of their summed USS
     (pages that only one process maps: what each process adds, without the libraries
-    that every Python process with torch shares). ``allocators`` names the allocator each
-    counted process ran with ("jemalloc" where it maps it, else "glibc")."""
+    that every Python process with torch shares). With ``only``, ``allocators`` names the
+    allocator each counted process ran with ("jemalloc" where it maps it, else "glibc")."""
 
     def __init__(self, interval: float = 0.25, only: str = "") -> None:
         self.interval, self.only = interval, only
         self.peak_bytes = self.peak_unique_bytes = self.peak_processes = 0
         self.allocators: set[str] = set()
+        self._allocators: dict[int, str] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -87,11 +88,18 @@ class PeakMemory:
                     continue
                 info = process.memory_full_info()
                 pss, uss, count = pss + info.pss, uss + info.uss, count + 1
-                jemalloc = any("libjemalloc" in m.path for m in process.memory_maps())
-                self.allocators.add("jemalloc" if jemalloc else "glibc")
-            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                if self.only:
+                    self.allocators.add(self._allocator(process))
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, OSError):
                 continue
         return pss, uss, count
+
+    def _allocator(self, process: psutil.Process) -> str:
+        """The allocator ``process`` maps (read once per process: it cannot change)."""
+        if process.pid not in self._allocators:
+            maps = Path(f"/proc/{process.pid}/maps").read_text()
+            self._allocators[process.pid] = "jemalloc" if "libjemalloc" in maps else "glibc"
+        return self._allocators[process.pid]
 
     def _run(self) -> None:
         while not self._stop.is_set():

@@ -35,6 +35,7 @@ def ray_cluster(
     cpus = [] if num_cpus is None else ["--num-cpus", str(num_cpus)]
     commands = [["--head", "--port", address.split(":")[1], "--include-dashboard", "false"]]
     commands += [["--address", address]] * worker_nodes
+    env = runtime_env(allocator)
     nodes: list[subprocess.Popen] = []
     with tempfile.TemporaryDirectory(prefix="fedalora-ray-") as temp_dir:
         try:
@@ -55,7 +56,7 @@ def ray_cluster(
                                 temp_dir,
                                 *cpus,
                             ],
-                            env=runtime_env(allocator),
+                            env=env,
                             stdout=handle,
                             stderr=subprocess.STDOUT,
                             start_new_session=True,

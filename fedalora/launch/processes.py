@@ -89,15 +89,17 @@ def allocator_env(allocator: str) -> dict[str, str]:
     if allocator == "system":
         return {}
     ray = importlib.util.find_spec("ray")
-    folders = (ray.submodule_search_locations if ray else None) or []
-    library = Path(folders[0] if folders else ".") / "core" / "libjemalloc.so"
-    if not folders or not library.is_file():
+    if ray is None or not ray.submodule_search_locations:
+        raise ValueError("allocator 'jemalloc' is Ray's: Ray is not installed here")
+    library = Path(ray.submodule_search_locations[0]) / "core" / "libjemalloc.so"
+    if not library.is_file():
         raise ValueError(
             "allocator 'jemalloc': this Ray installation ships no libjemalloc.so "
             "(Ray's Linux wheels do); use the system allocator"
         )
+    preloaded = os.environ.get("LD_PRELOAD", "")  # the user's own, kept after it
     return {
-        "LD_PRELOAD": str(library),
+        "LD_PRELOAD": f"{library}:{preloaded}" if preloaded else str(library),
         "MALLOC_CONF": JEMALLOC_CONF,
         "RAY_LD_PRELOAD_ON_WORKERS": "1",
     }

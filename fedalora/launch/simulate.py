@@ -153,8 +153,9 @@ def main() -> None:
         "--allocator",
         choices=ALLOCATORS,
         default="system",
-        help="the memory allocator of the run's processes and Ray workers: jemalloc for nodes "
-        "hosting cohorts on CPU (lower peak memory; higher for one client per node)",
+        help="the memory allocator of the run's processes and of a new Ray instance's workers "
+        "(not an existing --ray-address cluster's): jemalloc for nodes hosting cohorts on CPU "
+        "(lower peak memory; higher for one client per node)",
     )
     parser.add_argument(
         "--verbose",
@@ -168,6 +169,10 @@ def main() -> None:
         "(server.in_process), the same results",
     )
     args = parser.parse_args()
+    try:
+        allocator_vars = allocator_env(args.allocator)
+    except ValueError as exc:
+        parser.error(f"--allocator: {exc}")
     signal.signal(signal.SIGTERM, _exit_on_signal)  # so that the SuperLink is stopped too
     started = time.perf_counter()
     output_dir = Path(args.output_dir or Path(args.app) / "outputs").resolve()
@@ -177,10 +182,6 @@ def main() -> None:
         check_run_config(args.app, args.run_config)
     except ConfigError as exc:
         raise refuse_run(run_dir, exc) from None
-    try:
-        allocator = allocator_env(args.allocator)
-    except ValueError as exc:
-        raise SystemExit(f"--allocator: {exc}") from None
     log_path = None if args.verbose else run_dir / FLOWER_LOG
     progress = None if args.verbose else _echo
     if not args.verbose:
@@ -203,7 +204,7 @@ def main() -> None:
                 str(output_dir),
             ]
             app_dir = Path(args.app).resolve()
-            env = {**os.environ, **allocator}
+            env = {**os.environ, **allocator_vars}
             run_logged(command, app_dir, env, 24 * 3600, log_path, run_dir, progress)
             completed_run(run_dir, log_path)
         else:
