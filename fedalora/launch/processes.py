@@ -80,10 +80,11 @@ def allocator_env(allocator: str) -> dict[str, str]:
     nothing to set) or "jemalloc", which Ray ships and preloads into its own daemons.
 
     On CPU, glibc's allocator holds on to much of what a batched pass over many rows
-    frees; jemalloc lowers the peak of a node hosting a cohort at the same speed, but
-    raises that of a node training one client (``benchmarks/RESULTS.md``, "Cohorts and
-    the allocator"), so it is a choice for nodes that host cohorts. ValueError for an
-    unknown allocator or one this machine lacks."""
+    frees; jemalloc lowers the peak of a node hosting a cohort (at about the same step
+    time in one process) but raises that of a node training one client
+    (``benchmarks/RESULTS.md``, "Cohorts and the allocator"), so it is a choice for
+    nodes that host cohorts. ValueError for an unknown allocator or one this machine
+    lacks."""
     if allocator not in ALLOCATORS:
         raise ValueError(f"allocator {allocator!r}: choose one of {', '.join(ALLOCATORS)}")
     if allocator == "system":
