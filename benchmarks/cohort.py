@@ -17,19 +17,21 @@ reported on CUDA. ``--random-weights`` builds the model from the config and toke
 the ``model`` folder with random weights (for a machine that cannot carry the weights).
 
 ``memory``: the peak memory of the Ray actors of a one-round Flower simulation of 8
-clients (their summed USS, the memory only they map, so that the libraries every torch
-process shares do not count; their PSS and the whole simulation's PSS are printed
-too): 8 one-client nodes, each in its own actor (8 actors on this machine's CPUs, as
-``--num-cpus 0.25`` packs them: Flower takes whole CPUs per actor, so Ray declares 16
-CPUs and each actor takes 2), against one node hosting all 8 in one actor, at each
-``--cohort-sizes`` (a cohort's activations are those of all of its clients' batches at
-once, so ``cohort-size`` trades memory for batching); for MiniLM classification and
-SmolLM2 instruction clients. ``--run-config`` applies to every layout (for example
-``activation-checkpointing=true``); ``--allocator jemalloc`` runs every layout's
-processes and Ray workers on jemalloc (``fedalora.launch.processes.allocator_env``)
-instead of the system's allocator, ``--cohort-allocator`` only the layouts hosting 8
-(the README's advice: jemalloc for nodes hosting cohorts, the system's for one client
-per node).
+clients: the memory that the actors map and no other process does, each page counted
+once (``common.group_unique_bytes``; the libraries every torch process shares do not
+count, and a model file that 8 actors map counts once; root only, ``--measure uss`` for
+the actors' summed USS, which counts such a file in none of them; their PSS and the
+whole simulation's PSS are printed too): 8 one-client nodes, each in its own actor (8
+actors on this machine's CPUs, as ``--num-cpus 0.25`` packs them: Flower takes whole
+CPUs per actor, so Ray declares 16 CPUs and each actor takes 2), against one node
+hosting all 8 in one actor, at each ``--cohort-sizes`` (a cohort's activations are those
+of all of its clients' batches at once, so ``cohort-size`` trades memory for batching);
+for MiniLM classification and SmolLM2 instruction clients. ``--run-config`` applies to
+every layout (for example ``activation-checkpointing=true``); ``--allocator jemalloc``
+runs every layout's processes and Ray workers on jemalloc
+(``fedalora.launch.processes.allocator_env``) instead of the system's allocator,
+``--cohort-allocator`` only the layouts hosting 8 (the README's advice: jemalloc for
+nodes hosting cohorts, the system's for one client per node).
 
 ``scale``: five rounds of a Flower simulation on 2 nodes (one actor each) hosting 20
 and then 1,000 clients, with ``state-store=disk`` and cohorts of at most 8: a round's
@@ -195,7 +197,7 @@ def memory(args: argparse.Namespace) -> None:
             for layout, key, nodes, ray_cpus, extra in layouts:
                 name = f"{model}-{key}"
                 with (
-                    PeakMemory(1.0, only="ClientAppActor") as actors,
+                    PeakMemory(1.0, only="ClientAppActor", group=args.measure == "group") as actors,
                     PeakMemory(1.0) as everything,
                 ):
                     started = time.perf_counter()
@@ -211,16 +213,19 @@ def memory(args: argparse.Namespace) -> None:
                         allocator=args.allocator if key == "alone" else cohorts_on,
                     )
                     seconds = time.perf_counter() - started
-                peaks[key] = actors.peak_unique_bytes
+                group = args.measure == "group"
+                peaks[key] = actors.peak_group_bytes if group else actors.peak_unique_bytes
                 print(
-                    f"{model}, {layout}: actors' peak USS {actors.peak_unique_bytes / 2**30:.2f} "
-                    f"GiB (PSS {actors.peak_bytes / 2**30:.2f} GiB, {actors.peak_processes} "
+                    f"{model}, {layout}: actors' peak "
+                    + (f"memory {actors.peak_group_bytes / 2**30:.2f} GiB, " if group else "")
+                    + f"USS {actors.peak_unique_bytes / 2**30:.2f} GiB, PSS "
+                    f"{actors.peak_bytes / 2**30:.2f} GiB ({actors.peak_processes} "
                     f"actor processes), whole simulation's PSS "
                     f"{everything.peak_bytes / 2**30:.2f} GiB, {seconds:.0f} s, actors on "
                     f"{'/'.join(sorted(actors.allocators))}",
                     flush=True,
                 )
-            figures[f"{model}_actors_uss_gib_alone"] = peaks["alone"] / 2**30
+            figures[f"{model}_actors_{args.measure}_gib_alone"] = peaks["alone"] / 2**30
             for size in sizes:
                 figures[f"{model}_memory_ratio_cohort_{size}"] = (
                     peaks[f"cohort_{size}"] / peaks["alone"]
@@ -314,6 +319,12 @@ def main() -> None:
     )
     peaks.add_argument(
         "--run-config", default="", help="overrides for every layout, the 8 actors' too"
+    )
+    peaks.add_argument(
+        "--measure",
+        choices=("group", "uss"),
+        default="group",
+        help="the actors' memory: pages only they map, each once (root only), or summed USS",
     )
     peaks.add_argument(
         "--allocator",

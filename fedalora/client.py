@@ -20,6 +20,7 @@ from .cohort import (
     CohortModel,
     evaluate_cohort,
     generate_cohort,
+    prompts_per_client,
     train_cohort_steps,
 )
 from .config import EVERY_ROUND, FedConfig, validate_rank
@@ -480,7 +481,7 @@ def score_cohort(
                 cohort,
                 own,
                 [clients[k].data.test["prompt_ids"] for k in chunk],
-                batch_size=batch_size,
+                batch_size=prompts_per_client(batch_size, config.recipe.batch_size, len(chunk)),
                 max_new_tokens=config.data.max_new_tokens,
                 device=device,
                 bf16=bf16,

@@ -17,7 +17,8 @@ arXiv:2310.18547), here with every client's own optimiser.
 The evaluation of a cohort (``evaluate_cohort``) and its greedy generation
 (``generate_cohort``) batch the clients' rows the same way, without gradients. A causal
 LM's output layer runs only on the positions whose next token is scored
-(``CohortLogits``), not on prompts and padding.
+(``CohortLogits``), not on prompts and padding; in training, one client at a time and
+again in the backward pass (``CohortModel.training_losses``).
 
 Rows of different clients meet only in the frozen layers' matrix products: attention
 and normalisation act per example, and padding to the cohort's longest sequence is
@@ -34,6 +35,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 
 from .adapters import ClientAdapter
@@ -51,6 +53,9 @@ class _Rows:
     bounds: list[tuple[int, int]] = field(default_factory=list)
     #: (rows, tokens): the positions whose logits the output layer computes (None: all).
     scored: torch.Tensor | None = None
+    #: The output layer left to the caller: the model returns the scored positions'
+    #: hidden states (``CohortModel.training_losses``).
+    deferred: bool = False
 
     def split(self, x: torch.Tensor) -> list[torch.Tensor]:
         return [x[start:end] for start, end in self.bounds]
@@ -95,7 +100,7 @@ class CohortLogits(nn.Module):
     """A causal LM's output layer on the scored positions only (``_Rows.scored``), as
     one (positions, vocabulary) tensor: a vocabulary-wide row of logits for every
     token, prompts and padding included, is otherwise the largest tensor of a cohort's
-    step."""
+    step. With ``_Rows.deferred``, the scored positions' hidden states instead."""
 
     def __init__(self, output: nn.Module, rows: _Rows) -> None:
         super().__init__()
@@ -104,7 +109,7 @@ class CohortLogits(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.rows.scored is not None:
             hidden = hidden[self.rows.scored]
-        return self.output(hidden)
+        return hidden if self.rows.deferred else self.output(hidden)
 
 
 class CohortModel:
@@ -126,9 +131,11 @@ class CohortModel:
         output = (
             self.model.get_output_embeddings() if isinstance(self.model, PreTrainedModel) else None
         )
-        if output is not None and not base.head_modules:  # a causal LM's frozen output layer
-            name = next(n for n, m in self.model.named_modules() if m is output)
-            self.model.set_submodule(name, CohortLogits(output, self.rows))
+        #: a causal LM's frozen output layer, run on the scored positions only
+        self.output = output if output is not None and not base.head_modules else None
+        if self.output is not None:
+            name = next(n for n, m in self.model.named_modules() if m is self.output)
+            self.model.set_submodule(name, CohortLogits(self.output, self.rows))
 
     def scored_logits(
         self, batch: dict[str, torch.Tensor], device: torch.device, bf16: bool
@@ -154,6 +161,44 @@ class CohortModel:
         per_row = scored.sum(1).tolist()  # one device sync, not one per client
         counts = [sum(per_row[start:end]) for start, end in self.rows.bounds]
         return list(logits.split(counts)), list(targets[scored].split(counts))
+
+    def training_losses(
+        self, batch: dict[str, torch.Tensor], device: torch.device, bf16: bool
+    ) -> tuple[list[torch.Tensor], list[tuple[int, int]]]:
+        """Each client's mean task loss on its rows (to back-propagate) and its
+        ``count_hits``. A causal LM's output layer and loss run one client at a time under
+        activation checkpointing: the backward pass recomputes one client's logits (a
+        vocabulary-wide row per scored token) at a time, instead of the step holding every
+        client's logits and their log-softmax."""
+        if self.output is None:  # a classifier's logits: one row per example
+            pairs = list(zip(*self.scored_logits(batch, device, bf16), strict=True))
+            return (
+                [F.cross_entropy(logits.float(), targets) for logits, targets in pairs],
+                [count_hits(logits.detach(), targets) for logits, targets in pairs],
+            )
+        self.rows.deferred = True
+        try:
+            own_hidden, own_targets = self.scored_logits(batch, device, bf16)
+        finally:
+            self.rows.deferred = False
+        losses, hits = [], []
+        for hidden, targets in zip(own_hidden, own_targets, strict=True):
+            loss, correct = checkpoint(
+                self._scored_loss, hidden, targets, device, bf16, use_reentrant=False
+            )
+            losses.append(loss)
+            hits.append((int(correct), len(targets)))
+        return losses, hits
+
+    def _scored_loss(
+        self, hidden: torch.Tensor, targets: torch.Tensor, device: torch.device, bf16: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mean cross-entropy of the output layer's logits on ``hidden``, and how many
+        of their predictions are ``targets``."""
+        assert self.output is not None
+        with autocast(device, bf16):
+            logits = self.output(hidden)
+        return F.cross_entropy(logits.float(), targets), (logits.argmax(-1) == targets).sum()
 
     def bind(self, adapters: Sequence[ClientAdapter], rows_per_client: Sequence[int]) -> None:
         """Route ``rows_per_client[k]`` consecutive rows of the next batches through
@@ -216,11 +261,7 @@ def train_cohort_steps(
         ]
         cohort.bind([m.adapter for m in members], [len(b["labels"]) for b in batches])
         batch = concatenate(batches, tokenizer.pad_token_id)
-        own_logits, own_targets = cohort.scored_logits(batch, device, bf16)
-        losses = [
-            F.cross_entropy(logits.float(), targets)
-            for logits, targets in zip(own_logits, own_targets, strict=True)
-        ]
+        losses, hits = cohort.training_losses(batch, device, bf16)
         objective = sum(
             loss + member.penalty() if member.penalty else loss
             for loss, member in zip(losses, members, strict=True)
@@ -233,9 +274,8 @@ def train_cohort_steps(
             total = totals[k]
             total["grad_norm"] += recipe.step(parameters[k], *member.optimiser)
             total["loss"] += losses[k].item()
-            hits, count = count_hits(own_logits[k].detach(), own_targets[k])
-            total["correct"] += hits
-            total["seen"] += count
+            total["correct"] += hits[k][0]
+            total["seen"] += hits[k][1]
     return [
         {
             "loss": t["loss"] / steps,
@@ -307,8 +347,8 @@ def generate_cohort(
     once: each greedy generation of ``cohort`` takes the next ``batch_size`` prompts of
     every client that has any left, as each would generate them alone (each row through
     its own client's adapter at every step). A generated token's logits are one row's,
-    so a pass holds mostly the key-value caches of the clients' generation batches
-    (``cohort-size`` bounds them)."""
+    so a pass holds mostly the key-value caches of its rows (``prompts_per_client``
+    sizes them)."""
     cohort.model.eval()
     for adapter in adapters:
         adapter.model.eval()
@@ -328,6 +368,16 @@ def generate_cohort(
         for k, (first, end) in zip(members, cohort.rows.bounds, strict=True):
             answers[k] += texts[first:end]
     return answers
+
+
+def prompts_per_client(eval_batch_size: int, batch_size: int, clients: int) -> int:
+    """Each client's prompts in one generation pass of ``clients``: its training batch
+    (``batch_size``) or its share of one evaluation batch, whichever is more, and never
+    more than it generates at once alone (``eval_batch_size``). A pass then holds about
+    the rows of one training step of the cohort, which the node is sized for; with every
+    client's whole evaluation batch at once, the key-value caches of 8 x 19 SmolLM2
+    prompts were a node's peak."""
+    return min(eval_batch_size, max(batch_size, rows_per_client(eval_batch_size, clients)))
 
 
 def rows_per_client(batch_size: int, clients: int) -> int:

@@ -19,7 +19,7 @@ from fedalora.client import (
     score_cohort,
     train_cohort,
 )
-from fedalora.cohort import concatenate
+from fedalora.cohort import concatenate, prompts_per_client
 from fedalora.data import IGNORE, collate
 from fedalora.methods import Participant
 
@@ -214,6 +214,52 @@ def test_a_causal_lm_cohort_computes_logits_only_where_a_next_token_is_labelled(
     assert shapes[-1][0] == sum(len(t) for t in targets) < batch["input_ids"].numel()
 
 
+def test_a_causal_lm_cohort_step_holds_one_clients_logits_at_a_time():
+    """In training, the output layer runs on one client's scored positions at a time,
+    and once more per client in the backward pass (recomputed, not kept), and each
+    client's loss is its own mean cross-entropy."""
+    config = tiny_config(
+        strategy="fedit",
+        ranks="4",
+        model="smollm2",
+        dataset="instructions",
+        partitioning="task",
+        max_length=48,
+    )
+    clients = [FederatedClient(config, p, 8, 4) for p in range(2)]
+    method, layers = clients[0].method, clients[0].base.layer_shapes()
+    shared = method.initial_shared(layers, [4, 4])
+    adapters = [c.build_adapter(shared, None) for c in clients]
+    cohort = cohort_model(clients[0].base)
+    batches = [collate(c.data.train, [0, 1, 2], cohort.tokenizer, c.device) for c in clients]
+    cohort.bind(adapters, [3, 3])
+    batch = concatenate(batches, cohort.tokenizer.pad_token_id)
+    cpu = torch.device("cpu")
+    with torch.no_grad():
+        logits, targets = cohort.scored_logits(batch, cpu, bf16=False)
+    rows: list[int] = []
+    assert cohort.output is not None
+    hook = cohort.output.register_forward_hook(
+        lambda _, inputs, __: rows.append(inputs[0].shape[0])
+    )
+    try:
+        losses, hits = cohort.training_losses(batch, cpu, bf16=False)
+        forward = list(rows)
+        sum(losses).backward()
+    finally:
+        hook.remove()
+    per_client = [len(t) for t in targets]
+    assert forward == per_client  # one client's positions at a time
+    assert sorted(rows[len(forward) :]) == sorted(per_client)  # each recomputed once
+    for loss, (correct, count), own_logits, own_targets in zip(
+        losses, hits, logits, targets, strict=True
+    ):
+        expected = torch.nn.functional.cross_entropy(own_logits, own_targets)
+        assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+        assert (correct, count) == (int((own_logits.argmax(-1) == own_targets).sum()), count)
+        assert count == len(own_targets)
+
+
 @pytest.mark.parametrize(("strategy", "ranks"), [("fedalora-hetero", "8,4,2"), ("fedit", "4")])
 def test_causal_lm_clients_of_different_lengths_batch_exactly(strategy, ranks):
     """Instruction clients (a causal LM, next-token loss on the answers) whose batches
@@ -290,6 +336,21 @@ def test_a_cohort_is_scored_as_each_client_alone(strategy, ranks, extra):
         assert set(batched) == {*own, "seconds", "num_examples"}
         for key, value in own.items():
             assert batched[key] == pytest.approx(value, rel=RTOL, abs=ATOL), key
+
+
+@pytest.mark.parametrize(
+    ("eval_batch_size", "batch_size", "clients", "prompts"),
+    [
+        (32, 8, 8, 8),  # a training step's rows: 8 x 8
+        (32, 8, 2, 16),  # one evaluation batch shared: 2 x 16
+        (32, 64, 8, 32),  # never more than a client generates at once alone
+        (32, 8, 1, 32),
+    ],
+)
+def test_a_generation_pass_holds_a_training_step_or_an_evaluation_batch(
+    eval_batch_size, batch_size, clients, prompts
+):
+    assert prompts_per_client(eval_batch_size, batch_size, clients) == prompts
 
 
 def test_activation_checkpointing_recomputes_each_layer_and_changes_no_result(monkeypatch):
