@@ -180,6 +180,7 @@ def memory(args: argparse.Namespace) -> None:
     figures: dict[str, float] = {}
     sizes = [int(size) for size in args.cohort_sizes.split(",")]
     cohorts_on = args.cohort_allocator or args.allocator
+    group = args.measure == "group"
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models.split(","):
             run_config = f"{MEMORY_RUN} {MEMORY_MODELS[model]} {args.run_config}"
@@ -197,7 +198,7 @@ def memory(args: argparse.Namespace) -> None:
             for layout, key, nodes, ray_cpus, extra in layouts:
                 name = f"{model}-{key}"
                 with (
-                    PeakMemory(1.0, only="ClientAppActor", group=args.measure == "group") as actors,
+                    PeakMemory(1.0, only="ClientAppActor", group=group) as actors,
                     PeakMemory(1.0) as everything,
                 ):
                     started = time.perf_counter()
@@ -213,7 +214,6 @@ def memory(args: argparse.Namespace) -> None:
                         allocator=args.allocator if key == "alone" else cohorts_on,
                     )
                     seconds = time.perf_counter() - started
-                group = args.measure == "group"
                 peaks[key] = actors.peak_group_bytes if group else actors.peak_unique_bytes
                 print(
                     f"{model}, {layout}: actors' peak "

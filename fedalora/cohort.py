@@ -54,7 +54,7 @@ class _Rows:
     #: (rows, tokens): the positions whose logits the output layer computes (None: all).
     scored: torch.Tensor | None = None
     #: The output layer left to the caller: the model returns the scored positions'
-    #: hidden states (``CohortModel.training_losses``).
+    #: hidden states (set before a forward).
     deferred: bool = False
 
     def split(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -138,22 +138,28 @@ class CohortModel:
             self.model.set_submodule(name, CohortLogits(self.output, self.rows))
 
     def scored_logits(
-        self, batch: dict[str, torch.Tensor], device: torch.device, bf16: bool
+        self,
+        batch: dict[str, torch.Tensor],
+        device: torch.device,
+        bf16: bool,
+        hidden_only: bool = False,
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Each client's logits and targets, one row per prediction: a classifier's per
         example; a causal LM's per token whose next token is labelled (transformers'
-        shifted labels), its output layer run on those positions only."""
+        shifted labels), its output layer run on those positions only (with
+        ``hidden_only``, not run: their hidden states instead)."""
         labels = batch["labels"]
         causal = labels.dim() == 2
         targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE) if causal else labels
         scored = self.rows.scored = targets != IGNORE if causal else None
+        self.rows.deferred = hidden_only
         try:
             with autocast(device, bf16):
                 logits = self.model(
                     input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
                 ).logits
         finally:
-            self.rows.scored = None
+            self.rows.scored, self.rows.deferred = None, False
         if scored is None:
             return self.rows.split(logits), self.rows.split(targets)
         if logits.dim() == 3:  # no output layer of its own to narrow (get_output_embeddings)
@@ -176,11 +182,7 @@ class CohortModel:
                 [F.cross_entropy(logits.float(), targets) for logits, targets in pairs],
                 [count_hits(logits.detach(), targets) for logits, targets in pairs],
             )
-        self.rows.deferred = True
-        try:
-            own_hidden, own_targets = self.scored_logits(batch, device, bf16)
-        finally:
-            self.rows.deferred = False
+        own_hidden, own_targets = self.scored_logits(batch, device, bf16, hidden_only=True)
         losses, hits = [], []
         for hidden, targets in zip(own_hidden, own_targets, strict=True):
             loss, correct = checkpoint(

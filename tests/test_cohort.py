@@ -19,7 +19,7 @@ from fedalora.client import (
     score_cohort,
     train_cohort,
 )
-from fedalora.cohort import concatenate, prompts_per_client
+from fedalora.cohort import CohortModel, concatenate, prompts_per_client
 from fedalora.data import IGNORE, collate
 from fedalora.methods import Participant
 
@@ -176,9 +176,11 @@ def test_batches_are_padded_to_the_longest():
     assert joined["labels"].tolist() == [[IGNORE, 6, IGNORE], [IGNORE, 8, 9]]
 
 
-def test_a_causal_lm_cohort_computes_logits_only_where_a_next_token_is_labelled():
-    """The output layer runs on the positions whose next token is an answer token (not
-    on prompts or padding), and each client gets its own predictions and targets."""
+def _two_instruction_clients_in_one_batch() -> tuple[
+    list[FederatedClient], CohortModel, list[dict], dict[str, torch.Tensor]
+]:
+    """Two instruction clients (a causal LM) bound to a cohort, and three training
+    examples of each: their batches, and the cohort's batch of both."""
     config = tiny_config(
         strategy="fedit",
         ranks="4",
@@ -194,7 +196,13 @@ def test_a_causal_lm_cohort_computes_logits_only_where_a_next_token_is_labelled(
     cohort = cohort_model(clients[0].base)
     batches = [collate(c.data.train, [0, 1, 2], cohort.tokenizer, c.device) for c in clients]
     cohort.bind(adapters, [3, 3])
-    batch = concatenate(batches, cohort.tokenizer.pad_token_id)
+    return clients, cohort, batches, concatenate(batches, cohort.tokenizer.pad_token_id)
+
+
+def test_a_causal_lm_cohort_computes_logits_only_where_a_next_token_is_labelled():
+    """The output layer runs on the positions whose next token is an answer token (not
+    on prompts or padding), and each client gets its own predictions and targets."""
+    clients, cohort, batches, batch = _two_instruction_clients_in_one_batch()
     vocabulary = clients[0].base.model.config.vocab_size
     shapes = []
     output = clients[0].base.model.get_output_embeddings()
@@ -218,22 +226,7 @@ def test_a_causal_lm_cohort_step_holds_one_clients_logits_at_a_time():
     """In training, the output layer runs on one client's scored positions at a time,
     and once more per client in the backward pass (recomputed, not kept), and each
     client's loss is its own mean cross-entropy."""
-    config = tiny_config(
-        strategy="fedit",
-        ranks="4",
-        model="smollm2",
-        dataset="instructions",
-        partitioning="task",
-        max_length=48,
-    )
-    clients = [FederatedClient(config, p, 8, 4) for p in range(2)]
-    method, layers = clients[0].method, clients[0].base.layer_shapes()
-    shared = method.initial_shared(layers, [4, 4])
-    adapters = [c.build_adapter(shared, None) for c in clients]
-    cohort = cohort_model(clients[0].base)
-    batches = [collate(c.data.train, [0, 1, 2], cohort.tokenizer, c.device) for c in clients]
-    cohort.bind(adapters, [3, 3])
-    batch = concatenate(batches, cohort.tokenizer.pad_token_id)
+    _, cohort, _, batch = _two_instruction_clients_in_one_batch()
     cpu = torch.device("cpu")
     with torch.no_grad():
         logits, targets = cohort.scored_logits(batch, cpu, bf16=False)
